@@ -1,0 +1,1 @@
+"""asyncio helpers shared by the components: start-up tuning, task groups, draining."""

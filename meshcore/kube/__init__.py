@@ -1,0 +1,1 @@
+"""A small Kubernetes API client (list, watch, get, create, patch, delete) and an informer."""

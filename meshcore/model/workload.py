@@ -1,0 +1,107 @@
+"""Workloads (pods) and services as the data plane sees them."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from meshcore.identity import spiffe
+from meshcore.model import ids
+
+
+class TunnelProtocol(enum.Enum):
+    NONE = 0  # plain TCP: the workload is not in the mesh
+    HBONE = 1  # reach it through HBONE on port 15008
+
+
+class WorkloadStatus(enum.Enum):
+    HEALTHY = 0
+    UNHEALTHY = 1
+
+
+class WorkloadType(enum.Enum):
+    DEPLOYMENT = 0
+    CRONJOB = 1
+    POD = 2
+    JOB = 3
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PortMapping:
+    """A service port and the port on the workload it forwards to."""
+
+    service_port: int
+    target_port: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServiceBinding:
+    """This workload is an endpoint of `service` with these port mappings."""
+
+    service: ids.ServiceKey
+    ports: tuple[PortMapping, ...]
+
+    def target_port(self, service_port: int) -> int | None:
+        for mapping in self.ports:
+            if mapping.service_port == service_port:
+                return mapping.target_port
+        return None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Workload:
+    uid: ids.WorkloadUid
+    name: str
+    namespace: str
+    addresses: tuple[ids.IpAddress, ...]
+    node: str
+    service_account: str = spiffe.DEFAULT_SERVICE_ACCOUNT
+    trust_domain: str = spiffe.DEFAULT_TRUST_DOMAIN
+    tunnel_protocol: TunnelProtocol = TunnelProtocol.NONE
+    canonical_name: str = ""
+    canonical_revision: str = ""
+    workload_type: WorkloadType = WorkloadType.POD
+    workload_name: str = ""
+    services: tuple[ServiceBinding, ...] = ()
+    authorization_policies: tuple[ids.PolicyKey, ...] = ()
+    status: WorkloadStatus = WorkloadStatus.HEALTHY
+    cluster_id: str = ids.DEFAULT_CLUSTER_ID
+    network: str = ""
+
+    @property
+    def identity(self) -> spiffe.SpiffeId:
+        return spiffe.SpiffeId.for_workload(self.namespace, self.service_account, self.trust_domain)
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.status is WorkloadStatus.HEALTHY
+
+    @property
+    def has_hbone(self) -> bool:
+        return self.tunnel_protocol is TunnelProtocol.HBONE
+
+    def binding(self, service: ids.ServiceKey) -> ServiceBinding | None:
+        for binding in self.services:
+            if binding.service == service:
+                return binding
+        return None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    namespace: str
+    hostname: str
+    addresses: tuple[ids.IpAddress, ...]  # empty for a headless service
+    ports: tuple[PortMapping, ...]
+    subject_alt_names: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> ids.ServiceKey:
+        return ids.service_key(self.namespace, self.hostname)
+
+    def port(self, service_port: int) -> PortMapping | None:
+        for mapping in self.ports:
+            if mapping.service_port == service_port:
+                return mapping
+        return None

@@ -1,0 +1,1 @@
+"""Sans-I/O wire codecs: bytes in, events out. No sockets, clocks or tasks."""

@@ -1,0 +1,1 @@
+"""Delta xDS: resource type URLs, model <-> protobuf conversion, and the client."""
