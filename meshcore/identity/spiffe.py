@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from meshcore import errors
+from meshcore.identity import errors
 
 SCHEME = "spiffe://"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
@@ -17,7 +17,7 @@ _TRUST_DOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$")
 _NAME = re.compile(rf"^{_LABEL}$")
 
 
-class InvalidSpiffeIdError(errors.MeshError, ValueError):
+class InvalidSpiffeIdError(errors.IdentityError, ValueError):
     """A string is not a Kubernetes-style SPIFFE ID; `value` is what was given."""
 
     def __init__(self, value: str, reason: str) -> None:
