@@ -1,0 +1,224 @@
+"""Incremental translation of Kubernetes watch events into model changes. Pure: no I/O.
+
+Invariants:
+- `_workloads` holds exactly `build_workload(pod, services of its namespace)` for every known
+  pod that has one, and `_services` exactly `build_service(svc)` for every known Service that
+  translates; `Changes` carries the difference an event made to them, nothing more.
+- A Pod event recomputes only that pod; a Service event recomputes only its namespace's pods
+  (a Service selects pods of its own namespace only).
+- `_identities` indexes every known, not-terminated pod by (node, namespace, service account),
+  so the CA can answer "may this node ask for this identity?" without scanning.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from controller.translate import services as svc_translate
+from controller.translate import workloads as wl_translate
+from meshcore.identity import spiffe
+from meshcore.model import authorization, ids, workload
+
+ADDED = "ADDED"
+MODIFIED = "MODIFIED"
+DELETED = "DELETED"
+
+_Key = tuple[str, str]  # (namespace, name)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Changes:
+    """What one event changed; tuples are sorted by key. `errors` name objects left out."""
+
+    workloads: tuple[workload.Workload, ...] = ()
+    removed_workloads: tuple[ids.WorkloadUid, ...] = ()
+    services: tuple[workload.Service, ...] = ()
+    removed_services: tuple[ids.ServiceKey, ...] = ()
+    # Authorization translation is a later issue; the fields exist so consumers handle them now.
+    policies: tuple[authorization.Authorization, ...] = ()
+    removed_policies: tuple[ids.PolicyKey, ...] = ()
+    errors: tuple[str, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not any(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+class Translator:
+    def __init__(self, *, trust_domain: str, cluster_id: str, domain: str) -> None:
+        self._trust_domain = trust_domain
+        self._cluster_id = cluster_id
+        self._domain = domain
+        self._pods: dict[_Key, svc_translate.KubeObject] = {}
+        self._pods_by_namespace: dict[str, set[str]] = collections.defaultdict(set)
+        self._services_by_namespace: dict[str, dict[str, svc_translate.KubeObject]] = (
+            collections.defaultdict(dict)
+        )
+        self._workloads: dict[_Key, workload.Workload] = {}
+        self._services: dict[_Key, workload.Service] = {}
+        self._identities: dict[tuple[str, str, str], set[_Key]] = collections.defaultdict(set)
+
+    def apply(
+        self, event_type: str, obj: svc_translate.KubeObject, *, kind: str | None = None
+    ) -> Changes:
+        """Apply one watch event. `kind` overrides obj["kind"] (list items carry no kind)."""
+        kind = kind or obj.get("kind")
+        if event_type not in (ADDED, MODIFIED, DELETED):
+            return Changes()  # BOOKMARK, ERROR: nothing to translate
+        deleted = event_type == DELETED
+        match kind:
+            case "Pod":
+                return self._apply_pod(obj, deleted=deleted)
+            case "Service":
+                return self._apply_service(obj, deleted=deleted)
+            case "Namespace":
+                return self._apply_namespace(obj, deleted=deleted)
+        return Changes()
+
+    def snapshot(self) -> Changes:
+        """Everything currently known, as if it had all just been added."""
+        return Changes(
+            workloads=tuple(sorted(self._workloads.values(), key=lambda w: w.uid)),
+            services=tuple(sorted(self._services.values(), key=lambda s: s.key)),
+        )
+
+    def has_identity_on_node(self, node: str, identity: spiffe.SpiffeId) -> bool:
+        """A not-terminated pod running as `identity` is scheduled on `node`."""
+        if identity.trust_domain != self._trust_domain or not node:
+            return False
+        return bool(self._identities.get((node, identity.namespace, identity.service_account)))
+
+    # --- pods ---
+
+    def _apply_pod(self, pod: svc_translate.KubeObject, *, deleted: bool) -> Changes:
+        key = svc_translate.object_key(pod)
+        old = self._pods.pop(key, None)
+        if old is not None:
+            self._unindex_identity(key, old)
+        if deleted:
+            names = self._pods_by_namespace.get(key[0])
+            if names is not None:
+                names.discard(key[1])
+                if not names:
+                    del self._pods_by_namespace[key[0]]
+        else:
+            self._pods[key] = pod
+            self._pods_by_namespace[key[0]].add(key[1])
+            self._index_identity(key, pod)
+        return self._refresh_pods([key])
+
+    def _index_identity(self, key: _Key, pod: svc_translate.KubeObject) -> None:
+        if identity := _identity_key(pod):
+            self._identities[identity].add(key)
+
+    def _unindex_identity(self, key: _Key, pod: svc_translate.KubeObject) -> None:
+        identity = _identity_key(pod)
+        if identity and (members := self._identities.get(identity)) is not None:
+            members.discard(key)
+            if not members:
+                del self._identities[identity]
+
+    def _refresh_pods(self, keys: list[_Key]) -> Changes:
+        """Rebuild the workloads of `keys`; the Changes list those that differ from before."""
+        changed: list[workload.Workload] = []
+        removed: list[ids.WorkloadUid] = []
+        errors: list[str] = []
+        for key in keys:
+            pod = self._pods.get(key)
+            new: workload.Workload | None = None
+            if pod is not None:
+                try:
+                    new = wl_translate.build_workload(
+                        pod,
+                        services=self._services_by_namespace.get(key[0], {}).values(),
+                        trust_domain=self._trust_domain,
+                        cluster_id=self._cluster_id,
+                        domain=self._domain,
+                    )
+                except svc_translate.TranslateError as exc:
+                    errors.append(str(exc))  # left out until a later event fixes it
+            old = self._workloads.get(key)
+            if new == old:
+                continue
+            if new is None:
+                del self._workloads[key]
+                assert old is not None
+                removed.append(old.uid)
+            else:
+                self._workloads[key] = new
+                changed.append(new)
+        return Changes(
+            workloads=tuple(sorted(changed, key=lambda w: w.uid)),
+            removed_workloads=tuple(sorted(removed)),
+            errors=tuple(errors),
+        )
+
+    # --- services ---
+
+    def _apply_service(self, svc: svc_translate.KubeObject, *, deleted: bool) -> Changes:
+        key = svc_translate.object_key(svc)
+        errors: list[str] = []
+        new: workload.Service | None = None
+        if not deleted:
+            try:
+                new = svc_translate.build_service(svc, domain=self._domain)
+            except svc_translate.TranslateError as exc:
+                errors.append(str(exc))
+        # A Service that does not translate selects nothing either: bindings and VIP go together.
+        if new is None:
+            namespace_services = self._services_by_namespace.get(key[0])
+            if namespace_services is not None:
+                namespace_services.pop(key[1], None)
+                if not namespace_services:
+                    del self._services_by_namespace[key[0]]
+        else:
+            self._services_by_namespace[key[0]][key[1]] = svc
+        old = self._services.get(key)
+        services: tuple[workload.Service, ...] = ()
+        removed: tuple[ids.ServiceKey, ...] = ()
+        if new is None:
+            if old is not None:
+                del self._services[key]
+                removed = (old.key,)
+        elif new != old:
+            self._services[key] = new
+            services = (new,)
+        pods = sorted((key[0], name) for name in self._pods_by_namespace.get(key[0], ()))
+        result = self._refresh_pods(pods)
+        return dataclasses.replace(
+            result, services=services, removed_services=removed, errors=(*errors, *result.errors)
+        )
+
+    # --- namespaces ---
+
+    def _apply_namespace(self, ns: svc_translate.KubeObject, *, deleted: bool) -> Changes:
+        # Kubernetes deletes a namespace's pods and services (with their own events) before the
+        # namespace goes, so this only matters if those events were missed: drop the leftovers.
+        if not deleted:
+            return Changes()
+        namespace = (ns.get("metadata") or {}).get("name") or ""
+        removed_services = []
+        for name in list(self._services_by_namespace.pop(namespace, {})):
+            service = self._services.pop((namespace, name), None)
+            if service is not None:
+                removed_services.append(service.key)
+        for name in self._pods_by_namespace.pop(namespace, set()):
+            pod = self._pods.pop((namespace, name), None)
+            if pod is not None:
+                self._unindex_identity((namespace, name), pod)
+        # The pods are gone from _pods, so refreshing them yields their removals.
+        leftovers = sorted(k for k in self._workloads if k[0] == namespace)
+        return dataclasses.replace(
+            self._refresh_pods(leftovers), removed_services=tuple(sorted(removed_services))
+        )
+
+
+def _identity_key(pod: svc_translate.KubeObject) -> tuple[str, str, str] | None:
+    """(node, namespace, service account) of a scheduled, not-terminated pod."""
+    spec = pod.get("spec") or {}
+    node = spec.get("nodeName")
+    if not node or wl_translate.is_terminated(pod):
+        return None
+    namespace, _ = svc_translate.object_key(pod)
+    return node, namespace, spec.get("serviceAccountName") or spiffe.DEFAULT_SERVICE_ACCOUNT
