@@ -1,0 +1,138 @@
+"""A small HTTP/1.1 server on h11 for control-plane endpoints (metrics, readiness, admin).
+
+Not for the data path: it buffers whole requests and responses. Keep-alive is supported so a
+Prometheus scraper can reuse its connection. Bad requests get a 400 and the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import urllib.parse
+from collections.abc import Awaitable, Callable
+
+import h11
+
+from meshcore import log
+
+logger = logging.getLogger("meshcore.http")
+
+MAX_BODY = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+
+    @classmethod
+    def text(cls, status: int, text: str) -> Response:
+        return cls(status, text.encode())
+
+    @classmethod
+    def json(cls, status: int, body: str) -> Response:
+        return cls(status, body.encode(), "application/json")
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+async def start_server(
+    handler: Handler, host: str, port: int, *, reuse_port: bool = False
+) -> asyncio.Server:
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await _serve_connection(handler, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception:
+            logger.exception("http connection failed")
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(on_client, host, port, reuse_port=reuse_port)
+
+
+async def _serve_connection(
+    handler: Handler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    conn = h11.Connection(h11.SERVER)
+    while True:
+        try:
+            request = await _read_request(conn, reader)
+        except h11.RemoteProtocolError as exc:
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                await _send(conn, writer, Response.text(400, f"bad request: {exc}\n"), close=True)
+            return
+        if request is None:
+            return
+        try:
+            response = await handler(request)
+        except Exception as exc:
+            logger.exception("http handler failed", extra=log.fields(path=request.path))
+            response = Response.text(500, f"internal error: {exc}\n")
+        await _send(conn, writer, response, close=False)
+        if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+            return
+        try:
+            conn.start_next_cycle()
+        except h11.LocalProtocolError:
+            return
+
+
+async def _read_request(conn: h11.Connection, reader: asyncio.StreamReader) -> Request | None:
+    head: h11.Request | None = None
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await reader.read(65536)
+            conn.receive_data(data)
+            if not data and conn.their_state is h11.IDLE:
+                return None
+            continue
+        if isinstance(event, h11.Request):
+            head = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_BODY:
+                raise h11.RemoteProtocolError("request body too large")
+        elif isinstance(event, h11.EndOfMessage):
+            assert head is not None
+            target = urllib.parse.urlsplit(head.target.decode("latin-1"))
+            return Request(
+                method=head.method.decode(),
+                path=target.path,
+                query=urllib.parse.parse_qs(target.query, keep_blank_values=True),
+                headers=tuple((k.decode(), v.decode("latin-1")) for k, v in head.headers),
+                body=bytes(body),
+            )
+        elif isinstance(event, h11.ConnectionClosed):
+            return None
+
+
+async def _send(
+    conn: h11.Connection, writer: asyncio.StreamWriter, response: Response, *, close: bool
+) -> None:
+    headers = [
+        ("content-type", response.content_type),
+        ("content-length", str(len(response.body))),
+    ]
+    if close:
+        headers.append(("connection", "close"))
+    data = conn.send(h11.Response(status_code=response.status, headers=headers))
+    data += conn.send(h11.Data(data=response.body)) if response.body else b""
+    data += conn.send(h11.EndOfMessage())
+    writer.write(data)
+    await writer.drain()

@@ -1,0 +1,510 @@
+"""HBONE connections on asyncio: the sans-I/O codec (meshcore.wire.hbone) driven by a Protocol.
+
+One TLS connection carries many CONNECT streams; each stream is a relay end (`HboneStreamEnd`)
+joined to a plain TCP connection. Backpressure uses HTTP/2 flow control:
+- sending: when the stream or connection window is closed, bytes wait in the stream's `pending`
+  queue and the relay stops reading the TCP side until a WINDOW_UPDATE drains it;
+- receiving: bytes are acknowledged (window reopened) only once handed to the TCP side and only
+  while that side is not paused, so a slow reader throttles the remote sender.
+A full TLS write buffer pauses every stream's feeding side.
+
+Invariants: codec calls never raise out of a callback; a stream is in `streams` from the moment
+it is opened or requested until both directions ended or it was reset; data that arrives before
+a relay attaches is held (and not acknowledged) until it does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+import ssl
+import typing
+from collections.abc import Callable, Collection, Sequence
+
+from meshcore import log
+from meshcore.identity import certs, spiffe, tls
+from meshcore.wire import hbone
+from ztunnel.proxy import relay
+
+logger = logging.getLogger("ztunnel.hbone")
+
+CANCEL = 0x8
+Headers = tuple[tuple[str, str], ...]
+
+
+class HboneConnectError(Exception):
+    """Opening an HBONE connection or tunnel failed; `flag` is the Istio response flag."""
+
+    def __init__(self, message: str, flag: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.flag = flag
+        self.status = status
+
+
+class HboneStreamEnd:
+    """One CONNECT stream as a relay end."""
+
+    def __init__(self, conn: HboneProtocol, stream_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.relay: relay.Relay | None = None
+        self.side = 0
+        self.pending: collections.deque[memoryview] = collections.deque()
+        self.eof_pending = False
+        self.reading_paused = False
+        self.unacked = 0
+        self.local_ended = False
+        self.remote_ended = False
+        self.finished = False
+        # Held until a relay attaches.
+        self.inbox: list[tuple[bytes, int]] = []
+        self.inbox_eof = False
+        self.inbox_error: str | None = None
+        # Client streams: resolved with (status, headers) when the CONNECT response arrives.
+        self.response: asyncio.Future[tuple[int, Headers]] | None = None
+
+    # relay.End
+
+    def attach(self, r: relay.Relay, side: int) -> None:
+        self.relay = r
+        self.side = side
+        for data, length in self.inbox:
+            r.on_data(side, data)
+            self._ack(length)
+        self.inbox.clear()
+        if self.inbox_error is not None:
+            r.on_closed(side, self.inbox_error)
+        elif self.inbox_eof:
+            r.on_eof(side)
+        self.conn.flush()
+
+    def write(self, data: bytes) -> None:
+        if self.finished or self.local_ended:
+            return
+        if self.pending:
+            self.pending.append(memoryview(data))
+            return
+        taken = self.conn.send_data(self.stream_id, data)
+        if taken < len(data):
+            self.pending.append(memoryview(data)[taken:])
+            if self.relay is not None:
+                self.relay.on_pause_writing(self.side)
+        self.conn.flush()
+
+    def write_eof(self) -> None:
+        if self.finished or self.local_ended:
+            return
+        if self.pending:
+            self.eof_pending = True
+            return
+        self._end_local()
+
+    def pause_reading(self) -> None:
+        self.reading_paused = True
+
+    def resume_reading(self) -> None:
+        if not self.reading_paused:
+            return
+        self.reading_paused = False
+        if self.unacked:
+            length, self.unacked = self.unacked, 0
+            self.conn.consumed(self.stream_id, length)
+            self.conn.flush()
+
+    def close(self) -> None:
+        """Both directions are done (or the relay gave up cleanly): forget the stream."""
+        if not self.finished:
+            if not (self.local_ended and self.remote_ended):
+                self.conn.reset_stream(self.stream_id, CANCEL)
+            self.conn.forget(self)
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.conn.reset_stream(self.stream_id, CANCEL)
+            self.conn.forget(self)
+
+    # Driven by the connection.
+
+    def drain(self) -> None:
+        """The send window may have grown: push pending bytes."""
+        while self.pending:
+            chunk = self.pending[0]
+            taken = self.conn.send_data(self.stream_id, chunk)
+            if taken < len(chunk):
+                self.pending[0] = chunk[taken:]
+                return
+            self.pending.popleft()
+        if self.eof_pending:
+            self.eof_pending = False
+            self._end_local()
+        if self.relay is not None:
+            self.relay.on_resume_writing(self.side)
+
+    def deliver(self, data: bytes, length: int) -> None:
+        if self.relay is None:
+            self.inbox.append((data, length))
+            return
+        self.relay.on_data(self.side, data)
+        self._ack(length)
+
+    def _ack(self, length: int) -> None:
+        # The TCP side may have paused us while we wrote into it just now.
+        if self.reading_paused:
+            self.unacked += length
+        else:
+            self.conn.consumed(self.stream_id, length)
+
+    def remote_eof(self) -> None:
+        self.remote_ended = True
+        if self.relay is None:
+            self.inbox_eof = True
+        else:
+            self.relay.on_eof(self.side)
+
+    def fail(self, error: str) -> None:
+        self.finished = True
+        if self.response is not None and not self.response.done():
+            self.response.set_exception(HboneConnectError(error, "CONNECT"))
+        if self.relay is None:
+            self.inbox_error = error
+        else:
+            self.relay.on_closed(self.side, error)
+
+    def _end_local(self) -> None:
+        self.local_ended = True
+        self.conn.end_stream(self.stream_id)
+        self.conn.flush()
+
+
+class HboneProtocol(asyncio.Protocol):
+    """Shared by both roles: drives the codec and routes events to stream ends."""
+
+    def __init__(self, codec: hbone.HboneConnection) -> None:
+        self.codec = codec
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, HboneStreamEnd] = {}
+        self.closed: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self.is_lost = False
+        self.goaway_received = False
+        self.peer_identity: spiffe.SpiffeId | None = None
+        self.peer_address: tuple[str, int] | None = None
+        self._write_paused = False
+
+    # Codec wrappers: a misuse of a stream that is already gone must not escape a callback.
+
+    def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
+        try:
+            return self.codec.send_data(stream_id, data)
+        except hbone.HboneError:
+            return len(data)  # the stream is gone: drop the bytes, the relay ends soon
+
+    def end_stream(self, stream_id: int) -> None:
+        try:
+            self.codec.end_stream(stream_id)
+        except hbone.HboneError:
+            pass
+        self._maybe_forget(stream_id)
+
+    def reset_stream(self, stream_id: int, code: int) -> None:
+        try:
+            self.codec.reset_stream(stream_id, code)
+        except hbone.HboneError:
+            pass
+        self.flush()
+
+    def consumed(self, stream_id: int, length: int) -> None:
+        try:
+            self.codec.consumed(stream_id, length)
+        except hbone.HboneError:
+            pass
+
+    def flush(self) -> None:
+        data = self.codec.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def forget(self, stream: HboneStreamEnd) -> None:
+        stream.finished = True
+        self.streams.pop(stream.stream_id, None)
+        self.on_stream_count_changed()
+
+    def _maybe_forget(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.local_ended and stream.remote_ended:
+            self.forget(stream)
+
+    def on_stream_count_changed(self) -> None:
+        """Hook for the pool (idle tracking) and for the server's accounting."""
+
+    # asyncio.Protocol
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.codec.receive_data(data)
+        except hbone.RemoteProtocolError as exc:
+            logger.warning(
+                "HBONE peer protocol error",
+                extra=log.fields(peer=str(self.peer_address), error=str(exc)),
+            )
+            self.flush()
+            self._fail_all(f"HBONE protocol error: {exc}")
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for event in events:
+            self.handle_event(event)
+        self.flush()
+
+    def handle_event(self, event: hbone.Event) -> None:
+        if isinstance(event, hbone.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is None:
+                self.consumed(event.stream_id, event.flow_controlled_length)
+            else:
+                stream.deliver(event.data, event.flow_controlled_length)
+        elif isinstance(event, hbone.WindowOpened):
+            targets = (
+                list(self.streams.values())
+                if event.stream_id is None
+                else [s for s in (self.streams.get(event.stream_id),) if s is not None]
+            )
+            for stream in targets:
+                if stream.pending or stream.eof_pending:
+                    stream.drain()
+        elif isinstance(event, hbone.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.remote_eof()
+                self._maybe_forget(event.stream_id)
+        elif isinstance(event, hbone.StreamReset):
+            stream = self.streams.pop(event.stream_id, None)
+            if stream is not None:
+                who = "peer" if event.remote else "us"
+                stream.fail(f"stream reset by {who} (HTTP/2 error {event.error_code})")
+                self.on_stream_count_changed()
+        elif isinstance(event, hbone.ConnectionTerminated):
+            self.goaway_received = True
+            for sid in [s for s in self.streams if s > event.last_stream_id]:
+                self.streams.pop(sid).fail("connection going away (GOAWAY)")
+            self.on_stream_count_changed()
+        else:
+            self.handle_role_event(event)
+
+    def handle_role_event(self, event: hbone.Event) -> None:
+        """Events only one role cares about (requests on the server, responses on the client)."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.is_lost = True
+        reason = f"HBONE connection lost: {exc}" if exc else "HBONE connection closed"
+        self._fail_all(reason)
+        if not self.closed.done():
+            self.closed.set_result(str(exc) if exc else None)
+
+    def _fail_all(self, reason: str) -> None:
+        streams, self.streams = list(self.streams.values()), {}
+        for stream in streams:
+            stream.fail(reason)
+        self.on_stream_count_changed()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        for stream in list(self.streams.values()):
+            if stream.relay is not None:
+                stream.relay.on_pause_writing(stream.side)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        for stream in list(self.streams.values()):
+            if stream.relay is not None and not stream.pending:
+                stream.relay.on_resume_writing(stream.side)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self.codec.close()
+            except hbone.HboneError:
+                pass
+            self.flush()
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class HboneClientProtocol(HboneProtocol):
+    """Our side of a pooled HBONE connection to a remote ztunnel."""
+
+    def __init__(self, settings: hbone.HboneSettings | None = None) -> None:
+        super().__init__(hbone.HboneConnection(client_side=True, settings=settings))
+        self.idle_since: float = asyncio.get_running_loop().time()
+        self.on_idle: Callable[[HboneClientProtocol], None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing asyncio.Transport.
+        transport = typing.cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=relay.WRITE_HIGH_WATER, low=relay.WRITE_LOW_WATER)
+        self.peer_address = transport.get_extra_info("peername")
+        self.codec.initiate()
+        self.flush()
+
+    @property
+    def is_usable(self) -> bool:
+        return (
+            not self.is_lost
+            and not self.goaway_received
+            and self.transport is not None
+            and not self.transport.is_closing()
+            and self.codec.can_open_tunnel()
+        )
+
+    def open_stream(self, authority: str, headers: Sequence[tuple[str, str]]) -> HboneStreamEnd:
+        stream_id = self.codec.open_tunnel(authority, headers)
+        stream = HboneStreamEnd(self, stream_id)
+        stream.response = asyncio.get_running_loop().create_future()
+        self.streams[stream_id] = stream
+        self.flush()
+        return stream
+
+    def handle_role_event(self, event: hbone.Event) -> None:
+        if isinstance(event, hbone.TunnelEstablished | hbone.TunnelRejected):
+            stream = self.streams.get(event.stream_id)
+            if stream is None or stream.response is None or stream.response.done():
+                return
+            status = 200 if isinstance(event, hbone.TunnelEstablished) else event.status
+            stream.response.set_result((status, event.headers))
+            if isinstance(event, hbone.TunnelRejected):
+                # The server ended the stream with its error response.
+                stream.remote_ended = True
+                stream.local_ended = True
+                self.end_stream(event.stream_id)
+
+    def on_stream_count_changed(self) -> None:
+        if not self.streams:
+            self.idle_since = asyncio.get_running_loop().time()
+            if self.on_idle is not None:
+                self.on_idle(self)
+
+
+RequestHandler = Callable[["HboneServerProtocol", hbone.TunnelRequested], None]
+
+
+class HboneServerProtocol(HboneProtocol):
+    """An inbound HBONE connection on a pod's port 15008.
+
+    Accepted as plain TCP with reading paused; `upgrade()` runs the TLS handshake with the
+    certificate of the pod's identity (fetched on demand), checks the peer, then serves streams.
+    """
+
+    def __init__(
+        self,
+        on_request: RequestHandler,
+        on_connected: Callable[[HboneServerProtocol], None],
+        settings: hbone.HboneSettings | None = None,
+    ) -> None:
+        super().__init__(
+            hbone.HboneConnection(
+                client_side=False,
+                settings=settings or hbone.HboneSettings.server(),
+            )
+        )
+        self._on_request = on_request
+        self._on_connected = on_connected
+        self._early: list[bytes] | None = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing asyncio.Transport.
+        transport = typing.cast(asyncio.Transport, transport)
+        self.transport = transport
+        self.peer_address = transport.get_extra_info("peername")
+        transport.pause_reading()
+        self._on_connected(self)
+
+    async def upgrade(self, context: ssl.SSLContext, trust_domain: str, timeout: float) -> None:
+        """TLS handshake and peer checks; raises on failure (the caller closes)."""
+        loop = asyncio.get_running_loop()
+        assert self.transport is not None
+        new = await loop.start_tls(
+            self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+        )
+        new = typing.cast(asyncio.Transport, new)
+        self.transport = new
+        new.set_write_buffer_limits(high=relay.WRITE_HIGH_WATER, low=relay.WRITE_LOW_WATER)
+        ssl_object = new.get_extra_info("ssl_object")
+        if not tls.alpn_ok(ssl_object):
+            raise HboneConnectError("peer did not negotiate ALPN h2", "TLS_FAILURE")
+        self.peer_identity = tls.check_peer_trust_domain(ssl_object, trust_domain)
+        self.codec.initiate()
+        self.flush()
+        early, self._early = self._early, None
+        for data in early or ():
+            super().data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self._early is not None:
+            self._early.append(data)  # decrypted bytes that raced ahead of upgrade() returning
+            return
+        super().data_received(data)
+
+    def handle_role_event(self, event: hbone.Event) -> None:
+        if isinstance(event, hbone.TunnelRequested):
+            self.streams[event.stream_id] = HboneStreamEnd(self, event.stream_id)
+            self._on_request(self, event)
+
+    def accept(self, stream_id: int) -> HboneStreamEnd | None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return None
+        try:
+            self.codec.accept_tunnel(stream_id)
+        except hbone.HboneError:
+            return None
+        self.flush()
+        return stream
+
+    def reject(self, stream_id: int, status: int) -> None:
+        stream = self.streams.pop(stream_id, None)
+        try:
+            self.codec.reject_tunnel(stream_id, status)
+        except hbone.HboneError:
+            pass
+        if stream is not None:
+            stream.finished = True
+        self.flush()
+
+
+async def connect(
+    sock: socket.socket,
+    *,
+    context: ssl.SSLContext,
+    expected: Collection[spiffe.SpiffeId],
+    timeout: float,
+    settings: hbone.HboneSettings | None = None,
+) -> HboneClientProtocol:
+    """TLS + HTTP/2 over an already connected socket; checks the server's SPIFFE identity."""
+    loop = asyncio.get_running_loop()
+    try:
+        transport, proto = await loop.create_connection(
+            lambda: HboneClientProtocol(settings),
+            sock=sock,
+            ssl=context,
+            server_hostname="",  # HBONE clients send no SNI
+            ssl_handshake_timeout=timeout,
+        )
+    except (ssl.SSLError, OSError, TimeoutError) as exc:
+        raise HboneConnectError(f"TLS handshake failed: {exc}", "TLS_FAILURE") from exc
+    ssl_object = transport.get_extra_info("ssl_object")
+    try:
+        if not tls.alpn_ok(ssl_object):
+            raise HboneConnectError("server did not negotiate ALPN h2", "TLS_FAILURE")
+        proto.peer_identity = tls.check_server_identity(ssl_object, expected)
+    except HboneConnectError:
+        transport.abort()
+        raise
+    except certs.IdentityError as exc:
+        transport.abort()
+        raise HboneConnectError(str(exc), "IDENTITY_ERROR") from exc
+    return proto

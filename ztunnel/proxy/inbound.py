@@ -1,0 +1,305 @@
+"""Inbound: HBONE tunnels arriving on the pod's port 15008, and plaintext on 15006.
+
+HBONE: TLS with the pod's own certificate (the peer must present one from the mesh CA in our
+trust domain), then per CONNECT stream: validate and authorize (routing.build_inbound), connect
+to the app from inside the pod, and answer 200 only once that connect succeeded (401 on deny,
+503 when the app can't be reached, 400 for a malformed request).
+
+Plaintext (15006) is what unenrolled clients send; the in-pod rules redirect it here. It is
+authorized with no peer identity, so a policy requiring one (PeerAuthentication STRICT) rejects it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+
+from meshcore import log
+from meshcore.aio import tasks
+from meshcore.model import workload
+from meshcore.wire import hbone as hbone_wire
+from ztunnel import telemetry
+from ztunnel.inpod import pod_network
+from ztunnel.proxy import hbone, relay, routing
+from ztunnel.proxy.inputs import PodContext, ProxyInputs
+
+logger = logging.getLogger("ztunnel.inbound")
+
+# Binding to the client's address needs IP_TRANSPARENT and the in-pod return route; when either
+# is missing we still connect, just without preserving the source address.
+_SPOOF_UNAVAILABLE = {errno.EADDRNOTAVAIL, errno.EPERM, errno.EACCES, errno.EINVAL}
+
+
+class InboundProxy:
+    """Port 15008 of one pod."""
+
+    def __init__(self, inputs: ProxyInputs, pod: PodContext) -> None:
+        self._inputs = inputs
+        self._pod = pod
+        self._tasks = tasks.TaskSet()
+        self._connections: set[hbone.HboneServerProtocol] = set()
+
+    def protocol(self) -> hbone.HboneServerProtocol:
+        return hbone.HboneServerProtocol(self._on_request, self._on_connected)
+
+    def close(self) -> None:
+        self._tasks.cancel_all()
+        for conn in list(self._connections):
+            conn.abort()
+
+    def _on_connected(self, conn: hbone.HboneServerProtocol) -> None:
+        self._connections.add(conn)
+        conn.closed.add_done_callback(lambda _: self._connections.discard(conn))
+        self._tasks.spawn(self._handshake(conn))
+
+    async def _handshake(self, conn: hbone.HboneServerProtocol) -> None:
+        inputs = self._inputs
+        try:
+            context = await inputs.certs.fetch_server_context(self._pod.identity)
+            await conn.upgrade(
+                context, self._pod.identity.trust_domain, inputs.config.connect_timeout
+            )
+        except asyncio.CancelledError:
+            conn.abort()
+            raise
+        except Exception as exc:
+            # Wrong CA, wrong trust domain, no ALPN, garbage instead of TLS: refuse the peer.
+            logger.warning(
+                "inbound HBONE handshake refused",
+                extra=log.fields(
+                    peer=str(conn.peer_address), pod=self._pod.info.name, error=str(exc)
+                ),
+            )
+            record = telemetry.ConnectionRecord(
+                direction="inbound",
+                src_addr=telemetry.format_addr(conn.peer_address),
+                dst_addr="",
+                destination=self._pod.find_workload(inputs.state),
+                destination_identity=self._pod.identity,
+                mutual_tls=True,
+                flag=routing.Flag.TLS_FAILURE.value,
+                error=f"TLS handshake failed: {exc}",
+            )
+            inputs.telemetry.finished(record)
+            conn.abort()
+
+    def _on_request(
+        self, conn: hbone.HboneServerProtocol, event: hbone_wire.TunnelRequested
+    ) -> None:
+        self._tasks.spawn(self._serve_tunnel(conn, event))
+
+    async def _serve_tunnel(
+        self, conn: hbone.HboneServerProtocol, event: hbone_wire.TunnelRequested
+    ) -> None:
+        inputs, pod = self._inputs, self._pod
+        peer_ip_text = conn.peer_address[0] if conn.peer_address else "0.0.0.0"
+        peer_ip = ipaddress.ip_address(peer_ip_text)
+        forwarded_for, forwarded_host = _forwarded(event.headers)
+        record = telemetry.ConnectionRecord(
+            direction="inbound",
+            src_addr=forwarded_for or telemetry.format_addr(conn.peer_address),
+            dst_addr=event.authority,
+            hbone_addr=event.authority,
+            source=inputs.state.workloads.find_by_address(peer_ip),
+            source_identity=conn.peer_identity,
+            destination_identity=pod.identity,
+            mutual_tls=True,
+        )
+        try:
+            local = await _local_workload(inputs, pod)
+            record.destination = local
+            record.service = _attributed_service(inputs, local, forwarded_host)
+            if local is None:
+                conn.reject(event.stream_id, 503)
+                record.flag = routing.Flag.CONNECT.value
+                record.error = "local workload is not known yet (no xDS record)"
+                return
+            plan = routing.build_inbound(
+                inputs.state,
+                local,
+                peer_identity=conn.peer_identity,
+                source_ip=peer_ip,
+                authority=event.authority,
+                method=event.method,
+            )
+            if isinstance(plan, routing.Refusal):
+                conn.reject(event.stream_id, plan.status)
+                record.flag, record.error = plan.flag.value, plan.reason
+                return
+            try:
+                app = await _connect_app(inputs, pod, plan.target, peer_ip_text)
+            except (OSError, TimeoutError) as exc:
+                conn.reject(event.stream_id, 503)
+                record.flag = routing.Flag.CONNECT.value
+                record.error = f"connect to {plan.target[0]}:{plan.target[1]} failed: {exc}"
+                return
+            stream = conn.accept(event.stream_id)
+            if stream is None:
+                app.abort()
+                record.error = "stream ended before it was accepted"
+                return
+            await _run_relay(inputs, pod, stream, app, record)
+        except asyncio.CancelledError:
+            record.error = record.error or "proxy stopped"
+            raise
+        except Exception as exc:
+            logger.exception("inbound tunnel failed", extra=log.fields(pod=pod.info.name))
+            conn.reject(event.stream_id, 503)
+            record.error = f"internal error: {exc}"
+        finally:
+            inputs.telemetry.finished(record)
+
+
+class PlaintextInboundConnection(relay.TcpEnd):
+    def __init__(self, proxy: PlaintextInboundProxy) -> None:
+        super().__init__()
+        self._proxy = proxy
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._proxy.spawn(self)
+
+
+class PlaintextInboundProxy:
+    """Port 15006 of one pod: plaintext from clients outside the mesh."""
+
+    def __init__(self, inputs: ProxyInputs, pod: PodContext) -> None:
+        self._inputs = inputs
+        self._pod = pod
+        self._tasks = tasks.TaskSet()
+
+    def protocol(self) -> PlaintextInboundConnection:
+        return PlaintextInboundConnection(self)
+
+    def spawn(self, down: relay.TcpEnd) -> None:
+        self._tasks.spawn(self._handle(down))
+
+    def close(self) -> None:
+        self._tasks.cancel_all()
+
+    async def _handle(self, down: relay.TcpEnd) -> None:
+        inputs, pod = self._inputs, self._pod
+        assert down.transport is not None
+        peer = down.transport.get_extra_info("peername")
+        record = telemetry.ConnectionRecord(
+            direction="inbound",
+            src_addr=telemetry.format_addr(peer),
+            dst_addr="",
+            destination_identity=pod.identity,
+        )
+        try:
+            original = pod_network.original_dst(down.transport.get_extra_info("socket"))
+            record.dst_addr = telemetry.format_addr(original)
+            peer_ip = ipaddress.ip_address(peer[0])
+            record.source = inputs.state.workloads.find_by_address(peer_ip)
+            local = await _local_workload(inputs, pod)
+            record.destination = local
+            if local is None:
+                record.flag = routing.Flag.CONNECT.value
+                record.error = "local workload is not known yet (no xDS record)"
+                down.abort()
+                return
+            plan = routing.build_inbound(
+                inputs.state,
+                local,
+                peer_identity=None,
+                source_ip=peer_ip,
+                authority=hbone_wire.format_authority(
+                    ipaddress.ip_address(original[0]), original[1]
+                ),
+            )
+            if isinstance(plan, routing.Refusal):
+                record.flag, record.error = plan.flag.value, plan.reason
+                down.abort()
+                return
+            app = await _connect_app(inputs, pod, plan.target, peer[0])
+            await _run_relay(inputs, pod, down, app, record)
+        except (OSError, TimeoutError) as exc:
+            record.flag = routing.Flag.CONNECT.value
+            record.error = f"connect to the app failed: {exc}"
+            down.abort()
+        except asyncio.CancelledError:
+            record.error = record.error or "proxy stopped"
+            down.abort()
+            raise
+        except Exception as exc:
+            logger.exception("plaintext inbound failed", extra=log.fields(pod=pod.info.name))
+            record.error = f"internal error: {exc}"
+            down.abort()
+        finally:
+            inputs.telemetry.finished(record)
+
+
+async def _local_workload(inputs: ProxyInputs, pod: PodContext) -> workload.Workload | None:
+    found = pod.find_workload(inputs.state)
+    if found is not None:
+        return found
+    return await inputs.state.fetch_local_workload(
+        pod.node,
+        pod.info.namespace,
+        pod.info.service_account,
+        pod.info.name,
+        inputs.config.workload_wait,
+    )
+
+
+async def _connect_app(
+    inputs: ProxyInputs, pod: PodContext, target: tuple[str, int], client_ip: str
+) -> relay.TcpEnd:
+    """Connect to the app from inside the pod, keeping the client's address when possible."""
+    timeout = inputs.config.connect_timeout
+    try:
+        sock = await pod.network.connect(target, timeout=timeout, source_ip=client_ip)
+    except OSError as exc:
+        if exc.errno not in _SPOOF_UNAVAILABLE:
+            raise
+        sock = await pod.network.connect(target, timeout=timeout)
+    loop = asyncio.get_running_loop()
+    try:
+        _, end = await loop.create_connection(relay.TcpEnd, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return end
+
+
+async def _run_relay(
+    inputs: ProxyInputs,
+    pod: PodContext,
+    client: relay.End,
+    app: relay.TcpEnd,
+    record: telemetry.ConnectionRecord,
+) -> None:
+    link = relay.Relay()
+    pod.relays.add(link)
+    try:
+        link.start(client, app)
+        inputs.telemetry.opened(record)
+        await link.done
+    finally:
+        pod.relays.discard(link)
+        record.request_bytes, record.response_bytes = link.received[0], link.received[1]
+        record.error = link.error
+        if link.error is not None and record.flag == "-":
+            record.flag = routing.Flag.CONNECT.value
+
+
+def _forwarded(headers: tuple[tuple[str, str], ...]) -> tuple[str | None, str | None]:
+    for name, value in headers:
+        if name == "forwarded":
+            return hbone_wire.parse_forwarded(value)
+    return (None, None)
+
+
+def _attributed_service(
+    inputs: ProxyInputs, local: workload.Workload | None, host: str | None
+) -> workload.Service | None:
+    """The Service the client targeted, from `forwarded: host=`; only used for telemetry."""
+    if local is None or not host:
+        return None
+    for svc in inputs.state.services.find_by_hostname(host):
+        if local.binding(svc.key) is not None:
+            return svc
+    return None

@@ -1,0 +1,53 @@
+"""What every proxy of every pod shares (ztunnel's ProxyInputs), and one pod's own context."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from meshcore.identity import spiffe
+from meshcore.model import ids, workload
+from meshcore.wire import zds
+from ztunnel import config as config_mod
+from ztunnel import telemetry
+from ztunnel.identity import manager
+from ztunnel.inpod import pod_network
+from ztunnel.proxy import relay
+from ztunnel.state import proxy_state
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyInputs:
+    config: config_mod.Config
+    state: proxy_state.ProxyState
+    certs: manager.CertManager
+    telemetry: telemetry.Telemetry
+
+
+@dataclasses.dataclass
+class PodContext:
+    """One enrolled pod: who it is (from ZDS), its namespace's sockets, its live connections."""
+
+    uid: str
+    info: zds.WorkloadInfo
+    identity: spiffe.SpiffeId
+    node: str
+    network: pod_network.PodNetwork
+    relays: set[relay.Relay] = dataclasses.field(default_factory=set)
+    is_closing: bool = False
+
+    def find_workload(self, state: proxy_state.ProxyState) -> workload.Workload | None:
+        return state.find_local_workload(
+            self.node, self.info.namespace, self.info.service_account, self.info.name
+        )
+
+    def fallback_workload(self) -> workload.Workload:
+        """A stand-in built from ZDS facts while xDS has not delivered the pod yet."""
+        return workload.Workload(
+            uid=ids.pod_uid(self.info.namespace, self.info.name),
+            name=self.info.name,
+            namespace=self.info.namespace,
+            addresses=(),
+            node=self.node,
+            service_account=self.identity.service_account,
+            trust_domain=self.identity.trust_domain,
+        )

@@ -1,0 +1,204 @@
+"""Outbound: connections the pod's app makes, redirected to port 15001 inside the pod.
+
+For each: read the original destination, build a plan (routing.build_outbound), then carry it
+out: a CONNECT stream on a pooled HBONE connection to the destination's ztunnel, or plain TCP
+passthrough for destinations outside the mesh. Failures close the app's connection and are
+counted and logged with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from meshcore import log
+from meshcore.aio import tasks
+from meshcore.model import workload
+from meshcore.wire import hbone as hbone_wire
+from ztunnel import telemetry
+from ztunnel.inpod import pod_network
+from ztunnel.proxy import hbone, pool, relay, routing
+from ztunnel.proxy.inputs import PodContext, ProxyInputs
+
+logger = logging.getLogger("ztunnel.outbound")
+
+
+class OutboundConnection(relay.TcpEnd):
+    def __init__(self, proxy: OutboundProxy) -> None:
+        super().__init__()
+        self._proxy = proxy
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._proxy.spawn(self)
+
+
+class OutboundProxy:
+    def __init__(self, inputs: ProxyInputs, pod: PodContext) -> None:
+        self._inputs = inputs
+        self._pod = pod
+        self._tasks = tasks.TaskSet()
+        self.pool = pool.HbonePool(
+            self._connect_hbone,
+            max_streams=inputs.config.pool_max_streams,
+            idle_timeout=inputs.config.pool_idle_timeout,
+        )
+
+    def protocol(self) -> OutboundConnection:
+        return OutboundConnection(self)
+
+    def spawn(self, down: relay.TcpEnd) -> None:
+        self._tasks.spawn(self._handle(down))
+
+    def close(self) -> None:
+        self._tasks.cancel_all()
+        self.pool.close()
+
+    async def _handle(self, down: relay.TcpEnd) -> None:
+        inputs, pod = self._inputs, self._pod
+        assert down.transport is not None
+        peer = down.transport.get_extra_info("peername")
+        record = telemetry.ConnectionRecord(
+            direction="outbound",
+            src_addr=telemetry.format_addr(peer),
+            dst_addr="",
+            source_identity=pod.identity,
+        )
+        try:
+            sock = down.transport.get_extra_info("socket")
+            original = pod_network.original_dst(sock)
+            record.dst_addr = telemetry.format_addr(original)
+            source = pod.find_workload(inputs.state) or pod.fallback_workload()
+            record.source = source
+            plan = routing.build_outbound(inputs.state, source, original)
+            if isinstance(plan, routing.Refusal):
+                record.flag, record.error = plan.flag.value, plan.reason
+                down.abort()
+                return
+            record.destination, record.service = plan.destination, plan.service
+            if plan.destination is not None:
+                record.destination_identity = plan.destination.identity
+            if plan.route is routing.Route.HBONE:
+                upstream: relay.End = await self._open_tunnel(down, plan, peer, record)
+            else:
+                upstream = await self._open_passthrough(plan)
+            await self._relay(down, upstream, record)
+        except hbone.HboneConnectError as exc:
+            record.flag, record.error = exc.flag, str(exc)
+            down.abort()
+        except (OSError, TimeoutError) as exc:
+            record.flag = routing.Flag.CONNECT.value
+            record.error = f"upstream connect failed: {exc or type(exc).__name__}"
+            down.abort()
+        except asyncio.CancelledError:
+            record.error = "proxy stopped"
+            down.abort()
+            raise
+        except Exception as exc:
+            logger.exception("outbound connection failed", extra=log.fields(src=record.src_addr))
+            record.error = f"internal error: {exc}"
+            down.abort()
+        finally:
+            inputs.telemetry.finished(record)
+
+    async def _open_passthrough(self, plan: routing.OutboundPlan) -> relay.TcpEnd:
+        sock = await self._pod.network.connect(
+            plan.target, timeout=self._inputs.config.connect_timeout
+        )
+        return await _wrap(sock)
+
+    async def _open_tunnel(
+        self,
+        down: relay.TcpEnd,
+        plan: routing.OutboundPlan,
+        peer: tuple[str, int],
+        record: telemetry.ConnectionRecord,
+    ) -> hbone.HboneStreamEnd:
+        assert plan.authority is not None
+        record.mutual_tls = True
+        record.hbone_addr = plan.authority
+        key = pool.PoolKey(
+            source_identity=self._pod.identity,
+            destination_identities=plan.expected_identities,
+            destination=plan.target,
+            source_ip=peer[0],
+        )
+        async with asyncio.timeout(self._inputs.config.connect_timeout):
+            conn = await self.pool.fetch(key)
+            stream = conn.open_stream(plan.authority, _request_headers(plan, peer))
+            assert stream.response is not None
+            waiters: set[asyncio.Future[object]] = {stream.response, down.closed_early()}  # type: ignore[arg-type]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if not stream.response.done():
+            stream.abort()
+            raise hbone.HboneConnectError("client closed before the tunnel was established", "-")
+        status, _headers = stream.response.result()
+        if status != 200:
+            flag = routing.Flag.DENY.value if status == 401 else routing.Flag.CONNECT.value
+            raise hbone.HboneConnectError(f"HBONE CONNECT refused with {status}", flag, status)
+        return stream
+
+    async def _connect_hbone(self, key: pool.PoolKey) -> hbone.HboneClientProtocol:
+        inputs = self._inputs
+        context = await inputs.certs.fetch_client_context(key.source_identity)
+        sock = await self._pod.network.connect(
+            key.destination, timeout=inputs.config.connect_timeout
+        )
+        return await hbone.connect(
+            sock,
+            context=context,
+            expected=key.destination_identities,
+            timeout=inputs.config.connect_timeout,
+        )
+
+    async def _relay(
+        self, down: relay.TcpEnd, upstream: relay.End, record: telemetry.ConnectionRecord
+    ) -> None:
+        link = relay.Relay()
+        self._pod.relays.add(link)
+        try:
+            link.start(down, upstream)
+            self._inputs.telemetry.opened(record)
+            await link.done
+        finally:
+            self._pod.relays.discard(link)
+            record.request_bytes, record.response_bytes = link.received[0], link.received[1]
+            record.error = link.error
+            if link.error is not None and record.flag == "-":
+                record.flag = routing.Flag.CONNECT.value
+
+
+def _request_headers(plan: routing.OutboundPlan, peer: tuple[str, int]) -> list[tuple[str, str]]:
+    src = plan.source
+    host = plan.service.hostname if plan.service is not None else None
+    return [
+        ("forwarded", hbone_wire.forwarded_header(peer[0], peer[1], host)),
+        ("baggage", hbone_wire.baggage_header(_baggage(src))),
+        ("traceparent", hbone_wire.new_traceparent()),
+    ]
+
+
+def _baggage(src: workload.Workload) -> dict[str, str]:
+    kind = {
+        workload.WorkloadType.DEPLOYMENT: "deployment",
+        workload.WorkloadType.CRONJOB: "cronjob",
+        workload.WorkloadType.JOB: "job",
+    }.get(src.workload_type, "pod")
+    return {
+        "k8s.cluster.name": src.cluster_id,
+        "k8s.namespace.name": src.namespace,
+        f"k8s.{kind}.name": src.workload_name or src.name,
+        "service.name": src.canonical_name or src.name,
+        "service.version": src.canonical_revision or "latest",
+    }
+
+
+async def _wrap(sock: socket.socket) -> relay.TcpEnd:
+    loop = asyncio.get_running_loop()
+    try:
+        _, end = await loop.create_connection(relay.TcpEnd, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return end
