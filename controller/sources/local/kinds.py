@@ -1,0 +1,226 @@
+"""The kinds the local API server serves, as data.
+
+Each `ServedKind` is a resource type plus what the server needs to know about it: its schema,
+its defaults, which field selectors it supports and its short names for discovery. Adding a
+kind (Deployment, AuthorizationPolicy, Gateway, ...) is adding an entry here; the store and the
+HTTP server are generic over this registry. Namespaces, nodes, pods and services also have
+control-plane behaviour (lifecycle, scheduling, ClusterIP allocation) that lives in the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from controller.sources.local import validation
+from meshcore.kube import resources
+
+Defaulter = Callable[[dict[str, Any]], None]
+
+BASE_FIELD_LABELS = frozenset({"metadata.name", "metadata.namespace"})
+VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
+STATUS_VERBS = ["get", "patch", "update"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServedKind:
+    rtype: resources.ResourceType
+    schema: validation.Schema = validation.GENERIC
+    # Fills defaults in place into an object that passed validation; must keep it valid.
+    default: Defaulter | None = None
+    field_labels: frozenset[str] = frozenset()
+    short_names: tuple[str, ...] = ()
+    has_status: bool = True
+
+    @property
+    def supported_field_labels(self) -> frozenset[str]:
+        return BASE_FIELD_LABELS | self.field_labels
+
+
+class KindRegistry:
+    """Served kinds by resource type, (apiVersion, kind) and (group, version, plural).
+
+    Invariant: one kind per (group, plural), since the store's directory layout has no version.
+    """
+
+    def __init__(self, kinds: Iterable[ServedKind]) -> None:
+        self._types = resources.ResourceRegistry(())
+        self._kinds: dict[resources.ResourceType, ServedKind] = {}
+        plurals: set[tuple[str, str]] = set()
+        for served in kinds:
+            rtype = served.rtype
+            if (rtype.group, rtype.plural) in plurals:
+                raise ValueError(f"{rtype.group or 'core'}/{rtype.plural} is served twice")
+            plurals.add((rtype.group, rtype.plural))
+            self._types.add(rtype)
+            self._kinds[rtype] = served
+
+    def __iter__(self) -> Iterator[ServedKind]:
+        return iter(list(self._kinds.values()))
+
+    def find(self, rtype: resources.ResourceType) -> ServedKind | None:
+        return self._kinds.get(rtype)
+
+    def find_kind(self, api_version: str, kind: str) -> ServedKind | None:
+        rtype = self._types.find_kind(api_version, kind)
+        return None if rtype is None else self._kinds[rtype]
+
+    def find_plural(self, group: str, version: str, plural: str) -> ServedKind | None:
+        rtype = self._types.find_plural(group, version, plural)
+        return None if rtype is None else self._kinds[rtype]
+
+    @property
+    def types(self) -> list[resources.ResourceType]:
+        return list(self._kinds)
+
+    def group_versions(self) -> dict[str, list[str]]:
+        """Named groups (not core) and their versions, in registration order."""
+        found: dict[str, list[str]] = {}
+        for rtype in self._kinds:
+            if rtype.group and rtype.version not in found.setdefault(rtype.group, []):
+                found[rtype.group].append(rtype.version)
+        return found
+
+
+# -- defaults (what the Kubernetes API server fills in) ------------------------------------
+
+DEFAULT_GRACE_PERIOD_SECONDS = 30
+
+
+def _dict_at(obj: dict[str, Any], key: str) -> dict[str, Any]:
+    value = obj.setdefault(key, {})
+    assert isinstance(value, dict)  # the object passed validation
+    return value
+
+
+def default_pod(pod: dict[str, Any]) -> None:
+    spec = _dict_at(pod, "spec")
+    spec.setdefault("restartPolicy", "Always")
+    spec.setdefault("terminationGracePeriodSeconds", DEFAULT_GRACE_PERIOD_SECONDS)
+    spec.setdefault("serviceAccountName", "default")
+    for container in spec["containers"]:
+        for port in container.get("ports", []):
+            port.setdefault("protocol", "TCP")
+    _dict_at(pod, "status").setdefault("phase", "Pending")
+
+
+def default_service(service: dict[str, Any]) -> None:
+    spec = _dict_at(service, "spec")
+    spec.setdefault("type", "ClusterIP")
+    spec.setdefault("sessionAffinity", "None")
+    for port in spec.get("ports", []):
+        port.setdefault("protocol", "TCP")
+        port.setdefault("targetPort", port["port"])
+
+
+def default_namespace(namespace: dict[str, Any]) -> None:
+    _dict_at(namespace, "status").setdefault("phase", "Active")
+
+
+def build_core_kinds() -> list[ServedKind]:
+    """Namespace, Node, Pod and Service: what the mesh needs from the core API."""
+    return [
+        ServedKind(
+            resources.NAMESPACES,
+            validation.NAMESPACE,
+            default_namespace,
+            frozenset({"status.phase"}),
+            ("ns",),
+        ),
+        ServedKind(
+            resources.NODES, validation.NODE, None, frozenset({"spec.unschedulable"}), ("no",)
+        ),
+        ServedKind(
+            resources.PODS,
+            validation.POD,
+            default_pod,
+            frozenset(
+                {
+                    "spec.nodeName",
+                    "spec.serviceAccountName",
+                    "spec.restartPolicy",
+                    "status.phase",
+                    "status.podIP",
+                    "status.nominatedNodeName",
+                }
+            ),
+            ("po",),
+        ),
+        ServedKind(
+            resources.SERVICES,
+            validation.SERVICE,
+            default_service,
+            frozenset({"spec.clusterIP", "spec.type"}),
+            ("svc",),
+        ),
+    ]
+
+
+def build_registry(extra: Iterable[ServedKind] = ()) -> KindRegistry:
+    return KindRegistry([*build_core_kinds(), *extra])
+
+
+# -- discovery documents -------------------------------------------------------------------
+
+
+def build_api_versions() -> dict[str, Any]:
+    """``GET /api``."""
+    return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
+
+
+def build_api_group_list(registry: KindRegistry) -> dict[str, Any]:
+    """``GET /apis``."""
+    return {
+        "kind": "APIGroupList",
+        "apiVersion": "v1",
+        "groups": [build_api_group(g, vs) for g, vs in registry.group_versions().items()],
+    }
+
+
+def build_api_group(group: str, versions: list[str]) -> dict[str, Any]:
+    """``GET /apis/<group>``; the first version registered is the preferred one."""
+    entries = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
+    return {
+        "kind": "APIGroup",
+        "apiVersion": "v1",
+        "name": group,
+        "versions": entries,
+        "preferredVersion": entries[0],
+    }
+
+
+def build_api_resource_list(registry: KindRegistry, group: str, version: str) -> dict[str, Any]:
+    """``GET /api/v1`` or ``/apis/<group>/<version>``: the kinds served there."""
+    group_version = f"{group}/{version}" if group else version
+    entries: list[dict[str, Any]] = []
+    for served in registry:
+        rtype = served.rtype
+        if (rtype.group, rtype.version) != (group, version):
+            continue
+        entries.append(
+            {
+                "name": rtype.plural,
+                "singularName": rtype.kind.lower(),
+                "namespaced": rtype.namespaced,
+                "kind": rtype.kind,
+                "verbs": VERBS,
+                "shortNames": list(served.short_names),
+            }
+        )
+        if served.has_status:
+            entries.append(
+                {
+                    "name": f"{rtype.plural}/status",
+                    "singularName": "",
+                    "namespaced": rtype.namespaced,
+                    "kind": rtype.kind,
+                    "verbs": STATUS_VERBS,
+                }
+            )
+    return {
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": group_version,
+        "resources": entries,
+    }
