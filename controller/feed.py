@@ -1,0 +1,104 @@
+"""From source objects to xDS: every store change goes through the translator into the cache.
+
+The feed subscribes first and lists second, so no change can fall between the two; replaying
+an object the list already delivered is harmless because translation is state-based. If the
+subscription overflows (the translator fell too far behind), the feed rebuilds from a fresh
+list and the cache sends connected proxies only the differences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from controller.sources.local import store as store_mod
+from controller.translate import translator as translator_mod
+from controller.xds import cache as cache_mod
+from meshcore import log
+from meshcore.kube import objects, resources
+from meshcore.xds import resources as xds_resources
+from meshcore.xds import types
+
+logger = logging.getLogger("controller.feed")
+
+# The kinds the translator reads, in the order that makes a first sync cheapest.
+TRANSLATED_KINDS = (resources.NAMESPACES, resources.SERVICES, resources.PODS)
+
+
+class Feed:
+    def __init__(
+        self,
+        object_store: store_mod.ObjectStore,
+        make_translator: Callable[[], translator_mod.Translator],
+        cache: cache_mod.ResourceCache,
+    ) -> None:
+        self._store = object_store
+        self._make_translator = make_translator
+        self.translator = make_translator()
+        self._cache = cache
+        self.synced = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            subscription = self._store.subscribe(None, since=self._store.resource_version)
+            self._resync()
+            self.synced.set()
+            async for event in subscription:
+                if event.type == objects.ERROR:
+                    logger.warning("store subscription overflowed; resyncing")
+                    break
+                self._apply(event.type, event.object)
+
+    def _resync(self) -> None:
+        """Rebuild everything from the store and replace the cache contents in one step."""
+        fresh = self._make_translator()
+        for rtype in TRANSLATED_KINDS:
+            for obj in self._store.list(rtype).items:
+                fresh.apply(objects.ADDED, obj, kind=rtype.kind)
+        self.translator = fresh
+        everything = fresh.snapshot()
+        self._cache.replace(
+            types.ADDRESS,
+            dict(_address_resources((*everything.workloads, *everything.services))),
+        )
+        self._cache.replace(
+            types.AUTHORIZATION,
+            dict(xds_resources.authorization_resource(p) for p in everything.policies),
+        )
+        logger.info(
+            "controller state synced",
+            extra=log.fields(
+                workloads=len(everything.workloads),
+                services=len(everything.services),
+                policies=len(everything.policies),
+            ),
+        )
+
+    def _apply(self, event_type: str, obj: dict[str, Any]) -> None:
+        changes = self.translator.apply(event_type, obj, kind=obj.get("kind"))
+        for error in changes.errors:
+            logger.warning("object not translated", extra=log.fields(error=str(error)))
+        if (
+            changes.workloads
+            or changes.services
+            or changes.removed_workloads
+            or changes.removed_services
+        ):
+            self._cache.update(
+                types.ADDRESS,
+                dict(_address_resources((*changes.workloads, *changes.services))),
+                [*changes.removed_workloads, *changes.removed_services],
+            )
+        if changes.policies or changes.removed_policies:
+            self._cache.update(
+                types.AUTHORIZATION,
+                dict(xds_resources.authorization_resource(p) for p in changes.policies),
+                list(changes.removed_policies),
+            )
+
+
+def _address_resources(items: Iterable[Any]) -> Iterable[tuple[str, Any]]:
+    for item in items:
+        yield xds_resources.address_resource(item)
