@@ -1,0 +1,272 @@
+"""The API-facing commands (apply, delete, get, label, logs, exec, wait): async functions that
+take a connected client and the output streams, and return an exit code.
+
+Expected failures raise `errors.MeshctlError` (the CLI prints ``error: ...``); per-object server
+errors are printed kubectl-style (``Error from server (Reason): message``) and make the exit
+code 1 without stopping the other objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TextIO
+
+import yaml
+
+from meshcore.kube import client as kube_client
+from meshcore.kube import errors as kube_errors
+from meshcore.kube import objects, resources
+from meshctl import errors, kinds, labels, manifest, podexec, podfields, tables
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Streams:
+    out: TextIO
+    err: TextIO
+
+
+def read_source(path: str, stdin: TextIO) -> tuple[str, str]:
+    """(text, name for messages) of ``-f PATH`` (``-`` is stdin)."""
+    if path == "-":
+        return stdin.read(), "STDIN"
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(), path
+    except OSError as exc:
+        raise errors.ManifestError(
+            f'the path "{path}" cannot be read: {exc.strerror or exc}'
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise errors.ManifestError(f'the path "{path}" is not UTF-8 text: {exc}') from exc
+
+
+async def load_manifests(
+    api: kube_client.ApiClient, sources: Sequence[tuple[str, str]], namespace: str | None
+) -> list[manifest.Resolved]:
+    """Parse every file, then resolve every document: all before anything is sent."""
+    parsed = [(name, manifest.parse_documents(text, name)) for text, name in sources]
+    resolved: list[manifest.Resolved] = []
+    for name, docs in parsed:
+        resolved += await manifest.resolve_documents(api, docs, name, namespace)
+    return resolved
+
+
+async def apply(api: kube_client.ApiClient, items: Sequence[manifest.Resolved], io: Streams) -> int:
+    code = 0
+    for item in items:
+        try:
+            _, result = await api.apply(item.obj)
+        except kube_errors.ApiError as exc:
+            print(manifest.format_server_error(exc), file=io.err)
+            code = 1
+            continue
+        print(f"{item.ref} {result}", file=io.out)
+    return code
+
+
+async def delete_items(
+    api: kube_client.ApiClient,
+    items: Sequence[manifest.Resolved],
+    io: Streams,
+    *,
+    wait: bool,
+    timeout: float,
+) -> int:
+    code = 0
+    deleted: list[manifest.Resolved] = []
+    # Reverse document order: a file that creates a namespace first and then its contents is
+    # deleted contents first, so the namespace's cascade does not turn the rest into NotFound.
+    for item in reversed(items):
+        try:
+            await api.delete(item.rtype, item.name, item.namespace)
+        except kube_errors.ApiError as exc:
+            print(manifest.format_server_error(exc), file=io.err)
+            code = 1
+            continue
+        print(f'{item.rtype.kind.lower()} "{item.name}" deleted', file=io.out)
+        deleted.append(item)
+    if wait:
+        for item in deleted:
+            await wait_gone(api, item.rtype, item.name, item.namespace, timeout)
+    return code
+
+
+async def wait_gone(
+    api: kube_client.ApiClient,
+    rtype: resources.ResourceType,
+    name: str,
+    namespace: str | None,
+    timeout: float,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await api.get(rtype, name, namespace)
+        except kube_errors.NotFoundError:
+            return
+        if time.monotonic() > deadline:
+            raise errors.MeshctlError(
+                f'timed out after {timeout:g}s waiting for {rtype.kind.lower()} "{name}" to be'
+                " deleted"
+            )
+        await asyncio.sleep(0.2)
+
+
+async def delete_named(
+    api: kube_client.ApiClient,
+    kind: str,
+    names: Sequence[str],
+    namespace: str,
+    io: Streams,
+    *,
+    wait: bool,
+    timeout: float,
+) -> int:
+    rtype = kinds.find_resource(kind)
+    items = [
+        manifest.Resolved(
+            rtype,
+            {"metadata": {"name": n, **({"namespace": namespace} if rtype.namespaced else {})}},
+        )
+        for n in names
+    ]
+    return await delete_items(api, items, io, wait=wait, timeout=timeout)
+
+
+async def label(
+    api: kube_client.ApiClient,
+    kind: str,
+    name: str,
+    namespace: str,
+    args: Sequence[str],
+    io: Streams,
+    *,
+    overwrite: bool,
+) -> int:
+    rtype = kinds.find_resource(kind)
+    changes = labels.parse_label_args(args)
+    ns = namespace if rtype.namespaced else None
+    obj = await api.get(rtype, name, ns)
+    plan = labels.build_label_plan(objects.labels(obj), changes, overwrite=overwrite)
+    if plan.patch is not None:
+        await api.patch(rtype, name, ns, plan.patch)
+    print(f"{manifest.kind_ref(rtype)}/{name} {plan.verb}", file=io.out)
+    return 0
+
+
+def _list_document(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "List", "items": items, "metadata": {}}
+
+
+def _dump(doc: Any, output: str) -> str:
+    if output == "json":
+        return json.dumps(doc, indent=4) + "\n"
+    return str(yaml.safe_dump(doc, sort_keys=False, default_flow_style=False))
+
+
+async def get(
+    api: kube_client.ApiClient,
+    kind: str,
+    name: str | None,
+    namespace: str,
+    io: Streams,
+    *,
+    all_namespaces: bool,
+    output: str,
+    explicit_namespace: bool,
+) -> int:
+    is_workloads = kinds.is_workloads(kind)
+    rtype = resources.PODS if is_workloads else kinds.find_resource(kind)
+    # workloads default to every namespace: the view is about the whole mesh.
+    everywhere = all_namespaces or (is_workloads and not explicit_namespace)
+    ns = None if everywhere or not rtype.namespaced else namespace
+    if name is not None:
+        items = [await api.get(rtype, name, namespace if rtype.namespaced else None)]
+    else:
+        listed = await api.list(rtype, ns)
+        items = sorted(listed.items, key=lambda o: (objects.namespace(o), objects.name(o)))
+    if output in ("yaml", "json"):
+        doc = items[0] if name is not None else _list_document(items)
+        io.out.write(_dump(doc, output))
+        return 0
+    if not items:
+        where = f" in {namespace} namespace" if rtype.namespaced and not everywhere else ""
+        print(f"No resources found{where}.", file=io.err)
+        return 0
+    headers, rows = tables.build_rows(
+        None if is_workloads else rtype,
+        items,
+        now=datetime.datetime.now(datetime.UTC),
+        wide=output == "wide",
+        all_namespaces=everywhere and not is_workloads,
+    )
+    io.out.write(tables.render_table(headers, rows))
+    return 0
+
+
+async def wait_pods_ready(
+    api: kube_client.ApiClient, namespace: str, names: Sequence[str], timeout: float
+) -> None:
+    """Poll until every named pod is Ready; the error names the ones that are not, and why."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pending = []
+        for n in names:
+            try:
+                pod = await api.get(resources.PODS, n, namespace)
+            except kube_errors.NotFoundError:
+                pending.append(f"{n} (not found)")
+                continue
+            if not podfields.is_pod_ready(pod):
+                why = tables.pod_status_text(pod)
+                message = tables.pod_message(pod)
+                pending.append(f"{n} ({why}{': ' + message if message else ''})")
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise errors.MeshctlError(
+                f"timed out after {timeout:g}s waiting for pods to be Ready: " + ", ".join(pending)
+            )
+        await asyncio.sleep(0.25)
+
+
+async def find_pod(api: kube_client.ApiClient, name: str, namespace: str) -> dict[str, Any]:
+    return await api.get(resources.PODS, name, namespace)
+
+
+def _open_log(path: str) -> TextIO:
+    try:
+        return open(path, encoding="utf-8", errors="replace")  # the caller closes it
+    except FileNotFoundError as exc:
+        raise podexec.PodAccessError(f"no log yet at {path}") from exc
+
+
+async def follow_log(
+    path: str,
+    io: Streams,
+    is_alive: Callable[[], Awaitable[bool]],
+    *,
+    follow: bool,
+    poll: float = 0.2,
+) -> None:
+    """Print the log file; with `follow`, keep printing what is appended while `is_alive()`."""
+    f = _open_log(path)
+    try:
+        io.out.write(f.read())
+        io.out.flush()
+        while follow:
+            chunk = f.read()
+            if chunk:
+                io.out.write(chunk)
+                io.out.flush()
+                continue
+            if not await is_alive():
+                return
+            await asyncio.sleep(poll)
+    finally:
+        f.close()

@@ -1,0 +1,352 @@
+"""The playground kubelet (``python -m meshctl.playground.kubelet``), run inside a node's netns.
+
+It plays kubelet and container runtime and nothing more: registers its Node, runs the pods the
+API server schedules onto it (one `podworker.PodWorker` each, networking through the CNI chain
+exactly as a container runtime does it), and plays kube-proxy for pods the mesh does not capture.
+It knows nothing about the mesh: enrollment happens in the CNI chain and the node agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from meshcore import log, netns
+from meshcore.kube import client as kube_client
+from meshcore.kube import errors as kube_errors
+from meshcore.kube import informer, objects, resources
+from meshctl import errors
+from meshctl.playground import (
+    cni_runtime,
+    kubeproxy,
+    netcmd,
+    podworker,
+    procs,
+    sandbox,
+)
+
+_LOG = logging.getLogger("kubelet")
+
+HEARTBEAT_SECONDS = 10.0
+KUBELET_VERSION = "v1.31.0-playground"
+
+
+class ConfigError(errors.MeshctlError):
+    """A required environment variable is missing or malformed (the variable is named)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    node_name: str
+    kube_api: str
+    node_state_dir: str
+    pod_cidr: str
+    cni_bin_dirs: tuple[str, ...]
+    netns_prefix: str
+    log_level: str = "info"
+    node_ip: str = ""  # empty: the address of eth0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Config:
+        def need(name: str) -> str:
+            value = env.get(name, "").strip()
+            if not value:
+                raise ConfigError(f"environment variable {name} is required")
+            return value
+
+        dirs = env.get("CNI_BIN_DIRS", "").strip()
+        return cls(
+            node_name=need("NODE_NAME"),
+            kube_api=need("KUBE_API"),
+            node_state_dir=need("NODE_STATE_DIR"),
+            pod_cidr=need("POD_CIDR"),
+            cni_bin_dirs=tuple(d for d in dirs.split(":") if d)
+            if dirs
+            else cni_runtime.default_bin_dirs(),
+            netns_prefix=need("NETNS_PREFIX"),
+            log_level=env.get("LOG_LEVEL", "info") or "info",
+            node_ip=env.get("NODE_IP", "").strip(),
+        )
+
+
+def build_node(config: Config, node_ip: str, ready_since: str, now: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": config.node_name,
+            "labels": {
+                "kubernetes.io/hostname": config.node_name,
+                "kubernetes.io/os": "linux",
+            },
+        },
+        "spec": {"podCIDR": config.pod_cidr, "podCIDRs": [config.pod_cidr]},
+        "status": build_node_status(node_ip, ready=True, since=ready_since, now=now),
+    }
+
+
+def build_node_status(node_ip: str, *, ready: bool, since: str, now: str) -> dict[str, Any]:
+    return {
+        "addresses": [{"type": "InternalIP", "address": node_ip}],
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "True" if ready else "False",
+                "reason": "KubeletReady" if ready else "KubeletStopped",
+                "message": "kubelet is posting ready status" if ready else "kubelet stopped",
+                "lastHeartbeatTime": now,
+                "lastTransitionTime": since,
+            }
+        ],
+        "nodeInfo": {
+            "kubeletVersion": KUBELET_VERSION,
+            "operatingSystem": "linux",
+            "architecture": "amd64",
+            "containerRuntimeVersion": "playground://0.1",
+        },
+        "capacity": {"pods": "110"},
+        "allocatable": {"pods": "110"},
+    }
+
+
+async def fetch_node_ip(iface: str = "eth0") -> str:
+    out = await netcmd.arun(["ip", "-j", "-4", "addr", "show", "dev", iface])
+    for link in json.loads(out or "[]"):
+        for info in link.get("addr_info", []):
+            if info.get("family") == "inet":
+                return str(info["local"])
+    raise ConfigError(f"no IPv4 address on {iface}; set NODE_IP")
+
+
+class Kubelet:
+    """Composition root of the kubelet process (implements `podworker.PodHost`)."""
+
+    def __init__(self, config: Config, api: kube_client.ApiClient, node_ip: str) -> None:
+        self.config = config
+        self.api = api
+        self.node_name = config.node_name
+        self.node_ip = node_ip
+        self.node_state_dir = config.node_state_dir
+        self.netns_prefix = config.netns_prefix
+        self.bin_dir = os.path.dirname(sys.executable)
+        self.cni = cni_runtime.CniRuntime(
+            config.cni_bin_dirs, os.path.join(config.node_state_dir, "cni", "cache")
+        )
+        self.conflist = cni_runtime.build_playground_conflist(
+            config.node_state_dir, config.pod_cidr
+        )
+        self._workers: dict[str, tuple[podworker.PodWorker, asyncio.Task[None]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Informers: services (hosts files, kube-proxy), every pod (kube-proxy endpoints) and
+        # this node's pods (the pod runtime), the last with a field selector like kubelet's.
+        self.services = informer.Informer(api, resources.SERVICES, handler=self._on_service)
+        self.all_pods = informer.Informer(api, resources.PODS, handler=self._on_any_pod)
+        self.node_pods = informer.Informer(
+            api,
+            resources.PODS,
+            field_selector=f"spec.nodeName={config.node_name}",
+            handler=self._on_node_pod,
+        )
+        self.proxy = kubeproxy.KubeProxy(self.services.items, self.all_pods.items)
+        self._ready_since = podworker.now_rfc3339()
+
+    # -- PodHost ------------------------------------------------------------------------------
+
+    def find_service_names(self) -> list[sandbox.ServiceName]:
+        return sandbox.build_service_names(self.services.items())
+
+    # -- run ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        os.makedirs(os.path.join(self.node_state_dir, "pods"), exist_ok=True)
+        await self._register_node()
+        await self.proxy.setup()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.services.run(), name="informer-services")
+                tg.create_task(self.all_pods.run(), name="informer-pods")
+                tg.create_task(self.proxy.run(), name="kube-proxy")
+                await self.services.wait_synced()
+                await self.all_pods.wait_synced()
+                self.proxy.mark_dirty()
+                tg.create_task(self.node_pods.run(), name="informer-node-pods")
+                await self.node_pods.wait_synced()
+                await self._remove_stale_sandboxes()
+                _LOG.info("kubelet running", extra=log.fields(node=self.node_name, ip=self.node_ip))
+                tg.create_task(self._heartbeat(), name="heartbeat")
+        finally:
+            await self._shutdown()
+
+    async def _register_node(self) -> None:
+        """Create or update our Node; waits (with backoff) for the API server to answer."""
+        delay = 0.1
+        while True:
+            try:
+                now = podworker.now_rfc3339()
+                node = build_node(self.config, self.node_ip, self._ready_since, now)
+                try:
+                    await self.api.get(resources.NODES, self.node_name)
+                except kube_errors.NotFoundError:
+                    await self.api.create(node)
+                else:
+                    await self.api.patch(
+                        resources.NODES,
+                        self.node_name,
+                        None,
+                        {
+                            "metadata": node["metadata"],
+                            "spec": node["spec"],
+                            "status": node["status"],
+                        },
+                    )
+                return
+            except kube_errors.ApiConnectionError as exc:
+                _LOG.info("waiting for the API server", extra=log.fields(error=str(exc)))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            await self._patch_node_status(ready=True)
+
+    async def _patch_node_status(self, *, ready: bool) -> None:
+        now = podworker.now_rfc3339()
+        status = build_node_status(self.node_ip, ready=ready, since=self._ready_since, now=now)
+        try:
+            await self.api.patch(resources.NODES, self.node_name, None, {"status": status})
+        except kube_errors.KubeError as exc:
+            _LOG.warning("node status update failed", extra=log.fields(error=str(exc)))
+
+    async def _shutdown(self) -> None:
+        """Stop every container (the sandboxes stay for the next kubelet) and say NotReady."""
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(self._stop_workers())
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(self._patch_node_status(ready=False), 2.0)
+
+    async def _stop_workers(self) -> None:
+        items = list(self._workers.values())
+        for _, task in items:
+            task.cancel()
+        await asyncio.gather(*(t for _, t in items), return_exceptions=True)
+        await asyncio.gather(*(w.shutdown() for w, _ in items), return_exceptions=True)
+
+    # -- events -------------------------------------------------------------------------------
+
+    async def _on_service(self, event: objects.WatchEvent) -> None:
+        self.proxy.mark_dirty()
+        for worker, _ in self._workers.values():
+            try:
+                worker.refresh_hosts()
+            except OSError as exc:
+                _LOG.warning("hosts file update failed", extra=log.fields(error=str(exc)))
+
+    async def _on_any_pod(self, event: objects.WatchEvent) -> None:
+        self.proxy.mark_dirty()
+
+    async def _on_node_pod(self, event: objects.WatchEvent) -> None:
+        pod = event.object
+        uid = objects.uid(pod)
+        if not uid:
+            return
+        entry = self._workers.get(uid)
+        if event.type == objects.DELETED:
+            if entry is not None:
+                entry[0].update(None)
+            return
+        if entry is not None:
+            entry[0].update(pod)
+            return
+        self._start_worker(pod)
+
+    def _start_worker(self, pod: dict[str, Any]) -> None:
+        uid = objects.uid(pod)
+        worker = podworker.PodWorker(self, pod)
+        task = asyncio.create_task(worker.run(), name=f"pod-{objects.name(pod)}")
+        self._workers[uid] = (worker, task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._workers.get(uid, (None, None))[1] is t:
+                del self._workers[uid]
+            if not t.cancelled() and t.exception() is not None:
+                # A worker bug must not orphan the pod: start a fresh worker for it.
+                latest = self.node_pods.find(objects.name(pod), objects.namespace(pod))
+                if latest is not None and objects.uid(latest) == uid:
+                    asyncio.get_running_loop().call_later(
+                        1.0, self._restart_worker, uid, objects.name(pod), objects.namespace(pod)
+                    )
+
+        task.add_done_callback(done)
+
+    def _restart_worker(self, uid: str, name: str, namespace: str) -> None:
+        latest = self.node_pods.find(name, namespace)
+        if latest is not None and objects.uid(latest) == uid and uid not in self._workers:
+            self._start_worker(latest)
+
+    async def _remove_stale_sandboxes(self) -> None:
+        """Sandboxes left by an earlier kubelet for pods that no longer exist."""
+        for uid in sandbox.find_pod_dirs(self.node_state_dir):
+            if uid in self._workers:
+                continue
+            pod_dir = sandbox.PodDir(self.node_state_dir, uid)
+            rec = pod_dir.load()
+            name = rec.netns if rec else sandbox.netns_name(self.netns_prefix, uid)
+            if rec is not None:
+                for c in rec.containers.values():
+                    procs.signal_if_alive(c.pid, c.start_time, signal.SIGKILL)
+            rt = cni_runtime.RuntimeConf(
+                container_id=uid,
+                netns=netns.path_for(name),
+                pod_namespace=rec.namespace if rec else "",
+                pod_name=rec.name if rec else "",
+                pod_uid=uid,
+            )
+            _LOG.info("removing stale sandbox", extra=log.fields(uid=uid, netns=name))
+            await podworker.remove_sandbox(self, pod_dir, name, rt)
+
+
+async def serve(config: Config) -> None:
+    node_ip = config.node_ip or await fetch_node_ip()
+    api = kube_client.ApiClient(config.kube_api)
+    kubelet = Kubelet(config, api, node_ip)
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, main_task.cancel)
+    try:
+        await kubelet.run()
+    except asyncio.CancelledError:
+        _LOG.info("kubelet stopping")
+    finally:
+        await api.close()
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    del argv
+    try:
+        config = Config.from_env(os.environ if env is None else env)
+    except ConfigError as exc:
+        print(f"kubelet: {exc}", file=sys.stderr)
+        return 2
+    log.configure(config.log_level)
+    # Plain asyncio, not uvloop: containers are forked with a preexec_fn from this loop's thread
+    # (their parent-death signal follows that thread).
+    try:
+        asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Typed, tolerant reads of Pod, Service and Node fields (API objects are plain JSON dicts).
+
+Every accessor returns a safe default for a missing or mistyped field, so the kubelet, the
+kube-proxy role and the CLI tables never crash on an object someone else wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
+DEFAULT_GRACE_SECONDS = 30
+
+
+def _map(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: object) -> list[Mapping[str, Any]]:
+    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
+
+
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def spec(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    return _map(obj.get("spec"))
+
+
+def status(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    return _map(obj.get("status"))
+
+
+def node_name(pod: Mapping[str, Any]) -> str:
+    return _str(spec(pod).get("nodeName"))
+
+
+def service_account(pod: Mapping[str, Any]) -> str:
+    return _str(spec(pod).get("serviceAccountName")) or "default"
+
+
+def pod_ip(pod: Mapping[str, Any]) -> str:
+    return _str(status(pod).get("podIP"))
+
+
+def phase(pod: Mapping[str, Any]) -> str:
+    return _str(status(pod).get("phase")) or "Pending"
+
+
+def containers(pod: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return _list(spec(pod).get("containers"))
+
+
+def container_statuses(pod: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return _list(status(pod).get("containerStatuses"))
+
+
+def conditions(obj: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return _list(status(obj).get("conditions"))
+
+
+def find_condition(obj: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
+    return next((c for c in conditions(obj) if c.get("type") == kind), None)
+
+
+def is_condition_true(obj: Mapping[str, Any], kind: str) -> bool:
+    cond = find_condition(obj, kind)
+    return cond is not None and cond.get("status") == "True"
+
+
+def is_pod_ready(pod: Mapping[str, Any]) -> bool:
+    return is_condition_true(pod, "Ready")
+
+
+def is_captured(pod: Mapping[str, Any]) -> bool:
+    annotations = _map(_map(pod.get("metadata")).get("annotations"))
+    return annotations.get(REDIRECTION_ANNOTATION) == "enabled"
+
+
+def grace_period(pod: Mapping[str, Any]) -> int:
+    """Seconds the containers get between SIGTERM and SIGKILL for this deletion."""
+    meta = _map(pod.get("metadata"))
+    for value in (
+        meta.get("deletionGracePeriodSeconds"),
+        spec(pod).get("terminationGracePeriodSeconds"),
+    ):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return DEFAULT_GRACE_SECONDS
+
+
+def restart_policy(pod: Mapping[str, Any]) -> str:
+    return _str(spec(pod).get("restartPolicy")) or "Always"
+
+
+def container_ports(container: Mapping[str, Any]) -> list[tuple[str, int, str]]:
+    """(name, port, protocol) of each declared containerPort."""
+    out = []
+    for port in _list(container.get("ports")):
+        number = port.get("containerPort")
+        if isinstance(number, int) and not isinstance(number, bool):
+            out.append((_str(port.get("name")), number, _str(port.get("protocol")) or "TCP"))
+    return out
+
+
+def find_named_port(pod: Mapping[str, Any], name: str, protocol: str = "TCP") -> int | None:
+    for container in containers(pod):
+        for port_name, number, proto in container_ports(container):
+            if port_name == name and proto == protocol:
+                return number
+    return None
+
+
+def service_ports(service: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return _list(spec(service).get("ports"))
+
+
+def cluster_ip(service: Mapping[str, Any]) -> str:
+    ip = _str(spec(service).get("clusterIP"))
+    return "" if ip == "None" else ip
+
+
+def selector(service: Mapping[str, Any]) -> dict[str, str]:
+    sel = _map(spec(service).get("selector"))
+    return {str(k): str(v) for k, v in sel.items()}
+
+
+def node_internal_ip(node: Mapping[str, Any]) -> str:
+    for addr in _list(status(node).get("addresses")):
+        if addr.get("type") == "InternalIP":
+            return _str(addr.get("address"))
+    return ""
