@@ -7,7 +7,9 @@ outgoing buffer is full it asks the relay to stop reading the opposite end until
 that shut down one direction keep working.
 
 Invariants:
-- Reading on an end is paused until the relay starts, so no byte arrives before the plan ran.
+- Reading on an end is paused until the relay starts. uvloop may still deliver the first read
+  of an accepted connection (it starts reading after `connection_made`, ignoring the pause), so
+  whatever arrives early is held and replayed, in order, when the relay attaches.
 - `Relay.done` resolves exactly once, after both directions ended or either end failed; by then
   both ends are closed or aborted, and `error` says why if it was not a clean close.
 """
@@ -120,6 +122,8 @@ class TcpEnd(asyncio.Protocol):
         self._side = 0
         self._reading_paused = True
         self._closed_early: asyncio.Future[str | None] | None = None
+        self._early: list[bytes] = []
+        self._early_eof = False
         self.lost_error: str | None = None
         self.is_lost = False
 
@@ -135,10 +139,16 @@ class TcpEnd(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._relay is not None:
             self._relay.on_data(self._side, data)
+        else:
+            self._early.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         if self._relay is not None:
             self._relay.on_eof(self._side)
+        else:
+            self._early_eof = True
         return True  # keep the write half open: the other direction may still be flowing
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -162,6 +172,11 @@ class TcpEnd(asyncio.Protocol):
     def attach(self, relay: Relay, side: int) -> None:
         self._relay = relay
         self._side = side
+        early, self._early = self._early, []
+        for data in early:
+            relay.on_data(side, data)
+        if self._early_eof:
+            relay.on_eof(side)
         if self.is_lost:
             relay.on_closed(side, self.lost_error or "connection closed before the relay started")
 
