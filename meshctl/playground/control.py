@@ -43,6 +43,7 @@ class UpOptions:
     host_access: bool = True
     timeout: float = 180.0
     log_level: str = "info"
+    owner_pid: int | None = None  # the playground goes away when this process does
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -102,6 +103,8 @@ def build_supervisor_argv(opts: UpOptions) -> list[str]:
     ]
     if opts.host_access:
         argv.append("--host-access")
+    if opts.owner_pid is not None:
+        argv += ["--owner-pid", str(opts.owner_pid)]
     return argv
 
 

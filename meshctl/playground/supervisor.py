@@ -76,6 +76,8 @@ class Config:
     ready_timeout: float
     python: str
     base_env: Mapping[str, str]
+    # Tear everything down when this process exits (tests: a killed test run leaves nothing).
+    owner_pid: int | None = None
 
     @property
     def node_names(self) -> list[str]:
@@ -92,6 +94,7 @@ class Config:
         parser.add_argument("--host-access", action="store_true")
         parser.add_argument("--ready-timeout", type=float, default=DEFAULT_READY_TIMEOUT)
         parser.add_argument("--log-level", default=env.get("LOG_LEVEL") or "info")
+        parser.add_argument("--owner-pid", type=int, default=None)
         args = parser.parse_args(list(argv))
         if not 1 <= args.nodes <= topology.MAX_NODES:
             raise errors.UsageError(f"--nodes must be between 1 and {topology.MAX_NODES}")
@@ -108,6 +111,7 @@ class Config:
             ready_timeout=args.ready_timeout,
             python=sys.executable,
             base_env=base,
+            owner_pid=args.owner_pid,
         )
 
 
@@ -323,6 +327,8 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        if self.config.owner_pid is not None:
+            self._watch_owner(self.config.owner_pid)
         me = record.ProcessRecord(
             name="supervisor",
             pid=os.getpid(),
@@ -351,6 +357,15 @@ class Supervisor:
             stopping.cancel()
             if self._api is not None:
                 await self._api.close()
+
+    def _watch_owner(self, pid: int) -> None:
+        """Stop when `pid` exits: a pidfd becomes readable then (works even after SIGKILL)."""
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._stop.set()
+            return
+        asyncio.get_running_loop().add_reader(fd, self._stop.set)
 
     async def _start(self) -> None:
         cfg, paths = self.config, self.paths

@@ -73,6 +73,7 @@ class Playground:
             host_access=self.host_access,
             timeout=timeout,
             log_level=self.log_level,
+            owner_pid=os.getpid(),
         )
         self._proc = control.launch_supervisor(opts, dict(os.environ))
         try:
