@@ -58,8 +58,35 @@ class RecordingHandler:
         self.calls.append(("snapshot_done", keep_uids))
 
 
+def _seqpacket_inodes() -> set[str]:
+    inodes = set()
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 7 and fields[4] == "0005":  # SOCK_SEQPACKET
+                inodes.add(fields[6])
+    return inodes
+
+
 def _open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
+    """Our fds that ZDS could leak: namespace handles and SEQPACKET sockets.
+
+    Counting every fd would be flaky: libraries loaded by other tests in this process (gRPC's
+    background threads) open and close fds of their own at any time.
+    """
+    seqpacket = _seqpacket_inodes()
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith("net:[") or (
+            target.startswith("socket:[") and target[8:-1] in seqpacket
+        ):
+            found.add(f"{fd}->{target}")
+    return found
 
 
 def run_clean(runner: Runner, main: Callable[[], Coroutine[Any, Any, None]]) -> None:

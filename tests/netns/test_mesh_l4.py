@@ -233,14 +233,14 @@ def test_prometheus_scrapes_istio_tcp_metrics(cluster: Playground) -> None:
             selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
 
             def query(metric: str) -> float | None:
+                """The summed value, or None while Prometheus is starting or has no sample."""
                 q = urllib.parse.quote(f"sum({metric}{{{selector}}})")
                 done = cluster.in_node(
-                    "node1", ["curl", "-s", f"http://127.0.0.1:19090/api/v1/query?query={q}"]
+                    "node1", ["curl", "-sf", f"http://127.0.0.1:19090/api/v1/query?query={q}"]
                 )
-                if done.returncode != 0 or not done.stdout:
-                    return None
-                data = json.loads(done.stdout)
-                results = data.get("data", {}).get("result", [])
+                if done.returncode != 0:
+                    return None  # not listening yet, or 503 while it loads
+                results = json.loads(done.stdout)["data"]["result"]
                 return float(results[0]["value"][1]) if results else None
 
             opened = mh.wait_until(
