@@ -136,3 +136,44 @@ async def _send(
     data += conn.send(h11.EndOfMessage())
     writer.write(data)
     await writer.drain()
+
+
+class ResponseTooLargeError(h11.RemoteProtocolError):
+    """The response body exceeded the caller's limit."""
+
+
+async def get(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    host: str,
+    target: str,
+    *,
+    user_agent: str,
+    max_body: int = MAX_BODY,
+) -> tuple[int, bytes]:
+    """One ``GET`` on an open connection (``connection: close``): the status and the body.
+
+    Raises h11.ProtocolError (ResponseTooLargeError past `max_body`) on a bad answer.
+    """
+    conn = h11.Connection(h11.CLIENT)
+    request = h11.Request(
+        method="GET",
+        target=target,
+        headers=[("host", host), ("user-agent", user_agent), ("connection", "close")],
+    )
+    writer.write((conn.send(request) or b"") + (conn.send(h11.EndOfMessage()) or b""))
+    await writer.drain()
+    status = 0
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await reader.read(65536))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > max_body:
+                raise ResponseTooLargeError("response body too large")
+        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            return status, bytes(body)

@@ -30,6 +30,8 @@ from typing import Any
 
 import h11
 
+from meshcore.aio import http
+
 MAX_BODY = 1 << 20
 UPSTREAM_TIMEOUT = 5.0
 PRODUCTS = (
@@ -130,7 +132,14 @@ async def fetch(url: str, timeout: float = UPSTREAM_TIMEOUT) -> tuple[int, bytes
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
             try:
-                return await _exchange(reader, writer, parts.netloc, target)
+                return await http.get(
+                    reader,
+                    writer,
+                    parts.netloc,
+                    target,
+                    user_agent="mesh-demo-app",
+                    max_body=MAX_BODY,
+                )
             finally:
                 writer.close()
                 with contextlib.suppress(OSError):
@@ -145,33 +154,6 @@ async def fetch(url: str, timeout: float = UPSTREAM_TIMEOUT) -> tuple[int, bytes
         raise DemoError(f"GET {url}: {detail}") from exc
     except h11.ProtocolError as exc:
         raise DemoError(f"GET {url}: bad HTTP answer: {exc}") from exc
-
-
-async def _exchange(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, target: str
-) -> tuple[int, bytes]:
-    conn = h11.Connection(h11.CLIENT)
-    request = h11.Request(
-        method="GET",
-        target=target,
-        headers=[("host", host), ("user-agent", "mesh-demo-app"), ("connection", "close")],
-    )
-    writer.write((conn.send(request) or b"") + (conn.send(h11.EndOfMessage()) or b""))
-    await writer.drain()
-    status = 0
-    body = bytearray()
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await reader.read(65536))
-        elif isinstance(event, h11.Response):
-            status = event.status_code
-        elif isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > MAX_BODY:
-                raise DemoError("response too large")
-        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-            return status, bytes(body)
 
 
 async def fetch_json(url: str) -> dict[str, Any]:

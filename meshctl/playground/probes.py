@@ -12,45 +12,12 @@ import socket
 import h11
 
 from meshcore import netns
+from meshcore.aio import http
 from meshctl import errors
-
-MAX_BODY = 1 << 20
 
 
 class ProbeError(errors.MeshctlError):
     """The endpoint did not answer 200 (or at all); the message says what happened."""
-
-
-async def _get(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, target: str
-) -> tuple[int, bytes]:
-    conn = h11.Connection(h11.CLIENT)
-    writer.write(
-        conn.send(
-            h11.Request(
-                method="GET",
-                target=target,
-                headers=[("host", host), ("connection", "close"), ("user-agent", "meshctl")],
-            )
-        )
-        + (conn.send(h11.EndOfMessage()) or b"")
-    )
-    await writer.drain()
-    status = 0
-    body = bytearray()
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await reader.read(65536))
-            continue
-        if isinstance(event, h11.Response):
-            status = event.status_code
-        elif isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > MAX_BODY:
-                raise ProbeError("response body too large")
-        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-            return status, bytes(body)
 
 
 async def http_get_unix(path: str, target: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -59,7 +26,7 @@ async def http_get_unix(path: str, target: str, timeout: float = 2.0) -> tuple[i
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_unix_connection(path)
             try:
-                return await _get(reader, writer, "localhost", target)
+                return await http.get(reader, writer, "localhost", target, user_agent="meshctl")
             finally:
                 writer.close()
                 with contextlib.suppress(OSError):
@@ -88,7 +55,9 @@ async def http_get_in_netns(
             await asyncio.get_running_loop().sock_connect(sock, (host, port))
             reader, writer = await asyncio.open_connection(sock=sock)
             try:
-                return await _get(reader, writer, f"{host}:{port}", target)
+                return await http.get(
+                    reader, writer, f"{host}:{port}", target, user_agent="meshctl"
+                )
             finally:
                 writer.close()
                 with contextlib.suppress(OSError):

@@ -113,6 +113,23 @@ def cluster() -> Iterator[Playground]:
         assert report.is_clean, f"playground teardown left things behind: {report.leftovers}"
 
 
+def _deploy_sink_and_client(cluster: Playground, ns: str, *, ambient: bool) -> None:
+    """Namespace `ns` with the sink (behind service `sink`, port 80) and an idle client pod;
+    returns once both are Ready and, in an ambient namespace, captured."""
+    cluster.apply(
+        mh.manifest(
+            mh.namespace(ns, ambient=ambient),
+            mh.python_pod("sink", ns, SINK, sa="sink", port=8080),
+            mh.service("sink", ns, 80, 8080),
+            mh.sleeper_pod("client", ns, sa="client"),
+        )
+    )
+    for pod in ("sink", "client"):
+        cluster.wait_pod_ready(ns, pod)
+        if ambient:
+            mh.wait_captured(cluster, ns, pod)
+
+
 def _exchange(cluster: Playground, ns: str, host: str, port: int) -> dict[str, object]:
     done = cluster.exec(
         ns, "client", [sys.executable, "-c", CLIENT, host, str(port), CANARY.decode()], timeout=120
@@ -124,17 +141,7 @@ def _exchange(cluster: Playground, ns: str, host: str, port: int) -> dict[str, o
 
 def test_ten_megabytes_each_way_is_mutual_tls_on_the_wire(cluster: Playground) -> None:
     ns = "bulk"
-    cluster.apply(
-        mh.manifest(
-            mh.namespace(ns, ambient=True),
-            mh.python_pod("sink", ns, SINK, sa="sink", port=8080),
-            mh.service("sink", ns, 80, 8080),
-            mh.sleeper_pod("client", ns, sa="client"),
-        )
-    )
-    for pod in ("sink", "client"):
-        cluster.wait_pod_ready(ns, pod)
-        mh.wait_captured(cluster, ns, pod)
+    _deploy_sink_and_client(cluster, ns, ambient=True)
 
     with tempfile.TemporaryDirectory(prefix="mt-pcap-") as tmp:
         pcap = os.path.join(tmp, "client.pcap")
@@ -182,17 +189,7 @@ def test_ten_megabytes_each_way_is_mutual_tls_on_the_wire(cluster: Playground) -
 
 def test_prometheus_scrapes_istio_tcp_metrics(cluster: Playground) -> None:
     ns = "metrics"
-    cluster.apply(
-        mh.manifest(
-            mh.namespace(ns, ambient=True),
-            mh.python_pod("sink", ns, SINK, sa="sink", port=8080),
-            mh.service("sink", ns, 80, 8080),
-            mh.sleeper_pod("client", ns, sa="client"),
-        )
-    )
-    for pod in ("sink", "client"):
-        cluster.wait_pod_ready(ns, pod)
-        mh.wait_captured(cluster, ns, pod)
+    _deploy_sink_and_client(cluster, ns, ambient=True)
     _exchange(cluster, ns, f"sink.{ns}", 80)
 
     node_ip = cluster.node_address()
@@ -277,16 +274,7 @@ def test_prometheus_scrapes_istio_tcp_metrics(cluster: Playground) -> None:
 
 def test_enrollment_follows_the_namespace_label(cluster: Playground) -> None:
     ns = "enroll"
-    cluster.apply(
-        mh.manifest(
-            mh.namespace(ns, ambient=False),
-            mh.python_pod("sink", ns, SINK, sa="sink", port=8080),
-            mh.service("sink", ns, 80, 8080),
-            mh.sleeper_pod("client", ns, sa="client"),
-        )
-    )
-    for pod in ("sink", "client"):
-        cluster.wait_pod_ready(ns, pod)
+    _deploy_sink_and_client(cluster, ns, ambient=False)
     uids = {p: cluster.get(resources.PODS, p, ns)["metadata"]["uid"] for p in ("sink", "client")}
 
     # Not labelled: not captured, and traffic still flows (as plain TCP).
@@ -382,17 +370,7 @@ def _container_pids(cluster: Playground, ns: str) -> dict[str, object]:
 
 def test_bad_input_is_refused_and_nothing_is_disturbed(cluster: Playground) -> None:
     ns = "robust"
-    cluster.apply(
-        mh.manifest(
-            mh.namespace(ns, ambient=True),
-            mh.python_pod("sink", ns, SINK, sa="sink", port=8080),
-            mh.service("sink", ns, 80, 8080),
-            mh.sleeper_pod("client", ns, sa="client"),
-        )
-    )
-    for pod in ("sink", "client"):
-        cluster.wait_pod_ready(ns, pod)
-        mh.wait_captured(cluster, ns, pod)
+    _deploy_sink_and_client(cluster, ns, ambient=True)
     assert _small_call(cluster, ns)
 
     def meshctl_apply(text: str) -> subprocess.CompletedProcess[str]:
@@ -501,3 +479,74 @@ def _rogue_handshake(
         )
         done = cluster.in_node("node1", [sys.executable, "-c", script])
         return done.returncode == 0
+
+
+def test_destinations_outside_the_mesh_get_plain_tcp(cluster: Playground) -> None:
+    """An enrolled client calling a pod that is not in the mesh: passthrough, from the pod."""
+    _deploy_sink_and_client(cluster, "outside", ambient=False)
+    cluster.apply(
+        mh.manifest(mh.namespace("inside", ambient=True), mh.sleeper_pod("client", "inside"))
+    )
+    cluster.wait_pod_ready("inside", "client")
+    mh.wait_captured(cluster, "inside", "client")
+    with tempfile.TemporaryDirectory(prefix="mt-pcap-") as tmp:
+        pcap = os.path.join(tmp, "p.pcap")
+        with mh.capture(mh.pod_netns(cluster, "inside", "client"), pcap):
+            result = _exchange(cluster, "inside", "sink.outside", 80)
+        ports = [mh.packet_ports(p) for p in mh.read_capture(pcap)]
+    assert result["server_hash"] == result["sent_hash"]
+    assert result["recv_hash"] == _expected_download()
+    # Plain TCP straight to the endpoint's port (ztunnel resolved the VIP), never HBONE.
+    assert ports
+    assert all(8080 in pair for pair in ports)
+    outbound = [
+        r
+        for r in mh.access_log(cluster)
+        if r["direction"] == "outbound"
+        and r["src.namespace"] == "inside"
+        and r["dst.workload"] == "sink"
+    ]
+    assert outbound
+    assert outbound[-1]["dst.hbone_addr"] is None
+    metrics = mh.node_http(cluster, f"http://{cluster.node_address()}:15020/metrics")
+    assert any(
+        'source_workload_namespace="inside"' in line
+        and 'destination_workload_namespace="outside"' in line
+        and 'connection_security_policy="unknown"' in line
+        for line in metrics.splitlines()
+        if line.startswith("istio_tcp_connections_opened_total{")
+    )
+
+
+def test_tunnel_is_refused_when_the_app_is_not_listening(cluster: Playground) -> None:
+    """ztunnel answers 200 only after it reached the app; otherwise the client is closed fast."""
+    ns = "noapp"
+    _deploy_sink_and_client(cluster, ns, ambient=True)
+    sink_ip = cluster.pod_ip(ns, "sink")
+    script = (
+        "import socket,sys\n"
+        f"s=socket.create_connection(({sink_ip!r}, 9999), timeout=10)\n"
+        "try:\n"
+        "    data=s.recv(1)\n"
+        "except ConnectionError:\n"
+        "    data=b''\n"
+        "sys.exit(0 if data==b'' else 1)\n"
+    )
+    done = cluster.exec(ns, "client", [sys.executable, "-c", script], timeout=30)
+    assert done.returncode == 0, done.stderr
+    refused = mh.wait_until(
+        lambda: [
+            r
+            for r in mh.access_log(cluster)
+            if r["direction"] == "outbound" and r["dst.addr"] == f"{sink_ip}:9999"
+        ],
+        what="the refused tunnel in the access log",
+    )
+    assert "503" in refused[-1]["error"]
+    inbound = [
+        r
+        for r in mh.access_log(cluster)
+        if r["direction"] == "inbound" and r["dst.addr"] == f"{sink_ip}:9999"
+    ]
+    assert inbound
+    assert "failed" in inbound[-1]["error"]

@@ -152,16 +152,6 @@ class InboundProxy:
             inputs.telemetry.finished(record)
 
 
-class PlaintextInboundConnection(relay.TcpEnd):
-    def __init__(self, proxy: PlaintextInboundProxy) -> None:
-        super().__init__()
-        self._proxy = proxy
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._proxy.spawn(self)
-
-
 class PlaintextInboundProxy:
     """Port 15006 of one pod: plaintext from clients outside the mesh."""
 
@@ -170,11 +160,8 @@ class PlaintextInboundProxy:
         self._pod = pod
         self._tasks = tasks.TaskSet()
 
-    def protocol(self) -> PlaintextInboundConnection:
-        return PlaintextInboundConnection(self)
-
-    def spawn(self, down: relay.TcpEnd) -> None:
-        self._tasks.spawn(self._handle(down))
+    def protocol(self) -> relay.TcpEnd:
+        return relay.TcpEnd(on_connected=lambda down: self._tasks.spawn(self._handle(down)))
 
     def close(self) -> None:
         self._tasks.cancel_all()

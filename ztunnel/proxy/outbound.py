@@ -24,16 +24,6 @@ from ztunnel.proxy.inputs import PodContext, ProxyInputs
 logger = logging.getLogger("ztunnel.outbound")
 
 
-class OutboundConnection(relay.TcpEnd):
-    def __init__(self, proxy: OutboundProxy) -> None:
-        super().__init__()
-        self._proxy = proxy
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._proxy.spawn(self)
-
-
 class OutboundProxy:
     def __init__(self, inputs: ProxyInputs, pod: PodContext) -> None:
         self._inputs = inputs
@@ -45,11 +35,8 @@ class OutboundProxy:
             idle_timeout=inputs.config.pool_idle_timeout,
         )
 
-    def protocol(self) -> OutboundConnection:
-        return OutboundConnection(self)
-
-    def spawn(self, down: relay.TcpEnd) -> None:
-        self._tasks.spawn(self._handle(down))
+    def protocol(self) -> relay.TcpEnd:
+        return relay.TcpEnd(on_connected=lambda down: self._tasks.spawn(self._handle(down)))
 
     def close(self) -> None:
         self._tasks.cancel_all()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import typing
+from collections.abc import Callable
 from typing import Protocol
 
 # Large buffers amortise per-call overhead (perf-baselines: 256 KiB reads, bigger write buffers).
@@ -114,9 +115,14 @@ class Relay:
 
 
 class TcpEnd(asyncio.Protocol):
-    """A TCP connection as a relay end. Reading stays paused until a relay attaches."""
+    """A TCP connection as a relay end. Reading stays paused until a relay attaches.
 
-    def __init__(self) -> None:
+    `on_connected` runs once the transport exists; listeners use it to start planning the
+    connection they just accepted.
+    """
+
+    def __init__(self, on_connected: Callable[[TcpEnd], object] | None = None) -> None:
+        self._on_connected = on_connected
         self.transport: asyncio.Transport | None = None
         self._relay: Relay | None = None
         self._side = 0
@@ -135,6 +141,8 @@ class TcpEnd(asyncio.Protocol):
         self.transport = transport
         transport.pause_reading()
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        if self._on_connected is not None:
+            self._on_connected(self)
 
     def data_received(self, data: bytes) -> None:
         if self._relay is not None:

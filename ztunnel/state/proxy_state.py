@@ -9,16 +9,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from google.protobuf import any_pb2
 
 from meshcore import log
-from meshcore.model import authorization, ids, store, workload
+from meshcore.model import ids, store, workload
 from meshcore.xds import resources, types
 
 logger = logging.getLogger("ztunnel.state")
 
 Listener = Callable[[], None]
+T = TypeVar("T")
 
 
 class ProxyState:
@@ -47,13 +49,7 @@ class ProxyState:
     def _apply_addresses(
         self, updated: Sequence[tuple[str, any_pb2.Any]], removed: Sequence[str]
     ) -> Sequence[str]:
-        converted: list[workload.Workload | workload.Service] = []
-        errors: list[str] = []
-        for name, value in updated:
-            try:
-                converted.append(resources.decode_address(value, name=name))
-            except resources.ResourceError as exc:
-                errors.append(f"{name}: {exc}")
+        converted, errors = _decode_all(updated, resources.decode_address)
         if errors:
             return errors
         for name in removed:
@@ -74,13 +70,7 @@ class ProxyState:
     def _apply_policies(
         self, updated: Sequence[tuple[str, any_pb2.Any]], removed: Sequence[str]
     ) -> Sequence[str]:
-        converted: list[authorization.Authorization] = []
-        errors: list[str] = []
-        for name, value in updated:
-            try:
-                converted.append(resources.decode_authorization(value, name=name))
-            except resources.ResourceError as exc:
-                errors.append(f"{name}: {exc}")
+        converted, errors = _decode_all(updated, resources.decode_authorization)
         if errors:
             return errors
         for name in removed:
@@ -132,3 +122,17 @@ class ProxyState:
                     await self._changed.wait()
             except TimeoutError:
                 return self.find_local_workload(node, namespace, service_account, name)
+
+
+def _decode_all(
+    updated: Sequence[tuple[str, any_pb2.Any]], decode: Callable[..., T]
+) -> tuple[list[T], list[str]]:
+    """Convert a whole batch off to the side; any failure names its resource (the NACK)."""
+    converted: list[T] = []
+    errors: list[str] = []
+    for name, value in updated:
+        try:
+            converted.append(decode(value, name=name))
+        except resources.ResourceError as exc:
+            errors.append(f"{name}: {exc}")
+    return converted, errors
