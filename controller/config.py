@@ -7,7 +7,7 @@ import ipaddress
 import os
 from collections.abc import Mapping
 
-from meshcore import errors
+from meshcore import envconfig, errors
 from meshcore.identity import spiffe
 from meshcore.model import ids
 
@@ -41,24 +41,19 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
-        def required(name: str) -> str:
-            value = env.get(name, "").strip()
-            if not value:
-                raise ConfigError(f"environment variable {name} is required")
-            return value
-
-        cidr = env.get("SERVICE_CIDR", "").strip() or "10.96.0.0/16"
+        read = envconfig.Env(env, ConfigError)
+        cidr = read.optional("SERVICE_CIDR", "10.96.0.0/16")
         try:
             ipaddress.ip_network(cidr)
         except ValueError as exc:
             raise ConfigError(f"SERVICE_CIDR={cidr!r} is not a network: {exc}") from None
         return cls(
-            state_dir=required("CONTROLLER_STATE_DIR"),
-            xds_listen=required("XDS_LISTEN"),
-            local_api_socket=required("LOCAL_API_SOCKET"),
-            trust_domain=env.get("TRUST_DOMAIN", "").strip() or spiffe.DEFAULT_TRUST_DOMAIN,
-            cluster_id=env.get("CLUSTER_ID", "").strip() or ids.DEFAULT_CLUSTER_ID,
-            domain=env.get("CLUSTER_DOMAIN", "").strip() or ids.DEFAULT_DOMAIN,
+            state_dir=read.required("CONTROLLER_STATE_DIR"),
+            xds_listen=read.required("XDS_LISTEN"),
+            local_api_socket=read.required("LOCAL_API_SOCKET"),
+            trust_domain=read.optional("TRUST_DOMAIN", spiffe.DEFAULT_TRUST_DOMAIN),
+            cluster_id=read.optional("CLUSTER_ID", ids.DEFAULT_CLUSTER_ID),
+            domain=read.optional("CLUSTER_DOMAIN", ids.DEFAULT_DOMAIN),
             service_cidr=cidr,
-            log_level=env.get("LOG_LEVEL", "info"),
+            log_level=read.log_level(),
         )

@@ -6,7 +6,7 @@ import dataclasses
 import datetime
 from collections.abc import Mapping
 
-from meshcore import errors
+from meshcore import envconfig, errors
 from meshcore.identity import spiffe
 from meshcore.model import ids
 
@@ -41,44 +41,27 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
-        def required(name: str) -> str:
-            value = env.get(name, "").strip()
-            if not value:
-                raise ConfigError(f"environment variable {name} is required")
-            return value
-
-        def seconds(name: str, default: float) -> float:
-            raw = env.get(name)
-            if raw is None or raw == "":
-                return default
-            try:
-                value = float(raw)
-            except ValueError:
-                raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
-            if value <= 0:
-                raise ConfigError(f"{name}={raw!r} must be positive")
-            return value
-
-        xds = required("XDS_ADDRESS")
+        read = envconfig.Env(env, ConfigError)
+        xds = read.required("XDS_ADDRESS")
         return cls(
-            node_name=required("NODE_NAME"),
+            node_name=read.required("NODE_NAME"),
             xds_address=xds,
-            ca_address=env.get("CA_ADDRESS", "").strip() or xds,
-            token_file=required("XDS_TOKEN_FILE"),
-            zds_socket=required("INPOD_UDS"),
-            trust_domain=env.get("TRUST_DOMAIN", "").strip() or spiffe.DEFAULT_TRUST_DOMAIN,
-            cluster_id=env.get("CLUSTER_ID", "").strip() or ids.DEFAULT_CLUSTER_ID,
-            metrics_addr=_address(env, "METRICS_ADDR", ("0.0.0.0", 15020)),
-            readiness_addr=_address(env, "READINESS_ADDR", ("0.0.0.0", 15021)),
-            admin_addr=_address(env, "ADMIN_ADDR", ("127.0.0.1", 15000)),
-            secret_ttl=datetime.timedelta(seconds=seconds("SECRET_TTL", 86400.0)),
-            connect_timeout=seconds("CONNECT_TIMEOUT", 10.0),
-            pool_idle_timeout=seconds("POOL_UNUSED_RELEASE_TIMEOUT", 300.0),
-            drain_deadline=seconds("CONNECTION_TERMINATION_DEADLINE", 5.0),
-            log_level=env.get("LOG_LEVEL", "info"),
-            instance_ip=env.get("INSTANCE_IP", ""),
-            pod_name=env.get("POD_NAME", "ztunnel"),
-            pod_namespace=env.get("POD_NAMESPACE", "istio-system"),
+            ca_address=read.optional("CA_ADDRESS", xds),
+            token_file=read.required("XDS_TOKEN_FILE"),
+            zds_socket=read.required("INPOD_UDS"),
+            trust_domain=read.optional("TRUST_DOMAIN", spiffe.DEFAULT_TRUST_DOMAIN),
+            cluster_id=read.optional("CLUSTER_ID", ids.DEFAULT_CLUSTER_ID),
+            metrics_addr=read.host_port("METRICS_ADDR", ("0.0.0.0", 15020)),
+            readiness_addr=read.host_port("READINESS_ADDR", ("0.0.0.0", 15021)),
+            admin_addr=read.host_port("ADMIN_ADDR", ("127.0.0.1", 15000)),
+            secret_ttl=datetime.timedelta(seconds=read.seconds("SECRET_TTL", 86400.0)),
+            connect_timeout=read.seconds("CONNECT_TIMEOUT", 10.0),
+            pool_idle_timeout=read.seconds("POOL_UNUSED_RELEASE_TIMEOUT", 300.0),
+            drain_deadline=read.seconds("CONNECTION_TERMINATION_DEADLINE", 5.0),
+            log_level=read.log_level(),
+            instance_ip=read.optional("INSTANCE_IP"),
+            pod_name=read.optional("POD_NAME", "ztunnel"),
+            pod_namespace=read.optional("POD_NAMESPACE", "istio-system"),
         )
 
     @property
@@ -86,13 +69,3 @@ class Config:
         """The xDS node id istiod expects from a ztunnel (spec 5.1)."""
         ns = self.pod_namespace
         return f"ztunnel~{self.instance_ip}~{self.pod_name}.{ns}~{ns}.svc.cluster.local"
-
-
-def _address(env: Mapping[str, str], name: str, default: tuple[str, int]) -> tuple[str, int]:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    host, sep, port = raw.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{name}={raw!r} must be host:port")
-    return (host.strip("[]") or "0.0.0.0", int(port))

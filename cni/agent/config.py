@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 
-from meshcore import errors
+from meshcore import envconfig, errors
 
 DEFAULT_ZTUNNEL_UDS = "/var/run/ztunnel/ztunnel.sock"  # istio-cni's default (spec 4)
 DEFAULT_CNI_EVENT_UDS = "/var/run/ambient-mesh/cni.sock"
@@ -44,15 +44,8 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
-        def required(name: str) -> str:
-            value = env.get(name, "").strip()
-            if not value:
-                raise ConfigError(f"environment variable {name} is required")
-            return value
-
-        def optional(name: str, default: str) -> str:
-            return env.get(name, "").strip() or default
-
+        read = envconfig.Env(env, ConfigError)
+        required, optional = read.required, read.optional
         node_name = required("NODE_NAME")
         if len(node_name) > 253 or not _NODE_NAME.fullmatch(node_name):
             raise ConfigError(

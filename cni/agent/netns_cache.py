@@ -21,7 +21,6 @@ event loop, so two changes can never be reordered on disk.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from meshcore import errors, log
+from meshcore import errors, files, log
 
 logger = logging.getLogger("cni.netns_cache")
 
@@ -196,21 +195,9 @@ class NetnsCache:
             "pods": {uid: entry.to_json() for uid, entry in sorted(entries.items())},
         }
         data = json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
-        tmp = f"{self._path}.tmp-{os.getpid()}"
         try:
-            os.makedirs(self._dir, mode=0o700, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self._path)
+            files.write_atomic(self._path, data)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise NetnsCacheError(f"cannot write {self._path}: {exc.strerror or exc}") from exc
         # The new file is in place: memory follows it even if making the rename durable fails.
         self._entries = entries

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from meshcore import files
 from meshctl import errors
 
 CNI_VERSION = "1.0.0"
@@ -249,10 +250,7 @@ class CniRuntime:
             "config": conflist.to_dict(),
             "result": dict(result),
         }
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(entry, f)
-        os.replace(tmp, path)
+        files.write_atomic(path, json.dumps(entry).encode())
 
     def forget(self, conflist: NetworkConfigList, rt: RuntimeConf) -> None:
         """Drop the cached ADD result (after giving up on a DEL that keeps failing)."""

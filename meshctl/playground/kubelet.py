@@ -19,7 +19,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from meshcore import log, netns
+from meshcore import envconfig, log, netns
 from meshcore.kube import client as kube_client
 from meshcore.kube import errors as kube_errors
 from meshcore.kube import informer, objects, resources
@@ -56,12 +56,7 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
-        def need(name: str) -> str:
-            value = env.get(name, "").strip()
-            if not value:
-                raise ConfigError(f"environment variable {name} is required")
-            return value
-
+        need = envconfig.Env(env, ConfigError).required
         dirs = env.get("CNI_BIN_DIRS", "").strip()
         return cls(
             node_name=need("NODE_NAME"),

@@ -14,11 +14,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from meshcore import files
 from meshctl import errors
 
 RECORD_NAME = "playground.json"
@@ -202,21 +202,8 @@ class RecordFile:
             raise RecordError(self.path, f"malformed: {exc}") from exc
 
     def save(self, record: PlaygroundRecord) -> None:
-        os.makedirs(self.state_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".playground.", suffix=".tmp", dir=self.state_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(encode(record), f, indent=2, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        text = json.dumps(encode(record), indent=2, sort_keys=True) + "\n"
+        files.write_atomic(self.path, text.encode(), mode=0o644)
 
     def update(
         self, change: Callable[[PlaygroundRecord], PlaygroundRecord], *, default: PlaygroundRecord

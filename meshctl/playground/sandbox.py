@@ -21,7 +21,7 @@ import shutil
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from meshcore import netns
+from meshcore import files, netns
 from meshctl import errors, podfields
 
 SANDBOX_FILE = "sandbox.json"
@@ -131,11 +131,7 @@ class PodDir:
             return None
 
     def save(self, rec: SandboxRecord) -> None:
-        os.makedirs(self.path, exist_ok=True)
-        tmp = self.record + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(rec.to_json(), f, indent=2)
-        os.replace(tmp, self.record)
+        files.write_atomic(self.record, json.dumps(rec.to_json(), indent=2).encode())
 
     def write_file(self, path: str, text: str) -> bool:
         """Write `text` keeping the inode (bind mounts follow inodes); True if it changed."""

@@ -31,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import BinaryIO
 
-from meshcore import log, netns
+from meshcore import files, log, netns
 from meshcore.identity import tokens
 from meshcore.kube import client as kube_client
 from meshcore.kube import errors as kube_errors
@@ -287,12 +287,7 @@ def restart_delay(failures: int) -> float:
 
 
 def write_token(path: str, token: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(token + "\n")
-    os.replace(tmp, path)
+    files.write_atomic(path, (token + "\n").encode())
 
 
 class Supervisor:

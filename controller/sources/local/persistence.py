@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from controller.sources.local import errors
-from meshcore import log
+from meshcore import files, log
 from meshcore.kube import objects, resources
 
 _LOG = logging.getLogger("controller.store")
@@ -103,19 +103,8 @@ def _ensure_dir(path: str) -> None:
 
 
 def write_atomic(path: str, data: bytes) -> None:
-    directory = os.path.dirname(path)
-    _ensure_dir(directory)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}{_TMP_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(directory)
+    _ensure_dir(os.path.dirname(path))
+    files.write_atomic(path, data)
 
 
 class FilePersistence:
