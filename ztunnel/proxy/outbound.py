@@ -17,6 +17,7 @@ from meshcore.aio import tasks
 from meshcore.model import workload
 from meshcore.wire import hbone as hbone_wire
 from ztunnel import telemetry
+from ztunnel.identity import manager
 from ztunnel.inpod import pod_network
 from ztunnel.proxy import hbone, pool, relay, routing
 from ztunnel.proxy.inputs import PodContext, ProxyInputs
@@ -128,7 +129,11 @@ class OutboundProxy:
 
     async def _connect_hbone(self, key: pool.PoolKey) -> hbone.HboneClientProtocol:
         inputs = self._inputs
-        context = await inputs.certs.fetch_client_context(key.source_identity)
+        try:
+            context = await inputs.certs.fetch_client_context(key.source_identity)
+        except manager.CertificateUnavailableError as exc:
+            # Fail closed: without our own certificate there is no mTLS, so no connection.
+            raise hbone.HboneConnectError(str(exc), routing.Flag.IDENTITY_ERROR.value) from exc
         sock = await self._pod.network.connect(
             key.destination, timeout=inputs.config.connect_timeout
         )
