@@ -46,6 +46,19 @@ import hyperframe.exceptions
 import hyperframe.frame
 
 from meshcore.wire import hbone_headers
+from meshcore.wire.hbone_events import ConnectionTerminated as ConnectionTerminated
+from meshcore.wire.hbone_events import DataReceived as DataReceived
+from meshcore.wire.hbone_events import Event as Event
+from meshcore.wire.hbone_events import PingAcknowledged as PingAcknowledged
+from meshcore.wire.hbone_events import RemoteSettingsChanged as RemoteSettingsChanged
+from meshcore.wire.hbone_events import StreamEnded as StreamEnded
+from meshcore.wire.hbone_events import StreamReset as StreamReset
+from meshcore.wire.hbone_events import TunnelEstablished as TunnelEstablished
+from meshcore.wire.hbone_events import TunnelRejected as TunnelRejected
+
+# The events are part of this module's public surface.
+from meshcore.wire.hbone_events import TunnelRequested as TunnelRequested
+from meshcore.wire.hbone_events import WindowOpened as WindowOpened
 
 # The errors and header helpers are part of this module's public surface.
 from meshcore.wire.hbone_headers import HboneError as HboneError
@@ -111,103 +124,6 @@ class HboneSettings:
     @classmethod
     def server(cls) -> HboneSettings:
         return cls(max_concurrent_streams=200, max_header_list_size=64 << 10)
-
-
-# --- events ----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class TunnelRequested:
-    """Server side: the peer sent a request. Any method is delivered; answer 400 to non-CONNECT."""
-
-    stream_id: int
-    method: str
-    authority: str
-    headers: Headers
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class TunnelEstablished:
-    """Client side: the peer answered 2xx; the tunnel now carries bytes both ways."""
-
-    stream_id: int
-    headers: Headers
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class TunnelRejected:
-    """Client side: the peer answered non-2xx. Terminal: the stream is gone (reset if needed)."""
-
-    stream_id: int
-    status: int
-    headers: Headers
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DataReceived:
-    """Tunnel bytes; pass `flow_controlled_length` (data plus padding) to `consumed()` later."""
-
-    stream_id: int
-    data: bytes
-    flow_controlled_length: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class StreamEnded:
-    """The peer half-closed the tunnel (TCP FIN); it may still receive our data."""
-
-    stream_id: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class StreamReset:
-    """The stream is gone. `remote` is true when the peer reset (or refused) it."""
-
-    stream_id: int
-    error_code: int
-    remote: bool
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class WindowOpened:
-    """Our send window grew on one stream, or on the connection (`stream_id` None): retry sends."""
-
-    stream_id: int | None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class PingAcknowledged:
-    opaque: bytes
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ConnectionTerminated:
-    """The peer sent GOAWAY. NO_ERROR: streams up to `last_stream_id` go on; else all is lost."""
-
-    error_code: int
-    last_stream_id: int
-    additional_data: bytes
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RemoteSettingsChanged:
-    """The peer sent SETTINGS; `max_concurrent_streams` is set when that frame carried it."""
-
-    max_concurrent_streams: int | None
-
-
-Event: TypeAlias = (
-    TunnelRequested
-    | TunnelEstablished
-    | TunnelRejected
-    | DataReceived
-    | StreamEnded
-    | StreamReset
-    | WindowOpened
-    | PingAcknowledged
-    | ConnectionTerminated
-    | RemoteSettingsChanged
-)
 
 
 # --- h2 with graceful GOAWAY -----------------------------------------------------------------
