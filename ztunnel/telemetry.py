@@ -107,34 +107,47 @@ class ConnectionRecord:
         return "source" if self.direction == "outbound" else "destination"
 
     def labels(self) -> tuple[str, ...]:
-        src, dst, svc = self.source, self.destination, self.service
-        src_id = self.source_identity or (src.identity if src else None)
-        dst_id = self.destination_identity or (dst.identity if dst else None)
+        svc = self.service
         return (
             self.reporter,
-            _or_unknown(src.workload_name or src.name if src else ""),
-            _or_unknown(src.canonical_name if src else ""),
-            _or_unknown(src.canonical_revision if src else ""),
-            _or_unknown(src.namespace if src else ""),
-            _or_unknown(src_id.uri if src_id else ""),
-            _or_unknown(src.canonical_name if src else ""),
-            _or_unknown(src.canonical_revision if src else ""),
-            _or_unknown(src.cluster_id if src else ""),
+            *_workload_labels(self.source, self.source_identity),
             _or_unknown(svc.hostname if svc else ""),
             _or_unknown(svc.namespace if svc else ""),
             _or_unknown(svc.name if svc else ""),
-            _or_unknown(dst.workload_name or dst.name if dst else ""),
-            _or_unknown(dst.canonical_name if dst else ""),
-            _or_unknown(dst.canonical_revision if dst else ""),
-            _or_unknown(dst.namespace if dst else ""),
-            _or_unknown(dst_id.uri if dst_id else ""),
-            _or_unknown(dst.canonical_name if dst else ""),
-            _or_unknown(dst.canonical_revision if dst else ""),
-            _or_unknown(dst.cluster_id if dst else ""),
+            *_workload_labels(self.destination, self.destination_identity),
             "tcp",
             self.flag,
             "mutual_tls" if self.mutual_tls else UNKNOWN,
         )
+
+
+def _workload_labels(
+    wl: workload.Workload | None, identity: spiffe.SpiffeId | None
+) -> tuple[str, ...]:
+    """workload, canonical service and revision, namespace, principal, app, version, cluster:
+    the same eight labels, in the same order, for the source and the destination side."""
+    principal = identity or (wl.identity if wl else None)
+    if wl is None:
+        return (
+            UNKNOWN,
+            UNKNOWN,
+            UNKNOWN,
+            UNKNOWN,
+            _or_unknown(principal.uri if principal else ""),
+            UNKNOWN,
+            UNKNOWN,
+            UNKNOWN,
+        )
+    return (
+        _or_unknown(wl.workload_name or wl.name),
+        _or_unknown(wl.canonical_name),
+        _or_unknown(wl.canonical_revision),
+        _or_unknown(wl.namespace),
+        _or_unknown(principal.uri if principal else ""),
+        _or_unknown(wl.canonical_name),  # app
+        _or_unknown(wl.canonical_revision),  # version
+        _or_unknown(wl.cluster_id),
+    )
 
 
 def format_addr(address: tuple[str, int] | None) -> str:

@@ -22,7 +22,7 @@ from meshcore.model import workload
 from meshcore.wire import hbone as hbone_wire
 from ztunnel import telemetry
 from ztunnel.inpod import pod_network
-from ztunnel.proxy import hbone, relay, routing
+from ztunnel.proxy import hbone, relay, routing, session
 from ztunnel.proxy.inputs import PodContext, ProxyInputs
 
 logger = logging.getLogger("ztunnel.inbound")
@@ -140,7 +140,7 @@ class InboundProxy:
                 app.abort()
                 record.error = "stream ended before it was accepted"
                 return
-            await _run_relay(inputs, pod, stream, app, record)
+            await session.run(inputs, pod, stream, app, record)
         except asyncio.CancelledError:
             record.error = record.error or "proxy stopped"
             raise
@@ -202,7 +202,7 @@ class PlaintextInboundProxy:
                 down.abort()
                 return
             app = await _connect_app(inputs, pod, plan.target, peer[0])
-            await _run_relay(inputs, pod, down, app, record)
+            await session.run(inputs, pod, down, app, record)
         except (OSError, TimeoutError) as exc:
             record.flag = routing.Flag.CONNECT.value
             record.error = f"connect to the app failed: {exc}"
@@ -243,34 +243,7 @@ async def _connect_app(
         if exc.errno not in _SPOOF_UNAVAILABLE:
             raise
         sock = await pod.network.connect(target, timeout=timeout)
-    loop = asyncio.get_running_loop()
-    try:
-        _, end = await loop.create_connection(relay.TcpEnd, sock=sock)
-    except BaseException:
-        sock.close()
-        raise
-    return end
-
-
-async def _run_relay(
-    inputs: ProxyInputs,
-    pod: PodContext,
-    client: relay.End,
-    app: relay.TcpEnd,
-    record: telemetry.ConnectionRecord,
-) -> None:
-    link = relay.Relay()
-    pod.relays.add(link)
-    try:
-        link.start(client, app)
-        inputs.telemetry.opened(record)
-        await link.done
-    finally:
-        pod.relays.discard(link)
-        record.request_bytes, record.response_bytes = link.received[0], link.received[1]
-        record.error = link.error
-        if link.error is not None and record.flag == "-":
-            record.flag = routing.Flag.CONNECT.value
+    return await session.tcp_end(sock)
 
 
 def _forwarded(headers: tuple[tuple[str, str], ...]) -> tuple[str | None, str | None]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 from meshcore import log
 from meshcore.aio import tasks
@@ -19,7 +18,7 @@ from meshcore.wire import hbone as hbone_wire
 from ztunnel import telemetry
 from ztunnel.identity import manager
 from ztunnel.inpod import pod_network
-from ztunnel.proxy import hbone, pool, relay, routing
+from ztunnel.proxy import hbone, pool, relay, routing, session
 from ztunnel.proxy.inputs import PodContext, ProxyInputs
 
 logger = logging.getLogger("ztunnel.outbound")
@@ -71,7 +70,7 @@ class OutboundProxy:
                 upstream: relay.End = await self._open_tunnel(down, plan, peer, record)
             else:
                 upstream = await self._open_passthrough(plan)
-            await self._relay(down, upstream, record)
+            await session.run(self._inputs, self._pod, down, upstream, record)
         except hbone.HboneConnectError as exc:
             record.flag, record.error = exc.flag, str(exc)
             down.abort()
@@ -94,7 +93,7 @@ class OutboundProxy:
         sock = await self._pod.network.connect(
             plan.target, timeout=self._inputs.config.connect_timeout
         )
-        return await _wrap(sock)
+        return await session.tcp_end(sock)
 
     async def _open_tunnel(
         self,
@@ -120,7 +119,9 @@ class OutboundProxy:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         if not stream.response.done():
             stream.abort()
-            raise hbone.HboneConnectError("client closed before the tunnel was established", "-")
+            raise hbone.HboneConnectError(
+                "client closed before the tunnel was established", routing.Flag.NONE.value
+            )
         status, _headers = stream.response.result()
         if status != 200:
             flag = routing.Flag.DENY.value if status == 401 else routing.Flag.CONNECT.value
@@ -143,22 +144,6 @@ class OutboundProxy:
             expected=key.destination_identities,
             timeout=inputs.config.connect_timeout,
         )
-
-    async def _relay(
-        self, down: relay.TcpEnd, upstream: relay.End, record: telemetry.ConnectionRecord
-    ) -> None:
-        link = relay.Relay()
-        self._pod.relays.add(link)
-        try:
-            link.start(down, upstream)
-            self._inputs.telemetry.opened(record)
-            await link.done
-        finally:
-            self._pod.relays.discard(link)
-            record.request_bytes, record.response_bytes = link.received[0], link.received[1]
-            record.error = link.error
-            if link.error is not None and record.flag == "-":
-                record.flag = routing.Flag.CONNECT.value
 
 
 def _request_headers(plan: routing.OutboundPlan, peer: tuple[str, int]) -> list[tuple[str, str]]:
@@ -184,13 +169,3 @@ def _baggage(src: workload.Workload) -> dict[str, str]:
         "service.name": src.canonical_name or src.name,
         "service.version": src.canonical_revision or "latest",
     }
-
-
-async def _wrap(sock: socket.socket) -> relay.TcpEnd:
-    loop = asyncio.get_running_loop()
-    try:
-        _, end = await loop.create_connection(relay.TcpEnd, sock=sock)
-    except BaseException:
-        sock.close()
-        raise
-    return end

@@ -1,0 +1,50 @@
+"""One proxied connection carried out: both ends relayed, tracked on the pod, accounted for.
+
+Shared by every listener (outbound, HBONE inbound, plaintext inbound) so the bookkeeping that
+metrics and the access log rely on is written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from ztunnel import telemetry
+from ztunnel.proxy import relay, routing
+from ztunnel.proxy.inputs import PodContext, ProxyInputs
+
+
+async def tcp_end(sock: socket.socket) -> relay.TcpEnd:
+    """Wrap a connected socket as a relay end; the socket is closed if that fails."""
+    loop = asyncio.get_running_loop()
+    try:
+        _, end = await loop.create_connection(relay.TcpEnd, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return end
+
+
+async def run(
+    inputs: ProxyInputs,
+    pod: PodContext,
+    client: relay.End,
+    upstream: relay.End,
+    record: telemetry.ConnectionRecord,
+) -> None:
+    """Relay `client` <-> `upstream` until both are done; fill `record` with what happened.
+
+    The relay is registered on the pod while it runs, so removing the pod aborts it.
+    """
+    link = relay.Relay()
+    pod.relays.add(link)
+    try:
+        link.start(client, upstream)
+        inputs.telemetry.opened(record)
+        await link.done
+    finally:
+        pod.relays.discard(link)
+        record.request_bytes, record.response_bytes = link.received[0], link.received[1]
+        record.error = link.error
+        if link.error is not None and record.flag == routing.Flag.NONE.value:
+            record.flag = routing.Flag.CONNECT.value
