@@ -13,11 +13,14 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from google.protobuf import any_pb2
+
 from controller.sources.local import store as store_mod
 from controller.translate import translator as translator_mod
 from controller.xds import cache as cache_mod
 from meshcore import log
 from meshcore.kube import objects, resources
+from meshcore.model import workload
 from meshcore.xds import resources as xds_resources
 from meshcore.xds import types
 
@@ -61,7 +64,7 @@ class Feed:
         everything = fresh.snapshot()
         self._cache.replace(
             types.ADDRESS,
-            dict(_address_resources((*everything.workloads, *everything.services))),
+            _addresses(everything.workloads, everything.services),
         )
         self._cache.replace(
             types.AUTHORIZATION,
@@ -88,7 +91,7 @@ class Feed:
         ):
             self._cache.update(
                 types.ADDRESS,
-                dict(_address_resources((*changes.workloads, *changes.services))),
+                _addresses(changes.workloads, changes.services),
                 [*changes.removed_workloads, *changes.removed_services],
             )
         if changes.policies or changes.removed_policies:
@@ -99,6 +102,10 @@ class Feed:
             )
 
 
-def _address_resources(items: Iterable[Any]) -> Iterable[tuple[str, Any]]:
-    for item in items:
-        yield xds_resources.address_resource(item)
+def _addresses(
+    workloads: Iterable[workload.Workload], services: Iterable[workload.Service]
+) -> dict[str, any_pb2.Any]:
+    """Address resources (workloads and services share the one xDS type), keyed by name."""
+    resources_by_name = dict(map(xds_resources.address_resource, workloads))
+    resources_by_name.update(map(xds_resources.address_resource, services))
+    return resources_by_name

@@ -26,7 +26,7 @@ from collections.abc import Callable, Collection, Sequence
 from meshcore import log
 from meshcore.identity import certs, spiffe, tls
 from meshcore.wire import hbone
-from ztunnel.proxy import relay
+from ztunnel.proxy import relay, routing
 
 logger = logging.getLogger("ztunnel.hbone")
 
@@ -166,7 +166,7 @@ class HboneStreamEnd:
     def fail(self, error: str) -> None:
         self.finished = True
         if self.response is not None and not self.response.done():
-            self.response.set_exception(HboneConnectError(error, "CONNECT"))
+            self.response.set_exception(HboneConnectError(error, routing.Flag.CONNECT.value))
         if self.relay is None:
             self.inbox_error = error
         else:
@@ -435,7 +435,9 @@ class HboneServerProtocol(HboneProtocol):
         new.set_write_buffer_limits(high=relay.WRITE_HIGH_WATER, low=relay.WRITE_LOW_WATER)
         ssl_object = new.get_extra_info("ssl_object")
         if not tls.alpn_ok(ssl_object):
-            raise HboneConnectError("peer did not negotiate ALPN h2", "TLS_FAILURE")
+            raise HboneConnectError(
+                "peer did not negotiate ALPN h2", routing.Flag.TLS_FAILURE.value
+            )
         self.peer_identity = tls.check_peer_trust_domain(ssl_object, trust_domain)
         self.codec.initiate()
         self.flush()
@@ -495,16 +497,20 @@ async def connect(
             ssl_handshake_timeout=timeout,
         )
     except (ssl.SSLError, OSError, TimeoutError) as exc:
-        raise HboneConnectError(f"TLS handshake failed: {exc}", "TLS_FAILURE") from exc
+        raise HboneConnectError(
+            f"TLS handshake failed: {exc}", routing.Flag.TLS_FAILURE.value
+        ) from exc
     ssl_object = transport.get_extra_info("ssl_object")
     try:
         if not tls.alpn_ok(ssl_object):
-            raise HboneConnectError("server did not negotiate ALPN h2", "TLS_FAILURE")
+            raise HboneConnectError(
+                "server did not negotiate ALPN h2", routing.Flag.TLS_FAILURE.value
+            )
         proto.peer_identity = tls.check_server_identity(ssl_object, expected)
     except HboneConnectError:
         transport.abort()
         raise
     except certs.IdentityError as exc:
         transport.abort()
-        raise HboneConnectError(str(exc), "IDENTITY_ERROR") from exc
+        raise HboneConnectError(str(exc), routing.Flag.IDENTITY_ERROR.value) from exc
     return proto
