@@ -132,8 +132,7 @@ async def run(cfg: config_mod.Config) -> None:
 async def _drain(workloads: inpod_manager.WorkloadManager, deadline: float) -> None:
     """Stop accepting, then give live connections until the deadline to finish."""
     for proxy in workloads.proxies.values():
-        for server in proxy.servers:
-            server.close()
+        proxy.stop_accepting()
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline
     while loop.time() < end and any(p.pod.relays for p in workloads.proxies.values()):

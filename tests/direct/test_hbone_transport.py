@@ -11,6 +11,7 @@ import asyncio
 import datetime
 import hashlib
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -63,6 +64,9 @@ class Harness:
         self.statuses: list[int] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.servers: list[asyncio.Server] = []
+        self.listener = socket.socket()
+        self.server_ctx: ssl.SSLContext | None = None
+        self.on_request: hbone.RequestHandler | None = None
         self.port = 0
         self.backend_port = 0
 
@@ -79,17 +83,7 @@ class Harness:
 
         bsrv = await asyncio.start_server(backend, "127.0.0.1", 0)
         self.backend_port = bsrv.sockets[0].getsockname()[1]
-        server_ctx = tls.server_context(self.server_cert)
-
-        def on_connected(conn: hbone.HboneServerProtocol) -> None:
-            async def upgrade() -> None:
-                try:
-                    await conn.upgrade(server_ctx, "cluster.local", 5)
-                except Exception as exc:
-                    self.handshake_errors.append(str(exc))
-                    conn.abort()
-
-            self._spawn(upgrade())
+        self.server_ctx = tls.server_context(self.server_cert)
 
         def on_request(conn: hbone.HboneServerProtocol, ev: hbone_wire.TunnelRequested) -> None:
             async def serve() -> None:
@@ -105,11 +99,33 @@ class Harness:
 
             self._spawn(serve())
 
-        hsrv = await loop.create_server(
-            lambda: hbone.HboneServerProtocol(on_request, on_connected), "127.0.0.1", 0
-        )
-        self.port = hsrv.sockets[0].getsockname()[1]
-        self.servers = [bsrv, hsrv]
+        self.on_request = on_request
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.setblocking(False)
+        self.port = self.listener.getsockname()[1]
+        self.servers = [bsrv]
+
+        async def accept_loop() -> None:
+            while True:
+                sock, _ = await loop.sock_accept(self.listener)
+                self._spawn(self.serve_socket(sock))
+
+        self._spawn(accept_loop())
+
+    async def serve_socket(self, sock: socket.socket) -> None:
+        """What ztunnel's inbound does with an accepted socket: TLS, peer check, then streams."""
+        assert self.on_request is not None
+        assert self.server_ctx is not None
+        try:
+            await hbone.accept(
+                sock,
+                context=self.server_ctx,
+                trust_domain="cluster.local",
+                on_request=self.on_request,
+                timeout=5,
+            )
+        except hbone.HboneConnectError as exc:
+            self.handshake_errors.append(str(exc))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -133,6 +149,7 @@ class Harness:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.listener.close()
 
 
 async def _tunnel_exchange(
@@ -281,6 +298,64 @@ def test_client_from_another_ca_never_gets_a_tunnel(mesh_ca: ca_mod.CertificateA
             assert h.backend_received.hexdigest() == hashlib.sha256(b"").hexdigest()
             assert h.handshake_errors, "the server must have refused the handshake"
         finally:
+            await h.close()
+
+    _run(main)
+
+
+def test_client_hello_waiting_before_the_accept_is_not_lost(
+    mesh_ca: ca_mod.CertificateAuthority,
+) -> None:
+    """A remote client (another node's ztunnel) sends its ClientHello right after the TCP
+    handshake, often before the server has picked the connection up. Those bytes must reach
+    TLS: a plaintext reader that swallows them leaves the handshake hanging until timeout."""
+
+    async def main() -> None:
+        h = Harness(_issue(mesh_ca, SERVER_ID))
+        await h.start()
+        loop = asyncio.get_running_loop()
+        # Take over accepting, so this test decides when the server sees the connection.
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        client_sock = socket.socket()
+        client_sock.setblocking(False)
+        try:
+            await loop.sock_connect(client_sock, ("127.0.0.1", port))
+            client = asyncio.ensure_future(
+                hbone.connect(
+                    client_sock,
+                    context=tls.client_context(_issue(mesh_ca, CLIENT_ID)),
+                    expected=[SERVER_ID],
+                    timeout=5,
+                )
+            )
+            server_sock, _ = await loop.sock_accept(listener)
+            # Wait until the ClientHello sits unread in the accepted socket.
+            ready: asyncio.Future[None] = loop.create_future()
+
+            def readable() -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            loop.add_reader(server_sock.fileno(), readable)
+            try:
+                await asyncio.wait_for(ready, 5)
+            finally:
+                loop.remove_reader(server_sock.fileno())
+            h._spawn(h.serve_socket(server_sock))
+            conn = await asyncio.wait_for(client, 5)
+            assert conn.peer_identity == SERVER_ID
+            payload = b"arrived early" * 1000
+            h.backend_reply = b"seen"
+            status, echoed = await _tunnel_exchange(conn, f"127.0.0.1:{h.backend_port}", payload)
+            assert echoed == b"seen"
+            assert status == 200
+            assert h.backend_received.hexdigest() == hashlib.sha256(payload).hexdigest()
+            assert h.handshake_errors == []
+            conn.close()
+        finally:
+            listener.close()
             await h.close()
 
     _run(main)

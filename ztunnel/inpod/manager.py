@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from typing import Any
 
 from meshcore import log, netns
@@ -40,6 +41,8 @@ class PodProxy:
         self.inbound = inbound.InboundProxy(inputs, pod)
         self.plaintext = inbound.PlaintextInboundProxy(inputs, pod)
         self.servers: list[asyncio.Server] = []
+        self.hbone_listener: socket.socket | None = None
+        self._hbone_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -48,21 +51,36 @@ class PodProxy:
             for port, factory in (
                 (OUTBOUND_PORT, self.outbound.protocol),
                 (INBOUND_PLAINTEXT_PORT, self.plaintext.protocol),
-                (INBOUND_HBONE_PORT, self.inbound.protocol),
             ):
                 sock = network.listen(port)
                 server = await loop.create_server(factory, sock=sock)
                 self.servers.append(server)
+            # HBONE: TLS must own each socket from its first byte, so no asyncio.Server here.
+            self.hbone_listener = network.listen(INBOUND_HBONE_PORT)
+            self._hbone_task = loop.create_task(self.inbound.serve(self.hbone_listener))
         except BaseException:
             self.stop("start failed")
             raise
 
-    def stop(self, reason: str) -> None:
-        """Stop accepting, then abort every live connection of the pod (it is gone)."""
-        self.pod.is_closing = True
+    def stop_accepting(self) -> None:
+        """Close the pod's listeners; connections already accepted carry on."""
         for server in self.servers:
             server.close()
         self.servers.clear()
+        listener, task = self.hbone_listener, self._hbone_task
+        self.hbone_listener = self._hbone_task = None
+        if task is not None:
+            task.cancel()
+            # Closed once the accept has been withdrawn from the loop, never under its reader.
+            if listener is not None:
+                task.add_done_callback(lambda _: listener.close())
+        elif listener is not None:
+            listener.close()
+
+    def stop(self, reason: str) -> None:
+        """Stop accepting, then abort every live connection of the pod (it is gone)."""
+        self.pod.is_closing = True
+        self.stop_accepting()
         self.outbound.close()
         self.inbound.close()
         self.plaintext.close()

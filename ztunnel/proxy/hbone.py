@@ -393,16 +393,16 @@ RequestHandler = Callable[["HboneServerProtocol", hbone.TunnelRequested], None]
 
 
 class HboneServerProtocol(HboneProtocol):
-    """An inbound HBONE connection on a pod's port 15008.
+    """An inbound HBONE connection on a pod's port 15008, created by `accept` once TLS is up.
 
-    Accepted as plain TCP with reading paused; `upgrade()` runs the TLS handshake with the
-    certificate of the pod's identity (fetched on demand), checks the peer, then serves streams.
+    The peer is checked (ALPN h2, a certificate of our trust domain) in `connection_made`,
+    before a single HTTP/2 byte is parsed; a peer that fails is aborted and `refusal` says why.
     """
 
     def __init__(
         self,
+        trust_domain: str,
         on_request: RequestHandler,
-        on_connected: Callable[[HboneServerProtocol], None],
         settings: hbone.HboneSettings | None = None,
     ) -> None:
         super().__init__(
@@ -411,45 +411,36 @@ class HboneServerProtocol(HboneProtocol):
                 settings=settings or hbone.HboneSettings.server(),
             )
         )
+        self._trust_domain = trust_domain
         self._on_request = on_request
-        self._on_connected = on_connected
-        self._early: list[bytes] | None = []
+        self.refusal: HboneConnectError | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing asyncio.Transport.
         transport = typing.cast(asyncio.Transport, transport)
         self.transport = transport
         self.peer_address = transport.get_extra_info("peername")
-        transport.pause_reading()
-        self._on_connected(self)
-
-    async def upgrade(self, context: ssl.SSLContext, trust_domain: str, timeout: float) -> None:
-        """TLS handshake and peer checks; raises on failure (the caller closes)."""
-        loop = asyncio.get_running_loop()
-        assert self.transport is not None
-        new = await loop.start_tls(
-            self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
-        )
-        new = typing.cast(asyncio.Transport, new)
-        self.transport = new
-        new.set_write_buffer_limits(high=relay.WRITE_HIGH_WATER, low=relay.WRITE_LOW_WATER)
-        ssl_object = new.get_extra_info("ssl_object")
-        if not tls.alpn_ok(ssl_object):
-            raise HboneConnectError(
-                "peer did not negotiate ALPN h2", routing.Flag.TLS_FAILURE.value
-            )
-        self.peer_identity = tls.check_peer_trust_domain(ssl_object, trust_domain)
+        transport.set_write_buffer_limits(high=relay.WRITE_HIGH_WATER, low=relay.WRITE_LOW_WATER)
+        ssl_object = transport.get_extra_info("ssl_object")
+        try:
+            if not tls.alpn_ok(ssl_object):
+                raise HboneConnectError(
+                    "peer did not negotiate ALPN h2", routing.Flag.TLS_FAILURE.value
+                )
+            self.peer_identity = tls.check_peer_trust_domain(ssl_object, self._trust_domain)
+        except HboneConnectError as exc:
+            self.refusal = exc
+        except certs.IdentityError as exc:
+            self.refusal = HboneConnectError(str(exc), routing.Flag.IDENTITY_ERROR.value)
+        if self.refusal is not None:
+            transport.abort()
+            return
         self.codec.initiate()
         self.flush()
-        early, self._early = self._early, None
-        for data in early or ():
-            super().data_received(data)
 
     def data_received(self, data: bytes) -> None:
-        if self._early is not None:
-            self._early.append(data)  # decrypted bytes that raced ahead of upgrade() returning
-            return
-        super().data_received(data)
+        if self.refusal is None:
+            super().data_received(data)
 
     def handle_role_event(self, event: hbone.Event) -> None:
         if isinstance(event, hbone.TunnelRequested):
@@ -513,4 +504,40 @@ async def connect(
     except certs.IdentityError as exc:
         transport.abort()
         raise HboneConnectError(str(exc), routing.Flag.IDENTITY_ERROR.value) from exc
+    return proto
+
+
+async def accept(
+    sock: socket.socket,
+    *,
+    context: ssl.SSLContext,
+    trust_domain: str,
+    on_request: RequestHandler,
+    timeout: float,
+    settings: hbone.HboneSettings | None = None,
+) -> HboneServerProtocol:
+    """TLS + HTTP/2 over a freshly accepted socket; raises `HboneConnectError` on a bad peer.
+
+    The socket is handed to TLS before anything reads from it: accepting as plain TCP and
+    upgrading later loses a ClientHello that arrives before the upgrade (uvloop starts reading
+    an accepted connection even when `connection_made` pauses it).
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        _, proto = await loop.connect_accepted_socket(
+            lambda: HboneServerProtocol(trust_domain, on_request, settings),
+            sock,
+            ssl=context,
+            ssl_handshake_timeout=timeout,
+        )
+    except (ssl.SSLError, OSError, TimeoutError) as exc:
+        sock.close()
+        raise HboneConnectError(
+            f"TLS handshake failed: {exc or type(exc).__name__}", routing.Flag.TLS_FAILURE.value
+        ) from exc
+    except BaseException:
+        sock.close()
+        raise
+    if proto.refusal is not None:
+        raise proto.refusal
     return proto

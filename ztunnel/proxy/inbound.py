@@ -15,6 +15,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import socket
 
 from meshcore import log
 from meshcore.aio import tasks
@@ -26,6 +27,8 @@ from ztunnel.proxy import hbone, relay, routing, session
 from ztunnel.proxy.inputs import PodContext, ProxyInputs
 
 logger = logging.getLogger("ztunnel.inbound")
+
+_ACCEPT_BACKOFF = 0.1  # seconds before accepting again after EMFILE and the like
 
 # Binding to the client's address needs IP_TRANSPARENT and the in-pod return route; when either
 # is missing we still connect, just without preserving the source address.
@@ -41,49 +44,67 @@ class InboundProxy:
         self._tasks = tasks.TaskSet()
         self._connections: set[hbone.HboneServerProtocol] = set()
 
-    def protocol(self) -> hbone.HboneServerProtocol:
-        return hbone.HboneServerProtocol(self._on_request, self._on_connected)
+    async def serve(self, listener: socket.socket) -> None:
+        """Accept on the pod's 15008 until cancelled; each connection does TLS in its own task."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as exc:
+                # Out of file descriptors or buffers: keep the listener, back off a little.
+                logger.warning(
+                    "inbound accept failed",
+                    extra=log.fields(pod=self._pod.info.name, error=str(exc)),
+                )
+                await asyncio.sleep(_ACCEPT_BACKOFF)
+                continue
+            self._tasks.spawn(self._handshake(sock))
 
     def close(self) -> None:
         self._tasks.cancel_all()
         for conn in list(self._connections):
             conn.abort()
 
-    def _on_connected(self, conn: hbone.HboneServerProtocol) -> None:
-        self._connections.add(conn)
-        conn.closed.add_done_callback(lambda _: self._connections.discard(conn))
-        self._tasks.spawn(self._handshake(conn))
-
-    async def _handshake(self, conn: hbone.HboneServerProtocol) -> None:
+    async def _handshake(self, sock: socket.socket) -> None:
         inputs = self._inputs
         try:
+            peer = sock.getpeername()
+        except OSError:
+            peer = None  # already reset by the peer; the handshake below fails and says so
+        try:
             context = await inputs.certs.fetch_server_context(self._pod.identity)
-            await conn.upgrade(
-                context, self._pod.identity.trust_domain, inputs.config.connect_timeout
+            conn = await hbone.accept(
+                sock,
+                context=context,
+                trust_domain=self._pod.identity.trust_domain,
+                on_request=self._on_request,
+                timeout=inputs.config.connect_timeout,
             )
         except asyncio.CancelledError:
-            conn.abort()
+            sock.close()
             raise
         except Exception as exc:
+            sock.close()
             # Wrong CA, wrong trust domain, no ALPN, garbage instead of TLS: refuse the peer.
             logger.warning(
                 "inbound HBONE handshake refused",
-                extra=log.fields(
-                    peer=str(conn.peer_address), pod=self._pod.info.name, error=str(exc)
-                ),
+                extra=log.fields(peer=str(peer), pod=self._pod.info.name, error=str(exc)),
             )
+            flag = exc.flag if isinstance(exc, hbone.HboneConnectError) else None
             record = telemetry.ConnectionRecord(
                 direction="inbound",
-                src_addr=telemetry.format_addr(conn.peer_address),
+                src_addr=telemetry.format_addr(peer),
                 dst_addr="",
                 destination=self._pod.find_workload(inputs.state),
                 destination_identity=self._pod.identity,
                 mutual_tls=True,
-                flag=routing.Flag.TLS_FAILURE.value,
-                error=f"TLS handshake failed: {exc}",
+                flag=flag or routing.Flag.TLS_FAILURE.value,
+                error=str(exc),
             )
             inputs.telemetry.finished(record)
-            conn.abort()
+            return
+        self._connections.add(conn)
+        conn.closed.add_done_callback(lambda _: self._connections.discard(conn))
 
     def _on_request(
         self, conn: hbone.HboneServerProtocol, event: hbone_wire.TunnelRequested
