@@ -38,6 +38,16 @@ class Env:
             raise self.fail(f"{name}={raw!r} must be positive")
         return value
 
+    def count(self, name: str, default: int, *, maximum: int | None = None) -> int:
+        """A positive whole number, e.g. a stream limit."""
+        raw = self.optional(name)
+        if not raw:
+            return default
+        if not raw.isdigit() or int(raw) < 1 or (maximum is not None and int(raw) > maximum):
+            bound = f" (1..{maximum})" if maximum is not None else ""
+            raise self.fail(f"{name}={raw!r} must be a positive whole number{bound}")
+        return int(raw)
+
     def host_port(self, name: str, default: tuple[str, int]) -> tuple[str, int]:
         raw = self.optional(name)
         if not raw:

@@ -33,6 +33,10 @@ class Config:
     workload_wait: float = 5.0
     pool_max_streams: int = 100
     pool_idle_timeout: float = 300.0
+    # HTTP/2 PING on every pooled connection; no ACK within the timeout closes it, so a dead
+    # peer node is noticed before a new stream is put on its connection.
+    pool_keepalive_interval: float = 10.0
+    pool_keepalive_timeout: float = 20.0
     drain_deadline: float = 5.0
     log_level: str = "info"
     instance_ip: str = ""
@@ -56,7 +60,10 @@ class Config:
             admin_addr=read.host_port("ADMIN_ADDR", ("127.0.0.1", 15000)),
             secret_ttl=datetime.timedelta(seconds=read.seconds("SECRET_TTL", 86400.0)),
             connect_timeout=read.seconds("CONNECT_TIMEOUT", 10.0),
+            pool_max_streams=read.count("POOL_MAX_STREAMS_PER_CONNECTION", 100, maximum=1000),
             pool_idle_timeout=read.seconds("POOL_UNUSED_RELEASE_TIMEOUT", 300.0),
+            pool_keepalive_interval=read.seconds("POOL_KEEPALIVE_INTERVAL", 10.0),
+            pool_keepalive_timeout=read.seconds("POOL_KEEPALIVE_TIMEOUT", 20.0),
             drain_deadline=read.seconds("CONNECTION_TERMINATION_DEADLINE", 5.0),
             log_level=read.log_level(),
             instance_ip=read.optional("INSTANCE_IP"),

@@ -67,6 +67,8 @@ class Harness:
         self.listener = socket.socket()
         self.server_ctx: ssl.SSLContext | None = None
         self.on_request: hbone.RequestHandler | None = None
+        self.accepted: list[hbone.HboneServerProtocol] = []
+        self.accepted_event = asyncio.Event()
         self.port = 0
         self.backend_port = 0
 
@@ -117,7 +119,7 @@ class Harness:
         assert self.on_request is not None
         assert self.server_ctx is not None
         try:
-            await hbone.accept(
+            conn = await hbone.accept(
                 sock,
                 context=self.server_ctx,
                 trust_domain="cluster.local",
@@ -126,6 +128,9 @@ class Harness:
             )
         except hbone.HboneConnectError as exc:
             self.handshake_errors.append(str(exc))
+            return
+        self.accepted.append(conn)
+        self.accepted_event.set()
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -133,14 +138,21 @@ class Harness:
         task.add_done_callback(self._tasks.discard)
 
     async def connect(
-        self, cert: certs.WorkloadCertificate, expected: list[spiffe.SpiffeId]
+        self,
+        cert: certs.WorkloadCertificate,
+        expected: list[spiffe.SpiffeId],
+        keepalive: tuple[float, float] | None = None,
     ) -> hbone.HboneClientProtocol:
         loop = asyncio.get_running_loop()
         sock = socket.socket()
         sock.setblocking(False)
         await loop.sock_connect(sock, ("127.0.0.1", self.port))
         return await hbone.connect(
-            sock, context=tls.client_context(cert), expected=expected, timeout=5
+            sock,
+            context=tls.client_context(cert),
+            expected=expected,
+            timeout=5,
+            keepalive=keepalive,
         )
 
     async def close(self) -> None:
@@ -356,6 +368,53 @@ def test_client_hello_waiting_before_the_accept_is_not_lost(
             conn.close()
         finally:
             listener.close()
+            await h.close()
+
+    _run(main)
+
+
+async def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def test_keepalive_pings_are_acknowledged(mesh_ca: ca_mod.CertificateAuthority) -> None:
+    async def main() -> None:
+        h = Harness(_issue(mesh_ca, SERVER_ID))
+        await h.start()
+        try:
+            conn = await h.connect(_issue(mesh_ca, CLIENT_ID), [SERVER_ID], keepalive=(0.02, 1.0))
+            await _wait_for(lambda: conn.pings_acknowledged >= 3)
+            assert conn.is_usable
+            conn.close()
+        finally:
+            await h.close()
+
+    _run(main)
+
+
+def test_keepalive_closes_a_connection_whose_peer_went_silent(
+    mesh_ca: ca_mod.CertificateAuthority,
+) -> None:
+    """A peer node that vanished without a FIN: no PING ACK, so the pool must stop using it."""
+
+    async def main() -> None:
+        h = Harness(_issue(mesh_ca, SERVER_ID))
+        await h.start()
+        try:
+            conn = await h.connect(_issue(mesh_ca, CLIENT_ID), [SERVER_ID], keepalive=(0.02, 0.2))
+            await asyncio.wait_for(h.accepted_event.wait(), 5)
+            server = h.accepted[0]
+            assert server.transport is not None
+            server.transport.pause_reading()  # stops answering, connection stays open
+            await asyncio.wait_for(conn.closed, 5)
+            assert conn.is_lost
+            assert not conn.is_usable
+            assert conn.keepalive_failure == "HBONE keepalive: no PING ACK within 0.2s"
+        finally:
             await h.close()
 
     _run(main)

@@ -341,6 +341,11 @@ class HboneClientProtocol(HboneProtocol):
         super().__init__(hbone.HboneConnection(client_side=True, settings=settings))
         self.idle_since: float = asyncio.get_running_loop().time()
         self.on_idle: Callable[[HboneClientProtocol], None] | None = None
+        self.pings_acknowledged = 0
+        self.keepalive_failure: str | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._ping_sent_at: float | None = None
+        self._ping_opaque = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing asyncio.Transport.
@@ -369,7 +374,49 @@ class HboneClientProtocol(HboneProtocol):
         self.flush()
         return stream
 
+    def start_keepalive(self, interval: float, timeout: float) -> None:
+        """PING the peer every `interval`; abort when an ACK is `timeout` overdue."""
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:
+            self._keepalive = None
+            if self.is_lost or self.transport is None or self.transport.is_closing():
+                return
+            now = loop.time()
+            if self._ping_sent_at is not None:
+                if now - self._ping_sent_at >= timeout:
+                    logger.warning(
+                        "HBONE keepalive timed out; closing the connection",
+                        extra=log.fields(peer=str(self.peer_address), timeout=timeout),
+                    )
+                    self.keepalive_failure = f"HBONE keepalive: no PING ACK within {timeout:g}s"
+                    self._fail_all(self.keepalive_failure)
+                    self.transport.abort()
+                    return
+            else:
+                self._ping_opaque = (self._ping_opaque + 1) & 0xFFFFFFFFFFFFFFFF
+                try:
+                    self.codec.ping(self._ping_opaque.to_bytes(8, "big"))
+                except hbone.HboneError:
+                    return  # the connection is shutting down
+                self._ping_sent_at = now
+                self.flush()
+            wait = interval if self._ping_sent_at is None else min(interval, timeout)
+            self._keepalive = loop.call_later(wait, tick)
+
+        self._keepalive = loop.call_later(interval, tick)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        super().connection_lost(exc)
+
     def handle_role_event(self, event: hbone.Event) -> None:
+        if isinstance(event, hbone.PingAcknowledged):
+            self._ping_sent_at = None
+            self.pings_acknowledged += 1
+            return
         if isinstance(event, hbone.TunnelEstablished | hbone.TunnelRejected):
             stream = self.streams.get(event.stream_id)
             if stream is None or stream.response is None or stream.response.done():
@@ -476,8 +523,11 @@ async def connect(
     expected: Collection[spiffe.SpiffeId],
     timeout: float,
     settings: hbone.HboneSettings | None = None,
+    keepalive: tuple[float, float] | None = None,
 ) -> HboneClientProtocol:
-    """TLS + HTTP/2 over an already connected socket; checks the server's SPIFFE identity."""
+    """TLS + HTTP/2 over an already connected socket; checks the server's SPIFFE identity.
+
+    `keepalive` is (interval, timeout) for HTTP/2 PINGs on the connection, None for none."""
     loop = asyncio.get_running_loop()
     try:
         transport, proto = await loop.create_connection(
@@ -498,6 +548,8 @@ async def connect(
                 "server did not negotiate ALPN h2", routing.Flag.TLS_FAILURE.value
             )
         proto.peer_identity = tls.check_server_identity(ssl_object, expected)
+        if keepalive is not None:
+            proto.start_keepalive(*keepalive)
     except HboneConnectError:
         transport.abort()
         raise
@@ -523,9 +575,11 @@ async def accept(
     an accepted connection even when `connection_made` pauses it).
     """
     loop = asyncio.get_running_loop()
+    # Keep our own reference: with ssl=, uvloop returns its internal SSLProtocol instead.
+    proto = HboneServerProtocol(trust_domain, on_request, settings)
     try:
-        _, proto = await loop.connect_accepted_socket(
-            lambda: HboneServerProtocol(trust_domain, on_request, settings),
+        await loop.connect_accepted_socket(
+            lambda: proto,
             sock,
             ssl=context,
             ssl_handshake_timeout=timeout,

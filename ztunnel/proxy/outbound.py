@@ -143,6 +143,7 @@ class OutboundProxy:
             context=context,
             expected=key.destination_identities,
             timeout=inputs.config.connect_timeout,
+            keepalive=(inputs.config.pool_keepalive_interval, inputs.config.pool_keepalive_timeout),
         )
 
 
