@@ -13,8 +13,8 @@ DEFAULT_SERVICE_ACCOUNT = "default"
 
 # DNS-1123 labels for namespace and service account; a trust domain is a DNS-like name.
 _LABEL = r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$")
-_NAME = re.compile(rf"^{_LABEL}$")
+_TRUST_DOMAIN = re.compile(r"[a-z0-9]([-a-z0-9._]*[a-z0-9])?")
+_NAME = re.compile(_LABEL)
 
 
 class InvalidSpiffeIdError(errors.IdentityError, ValueError):
@@ -35,11 +35,11 @@ class SpiffeId:
     service_account: str
 
     def __post_init__(self) -> None:
-        if not _TRUST_DOMAIN.match(self.trust_domain):
+        if not _TRUST_DOMAIN.fullmatch(self.trust_domain):
             raise InvalidSpiffeIdError(str(self), f"bad trust domain {self.trust_domain!r}")
-        if not _NAME.match(self.namespace):
+        if not _NAME.fullmatch(self.namespace):
             raise InvalidSpiffeIdError(str(self), f"bad namespace {self.namespace!r}")
-        if not _NAME.match(self.service_account):
+        if not _NAME.fullmatch(self.service_account):
             raise InvalidSpiffeIdError(str(self), f"bad service account {self.service_account!r}")
 
     @classmethod

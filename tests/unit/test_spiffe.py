@@ -29,13 +29,24 @@ def test_parse_roundtrip(uri: str, expected: tuple[str, str, str]) -> None:
         "spiffe://cluster.local/ns/A/sa/b",
         "spiffe:///ns/a/sa/b",
         "spiffe://cluster.local/ns/a/sa/b/extra",
+        "spiffe://cluster.local/ns/a/sa/b\n",
+        "spiffe://cluster.local\n/ns/a/sa/b",
     ],
-    ids=["scheme", "short", "order", "uppercase", "no-domain", "extra-segment"],
+    ids=[
+        "scheme",
+        "short",
+        "order",
+        "uppercase",
+        "no-domain",
+        "extra-segment",
+        "trailing-newline",
+        "newline-in-domain",
+    ],
 )
 def test_parse_rejects(uri: str) -> None:
     with pytest.raises(spiffe.InvalidSpiffeIdError) as err:
         spiffe.SpiffeId.parse(uri)
-    assert uri in str(err.value)
+    assert repr(uri) in str(err.value)  # quoted, so a stray newline is visible
 
 
 def test_defaults_for_workload() -> None:
