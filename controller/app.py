@@ -12,7 +12,7 @@ import sys
 from controller import config as config_mod
 from controller import feed as feed_mod
 from controller.ca import service as ca_service
-from controller.sources.local import apiserver, kinds, persistence
+from controller.sources.local import apiserver, deployments, kinds, persistence
 from controller.sources.local import errors as local_errors
 from controller.sources.local import store as store_mod
 from controller.translate import translator as translator_mod
@@ -53,6 +53,9 @@ async def run(cfg: config_mod.Config) -> None:
     api = apiserver.LocalApiServer(store)
     await api.start(cfg.local_api_socket)
 
+    # The local control plane's controllers: Deployments become pods (started with the tasks).
+    deployment_controller = deployments.DeploymentController(store)
+
     # Translation into workloads, services and policies, kept in the xDS cache.
     cache = cache_mod.ResourceCache()
     feed = feed_mod.Feed(
@@ -89,6 +92,7 @@ async def run(cfg: config_mod.Config) -> None:
     try:
         async with asyncio.TaskGroup() as group:
             feeding = group.create_task(feed.run(), name="feed")
+            deploying = group.create_task(deployment_controller.run(), name="deployments")
             await feed.synced.wait()
             await grpc_server.start()
             logger.info(
@@ -99,6 +103,7 @@ async def run(cfg: config_mod.Config) -> None:
             )
             await stop.wait()
             feeding.cancel()
+            deploying.cancel()
     finally:
         ads.close()
         await grpc_server.stop(2)

@@ -1,7 +1,7 @@
 """``meshctl``: the one command-line tool (the ``meshctl`` console script calls `main`).
 
 Playground: ``up [--demo]``, ``down``, ``status``. Objects, kubectl-style: ``apply -f``,
-``delete``, ``label``, ``get``, ``exec``, ``logs``. This module parses the command line,
+``delete``, ``label``, ``get``, ``scale``, ``exec``, ``logs``. This module parses the command line,
 dispatches, and maps errors to output in exactly one place: an expected failure prints one
 ``error: ...`` line and exits 1 (usage errors exit 2); nothing prints a traceback.
 """
@@ -12,14 +12,16 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TextIO
 
 from meshcore.kube import client as kube_client
 from meshcore.kube import errors as kube_errors
-from meshctl import commands, errors, manifest, podexec, tables
+from meshcore.kube import resources as kube_resources
+from meshctl import commands, errors, kinds, manifest, podexec, tables
 from meshctl.demo import manifests as demo_manifests
-from meshctl.playground import control, paths, procs, record
+from meshctl.playground import control, paths, podstatus, procs, record
 
 DEFAULT_NAMESPACE = "default"
 DEMO_TIMEOUT = 120.0
@@ -50,6 +52,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=1)
     up.add_argument("--prefix", default="mesh", help="names of namespaces and links (default mesh)")
     up.add_argument("--no-host-access", action="store_true")
+    up.add_argument(
+        "--max-pods",
+        type=int,
+        default=podstatus.DEFAULT_MAX_PODS,
+        help="pods each node admits (its kubelet's --max-pods; default 110)",
+    )
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
     up.add_argument("--log-level", default="info")
 
@@ -75,17 +83,24 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     label.add_argument("--overwrite", action="store_true")
 
     get = sub.add_parser("get", parents=[common, ns], help="list or show objects")
-    get.add_argument("kind", metavar="KIND", help="namespaces|pods|services|nodes|workloads")
+    get.add_argument(
+        "kind", metavar="KIND", help="namespaces|pods|services|nodes|deployments|workloads"
+    )
     get.add_argument("name", nargs="?")
     get.add_argument("-A", "--all-namespaces", action="store_true")
     get.add_argument("-o", "--output", choices=["wide", "yaml", "json"], default="")
 
+    scale = sub.add_parser("scale", parents=[common, ns], help="set a deployment's replicas")
+    scale.add_argument("target", metavar="TYPE/NAME | TYPE", help="e.g. deployment/web, deploy web")
+    scale.add_argument("name", nargs="?", metavar="NAME")
+    scale.add_argument("--replicas", type=int, required=True, metavar="N")
+
     ex = sub.add_parser("exec", parents=[common, ns], help="run a command inside a pod")
-    ex.add_argument("pod")
+    ex.add_argument("pod", help="NAME, pod/NAME or deploy/NAME (one of its pods)")
     ex.add_argument("-c", "--container", default=None)
 
     logs = sub.add_parser("logs", parents=[common, ns], help="print a container's log")
-    logs.add_argument("pod")
+    logs.add_argument("pod", help="NAME, pod/NAME or deploy/NAME (one of its pods)")
     logs.add_argument("-c", "--container", default=None)
     logs.add_argument("-f", "--follow", action="store_true")
     return parser
@@ -144,6 +159,7 @@ def cmd_up(args: argparse.Namespace, io: commands.Streams, env: Mapping[str, str
         nodes=args.nodes,
         prefix=args.prefix,
         host_access=not args.no_host_access,
+        max_pods=args.max_pods,
         timeout=args.timeout,
         log_level=args.log_level,
     )
@@ -186,9 +202,16 @@ def start_demo(state_dir: str, rec: record.PlaygroundRecord, io: commands.Stream
     async def body(api: kube_client.ApiClient) -> int:
         items = await commands.load_manifests(api, [(text, "demo")], None)
         code = await commands.apply(api, items, io)
-        print("Waiting for the demo pods to be Ready...", file=io.out, flush=True)
+        print("Waiting for the demo deployments and pods to be Ready...", file=io.out, flush=True)
+        deadline = time.monotonic() + DEMO_TIMEOUT
+        await commands.wait_deployments_ready(
+            api, demo_manifests.NAMESPACE, demo_manifests.DEPLOYMENTS, DEMO_TIMEOUT
+        )
         await commands.wait_pods_ready(
-            api, demo_manifests.NAMESPACE, demo_manifests.PODS, DEMO_TIMEOUT
+            api,
+            demo_manifests.NAMESPACE,
+            (demo_manifests.CLIENT,),
+            max(deadline - time.monotonic(), 0.0),
         )
         return code
 
@@ -205,6 +228,7 @@ def start_demo(state_dir: str, rec: record.PlaygroundRecord, io: commands.Stream
         f"""
 The demo shop runs in namespace "{demo_manifests.NAMESPACE}", outside the mesh for now. Next:
 
+  meshctl get deployments -n shop
   meshctl get pods -n shop -o wide
   meshctl exec -n shop client -- curl -s http://product-catalog.shop/products
   meshctl label namespace shop istio.io/dataplane-mode=ambient
@@ -328,8 +352,32 @@ def cmd_label(args: argparse.Namespace, io: commands.Streams) -> int:
     return run_with_api(args.state_dir, body)
 
 
+def build_ztunnel_states(
+    processes: Iterable[record.ProcessRecord], is_alive: Callable[[record.ProcessRecord], bool]
+) -> dict[str, str]:
+    """Node name -> state of its ztunnel process, for the ZTUNNEL column of `get nodes`."""
+    return {
+        p.node: tables.PROCESS_RUNNING if is_alive(p) else tables.PROCESS_EXITED
+        for p in processes
+        if p.name == "ztunnel" and p.node
+    }
+
+
+def find_ztunnel_states(state_dir: str) -> dict[str, str]:
+    """From the playground record; empty (every node shows "-") when it cannot be read: the
+    node list must not fail because of the record."""
+    try:
+        rec = record.RecordFile(state_dir).load()
+    except record.RecordError:
+        return {}
+    return {} if rec is None else build_ztunnel_states(rec.processes, procs.is_record_alive)
+
+
 def cmd_get(args: argparse.Namespace, io: commands.Streams) -> int:
     async def body(api: kube_client.ApiClient) -> int:
+        is_nodes = not kinds.is_workloads(args.kind) and (
+            kinds.find_resource(args.kind) == kube_resources.NODES
+        )
         return await commands.get(
             api,
             args.kind,
@@ -339,7 +387,20 @@ def cmd_get(args: argparse.Namespace, io: commands.Streams) -> int:
             all_namespaces=args.all_namespaces,
             output=args.output,
             explicit_namespace=args.namespace is not None,
+            ztunnel_states=find_ztunnel_states(args.state_dir) if is_nodes else None,
         )
+
+    return run_with_api(args.state_dir, body)
+
+
+def cmd_scale(args: argparse.Namespace, io: commands.Streams) -> int:
+    # The arguments are checked before the playground is asked anything.
+    kind, name = kinds.split_ref([args.target, *([args.name] if args.name else [])])
+    rtype = kinds.find_scalable(kind)
+    commands.check_replicas(args.replicas)
+
+    async def body(api: kube_client.ApiClient) -> int:
+        return await commands.scale(api, rtype, name, _namespace(args), args.replicas, io)
 
     return run_with_api(args.state_dir, body)
 
@@ -369,10 +430,11 @@ def cmd_logs(args: argparse.Namespace, io: commands.Streams) -> int:
         container = podexec.pick_container(pod, args.container)
         path = podexec.log_path(state_dir, pod, container)
         uid = pod["metadata"]["uid"]
+        pod_name = pod["metadata"]["name"]  # followed even when args.pod was deploy/NAME
 
         async def still_there() -> bool:
             try:
-                current = await commands.find_pod(api, args.pod, namespace)
+                current = await commands.find_pod(api, pod_name, namespace)
             except kube_errors.NotFoundError:
                 return False
             return bool(current["metadata"]["uid"] == uid)
@@ -419,6 +481,8 @@ def run(
             return cmd_label(args, io)
         if args.command == "get":
             return cmd_get(args, io)
+        if args.command == "scale":
+            return cmd_scale(args, io)
         if args.command == "exec":
             return cmd_exec(args, command, io)
         if args.command == "logs":

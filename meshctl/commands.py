@@ -1,5 +1,5 @@
-"""The API-facing commands (apply, delete, get, label, logs, exec, wait): async functions that
-take a connected client and the output streams, and return an exit code.
+"""The API-facing commands (apply, delete, get, label, scale, logs, exec, wait): async functions
+that take a connected client and the output streams, and return an exit code.
 
 Expected failures raise `errors.MeshctlError` (the CLI prints ``error: ...``); per-object server
 errors are printed kubectl-style (``Error from server (Reason): message``) and make the exit
@@ -13,7 +13,7 @@ import dataclasses
 import datetime
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 import yaml
@@ -159,6 +159,26 @@ async def label(
     return 0
 
 
+def check_replicas(replicas: int) -> None:
+    if replicas < 0:
+        raise errors.UsageError(f"--replicas must be greater than or equal to 0, got {replicas}")
+
+
+async def scale(
+    api: kube_client.ApiClient,
+    rtype: resources.ResourceType,
+    name: str,
+    namespace: str,
+    replicas: int,
+    io: Streams,
+) -> int:
+    """Set `spec.replicas` (a merge patch: the local server has no /scale subresource)."""
+    check_replicas(replicas)
+    await api.patch(rtype, name, namespace, {"spec": {"replicas": replicas}})
+    print(f"{manifest.kind_ref(rtype)}/{name} scaled", file=io.out)
+    return 0
+
+
 def _list_document(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "List", "items": items, "metadata": {}}
 
@@ -179,7 +199,9 @@ async def get(
     all_namespaces: bool,
     output: str,
     explicit_namespace: bool,
+    ztunnel_states: Mapping[str, str] | None = None,
 ) -> int:
+    """`ztunnel_states` (node name -> process state) fills the ZTUNNEL column of nodes."""
     is_workloads = kinds.is_workloads(kind)
     rtype = resources.PODS if is_workloads else kinds.find_resource(kind)
     # workloads default to every namespace: the view is about the whole mesh.
@@ -204,17 +226,32 @@ async def get(
         now=datetime.datetime.now(datetime.UTC),
         wide=output == "wide",
         all_namespaces=everywhere and not is_workloads,
+        ztunnel_states=ztunnel_states,
     )
     io.out.write(tables.render_table(headers, rows))
     return 0
+
+
+async def _poll_until_ready(
+    find_pending: Callable[[], Awaitable[list[str]]], what: str, timeout: float, sep: str
+) -> None:
+    """Poll `find_pending` (what is not Ready yet, described) until it is empty; on timeout
+    the error lists what is still pending."""
+    deadline = time.monotonic() + timeout
+    while pending := await find_pending():
+        if time.monotonic() > deadline:
+            raise errors.MeshctlError(
+                f"timed out after {timeout:g}s waiting for {what} to be Ready: " + sep.join(pending)
+            )
+        await asyncio.sleep(0.25)
 
 
 async def wait_pods_ready(
     api: kube_client.ApiClient, namespace: str, names: Sequence[str], timeout: float
 ) -> None:
     """Poll until every named pod is Ready; the error names the ones that are not, and why."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def find_pending() -> list[str]:
         pending = []
         for n in names:
             try:
@@ -226,17 +263,70 @@ async def wait_pods_ready(
                 why = tables.pod_status_text(pod)
                 message = tables.pod_message(pod)
                 pending.append(f"{n} ({why}{': ' + message if message else ''})")
-        if not pending:
-            return
-        if time.monotonic() > deadline:
-            raise errors.MeshctlError(
-                f"timed out after {timeout:g}s waiting for pods to be Ready: " + ", ".join(pending)
-            )
-        await asyncio.sleep(0.25)
+        return pending
+
+    await _poll_until_ready(find_pending, "pods", timeout, ", ")
 
 
-async def find_pod(api: kube_client.ApiClient, name: str, namespace: str) -> dict[str, Any]:
-    return await api.get(resources.PODS, name, namespace)
+def _describe_pod(pod: Mapping[str, Any]) -> str:
+    why = tables.pod_status_text(pod)
+    message = tables.pod_message(pod)
+    ready = "Ready" if podfields.is_pod_ready(pod) else "not Ready"
+    return f"{objects.name(pod)} {ready} ({why}{': ' + message if message else ''})"
+
+
+async def _deployment_pods(
+    api: kube_client.ApiClient, deployment: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """The deployment's pods that are not terminating, by name."""
+    selector = ",".join(f"{k}={v}" for k, v in sorted(podfields.match_labels(deployment).items()))
+    if not selector:
+        return []
+    listed = await api.list(resources.PODS, objects.namespace(deployment), label_selector=selector)
+    return sorted((p for p in listed.items if not objects.is_terminating(p)), key=objects.name)
+
+
+async def wait_deployments_ready(
+    api: kube_client.ApiClient, namespace: str, names: Sequence[str], timeout: float
+) -> None:
+    """Poll until every named deployment has all its replicas of the current template Ready;
+    the error names the ones that have not, with their pods' states."""
+
+    async def find_pending() -> list[str]:
+        pending = []
+        for n in names:
+            try:
+                deployment = await api.get(kinds.DEPLOYMENTS, n, namespace)
+            except kube_errors.NotFoundError:
+                pending.append(f"{n} (not found)")
+                continue
+            if podfields.is_deployment_ready(deployment):
+                continue
+            ready = podfields.status_count(deployment, "readyReplicas")
+            wanted = podfields.desired_replicas(deployment)
+            pods = [_describe_pod(p) for p in await _deployment_pods(api, deployment)]
+            pending.append(f"{n} ({ready}/{wanted} ready; pods: {', '.join(pods) or 'none'})")
+        return pending
+
+    await _poll_until_ready(find_pending, "deployments", timeout, "; ")
+
+
+async def find_pod(api: kube_client.ApiClient, ref: str, namespace: str) -> dict[str, Any]:
+    """The pod `ref` names: ``NAME``, ``pod/NAME``, or ``deployment/NAME`` (as kubectl, one of
+    its pods: the first Ready one by name, else the first)."""
+    if "/" not in ref:
+        return await api.get(resources.PODS, ref, namespace)
+    kind, name = kinds.split_ref([ref])
+    rtype = kinds.find_resource(kind)
+    if rtype == resources.PODS:
+        return await api.get(resources.PODS, name, namespace)
+    if rtype != kinds.DEPLOYMENTS:
+        raise errors.UsageError(f"cannot pick a pod of {rtype.plural}: use pod/NAME or deploy/NAME")
+    deployment = await api.get(rtype, name, namespace)
+    pods = await _deployment_pods(api, deployment)
+    if not pods:
+        raise errors.MeshctlError(f'deployment "{name}" has no pods in namespace "{namespace}"')
+    return next((p for p in pods if podfields.is_pod_ready(p)), pods[0])
 
 
 def _open_log(path: str) -> TextIO:

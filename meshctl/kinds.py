@@ -1,24 +1,33 @@
-"""The resource names ``meshctl get/delete/label`` accept (kubectl's plural, singular and short
-forms), and the ``workloads`` view that is meshctl's own."""
+"""The resource names ``meshctl get/delete/label/scale`` accept (kubectl's plural, singular and
+short forms), the ``KIND/NAME`` and ``KIND NAME`` references kubectl takes, and the
+``workloads`` view that is meshctl's own."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from meshcore.kube import resources
 from meshctl import errors
 
 WORKLOADS = "workloads"
 
+# Not among meshcore's well-known types; the playground's API server serves it.
+DEPLOYMENTS = resources.DEPLOYMENTS
+
 _SHORT_NAMES = (
     (resources.NAMESPACES, "ns"),
     (resources.PODS, "po"),
     (resources.SERVICES, "svc"),
     (resources.NODES, "no"),
+    (DEPLOYMENTS, "deploy"),
 )
 _ALIASES: dict[str, resources.ResourceType] = {
     alias: rtype
     for rtype, short in _SHORT_NAMES
     for alias in (rtype.plural, rtype.kind.lower(), short)
 }
+# What `scale` can change: kinds with spec.replicas.
+SCALABLE = (DEPLOYMENTS,)
 
 
 class UnknownResourceError(errors.UsageError):
@@ -28,7 +37,10 @@ class UnknownResourceError(errors.UsageError):
 def find_resource(name: str) -> resources.ResourceType:
     rtype = _ALIASES.get(name.lower())
     if rtype is None:
-        known = "namespaces (ns), pods (po), services (svc), nodes (no), workloads"
+        known = (
+            "namespaces (ns), pods (po), services (svc), nodes (no), deployments (deploy),"
+            " workloads"
+        )
         raise UnknownResourceError(
             f'the server doesn\'t have a resource type "{name}" (meshctl knows: {known})'
         )
@@ -37,3 +49,27 @@ def find_resource(name: str) -> resources.ResourceType:
 
 def is_workloads(name: str) -> bool:
     return name.lower() in (WORKLOADS, "workload", "wl")
+
+
+def split_ref(args: Sequence[str]) -> tuple[str, str]:
+    """(kind, name) of ``KIND/NAME`` or ``KIND NAME``, as kubectl accepts them; UsageError
+    otherwise."""
+    if len(args) == 1 and "/" in args[0]:
+        kind, _, name = args[0].partition("/")
+    elif len(args) == 2 and "/" not in args[0]:
+        kind, name = args
+    else:
+        given = " ".join(args) or "nothing"
+        raise errors.UsageError(f"expected KIND/NAME or KIND NAME, got {given!r}")
+    if not kind or not name or "/" in name:
+        raise errors.UsageError(f"expected KIND/NAME or KIND NAME, got {' '.join(args)!r}")
+    return kind, name
+
+
+def find_scalable(kind: str) -> resources.ResourceType:
+    rtype = find_resource(kind)
+    if rtype not in SCALABLE:
+        raise errors.UsageError(
+            f"cannot scale {rtype.plural}: only deployments (deploy) have replicas"
+        )
+    return rtype

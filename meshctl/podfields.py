@@ -1,4 +1,5 @@
-"""Typed, tolerant reads of Pod, Service and Node fields (API objects are plain JSON dicts).
+"""Typed, tolerant reads of Pod, Service, Node and Deployment fields (API objects are plain JSON
+dicts).
 
 Every accessor returns a safe default for a missing or mistyped field, so the kubelet, the
 kube-proxy role and the CLI tables never crash on an object someone else wrote.
@@ -51,6 +52,12 @@ def phase(pod: Mapping[str, Any]) -> str:
 
 def containers(pod: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return _list(spec(pod).get("containers"))
+
+
+def pre_stop_handler(container: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """A container's `lifecycle.preStop` handler (`exec` or `sleep`), when it has one."""
+    handler = _map(_map(container.get("lifecycle")).get("preStop"))
+    return handler if ("exec" in handler or "sleep" in handler) else None
 
 
 def container_statuses(pod: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -132,3 +139,53 @@ def node_internal_ip(node: Mapping[str, Any]) -> str:
         if addr.get("type") == "InternalIP":
             return _str(addr.get("address"))
     return ""
+
+
+def _int(value: object, default: int = 0) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def node_pod_cidr(node: Mapping[str, Any]) -> str:
+    return _str(spec(node).get("podCIDR"))
+
+
+def desired_replicas(deployment: Mapping[str, Any]) -> int:
+    """`spec.replicas` (1 when unset, as the API server defaults it)."""
+    return _int(spec(deployment).get("replicas"), 1)
+
+
+def status_count(deployment: Mapping[str, Any], field: str) -> int:
+    """A replica count of the status (readyReplicas, updatedReplicas, ...); 0 when unset."""
+    return _int(status(deployment).get(field))
+
+
+def match_labels(deployment: Mapping[str, Any]) -> dict[str, str]:
+    labels = _map(_map(spec(deployment).get("selector")).get("matchLabels"))
+    return {str(k): str(v) for k, v in labels.items()}
+
+
+def template_containers(deployment: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    template = _map(spec(deployment).get("template"))
+    return _list(_map(template.get("spec")).get("containers"))
+
+
+def container_image(container: Mapping[str, Any]) -> str:
+    """The image, or in the playground (where a container is its command) the program run."""
+    image = _str(container.get("image"))
+    if image:
+        return image
+    command = container.get("command")
+    return _str(command[0]) if isinstance(command, list) and command else ""
+
+
+def is_deployment_ready(deployment: Mapping[str, Any]) -> bool:
+    """The controller has seen the current spec, and every wanted pod is of the current
+    template and Ready, with no older pod left (what ``kubectl rollout status`` waits for)."""
+    meta = _map(deployment.get("metadata"))
+    wanted = desired_replicas(deployment)
+    return (
+        status_count(deployment, "observedGeneration") >= _int(meta.get("generation"), 1)
+        and status_count(deployment, "updatedReplicas") == wanted
+        and status_count(deployment, "replicas") == wanted
+        and status_count(deployment, "readyReplicas") == wanted
+    )

@@ -1,5 +1,5 @@
 """kubectl-like output: column tables, ages, and one row builder per kind. Pure functions of
-API objects and the current time."""
+API objects, the current time and (for nodes) the playground's process states."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ from typing import Any
 
 from meshcore.identity import spiffe
 from meshcore.kube import objects, resources
-from meshctl import podfields
+from meshctl import kinds, podfields
 
 HBONE = "HBONE"
 TCP = "TCP"
+# The ZTUNNEL column of `get nodes`: the node's ztunnel process, from the playground record.
+PROCESS_RUNNING = "Running"
+PROCESS_EXITED = "Exited"
+PROCESS_UNKNOWN = "-"
 
 
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -110,8 +114,14 @@ def pod_restarts(pod: Mapping[str, Any]) -> int:
 
 
 def pod_message(pod: Mapping[str, Any]) -> str:
+    """The pod's own message, else why the scheduler could not place it."""
     message = podfields.status(pod).get("message")
-    return message if isinstance(message, str) else ""
+    if isinstance(message, str) and message:
+        return message
+    cond = podfields.find_condition(pod, "PodScheduled")
+    if cond is not None and cond.get("status") == "False" and isinstance(cond.get("message"), str):
+        return str(cond["message"])
+    return ""
 
 
 def workload_protocol(pod: Mapping[str, Any]) -> str:
@@ -134,8 +144,13 @@ def build_rows(
     now: datetime.datetime,
     wide: bool = False,
     all_namespaces: bool = False,
+    ztunnel_states: Mapping[str, str] | None = None,
 ) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows for a list of one kind (rtype None: the workloads view)."""
+    """Headers and rows for a list of one kind (rtype None: the workloads view).
+
+    `ztunnel_states` maps a node name to the state of its ztunnel process (`PROCESS_RUNNING`,
+    `PROCESS_EXITED`); a node it does not name shows `PROCESS_UNKNOWN`.
+    """
     if rtype is None:
         headers = ["NAMESPACE", "NAME", "NODE", "IP", "PROTOCOL", "IDENTITY"]
         rows = [
@@ -193,25 +208,9 @@ def build_rows(
                 row.append(",".join(f"{k}={v}" for k, v in sorted(sel.items())) or "<none>")
             rows.append(row)
     elif rtype == resources.NODES:
-        headers = ["NAME", "STATUS", "ROLES", "AGE", "VERSION"]
-        if wide:
-            headers += ["INTERNAL-IP", "POD-CIDR"]
-        rows = []
-        for n in items:
-            info = podfields.status(n).get("nodeInfo") or {}
-            row = [
-                objects.name(n),
-                "Ready" if podfields.is_condition_true(n, "Ready") else "NotReady",
-                "<none>",
-                age(n, now),
-                str(info.get("kubeletVersion", "")) if isinstance(info, Mapping) else "",
-            ]
-            if wide:
-                row += [
-                    podfields.node_internal_ip(n) or "<none>",
-                    str(podfields.spec(n).get("podCIDR") or "<none>"),
-                ]
-            rows.append(row)
+        headers, rows = build_node_rows(items, now, wide=wide, ztunnel_states=ztunnel_states or {})
+    elif rtype == kinds.DEPLOYMENTS:
+        headers, rows = build_deployment_rows(items, now, wide=wide)
     elif rtype == resources.NAMESPACES:
         headers = ["NAME", "STATUS", "AGE"]
         if wide:
@@ -233,4 +232,63 @@ def build_rows(
     if all_namespaces and rtype.namespaced:
         headers = ["NAMESPACE", *headers]
         rows = [[objects.namespace(o), *row] for o, row in zip(items, rows, strict=True)]
+    return headers, rows
+
+
+def build_node_rows(
+    items: Sequence[Mapping[str, Any]],
+    now: datetime.datetime,
+    *,
+    wide: bool,
+    ztunnel_states: Mapping[str, str],
+) -> tuple[list[str], list[list[str]]]:
+    """NAME STATUS ADDRESS POD-CIDR ZTUNNEL AGE (wide: VERSION, the kubelet's)."""
+    headers = ["NAME", "STATUS", "ADDRESS", "POD-CIDR", "ZTUNNEL", "AGE"]
+    if wide:
+        headers.append("VERSION")
+    rows = []
+    for n in items:
+        name = objects.name(n)
+        row = [
+            name,
+            "Ready" if podfields.is_condition_true(n, "Ready") else "NotReady",
+            podfields.node_internal_ip(n) or "<none>",
+            podfields.node_pod_cidr(n) or "<none>",
+            ztunnel_states.get(name, PROCESS_UNKNOWN),
+            age(n, now),
+        ]
+        if wide:
+            info = podfields.status(n).get("nodeInfo")
+            version = info.get("kubeletVersion") if isinstance(info, Mapping) else None
+            row.append(str(version) if isinstance(version, str) and version else "<none>")
+        rows.append(row)
+    return headers, rows
+
+
+def build_deployment_rows(
+    items: Sequence[Mapping[str, Any]], now: datetime.datetime, *, wide: bool
+) -> tuple[list[str], list[list[str]]]:
+    """kubectl's NAME READY UP-TO-DATE AVAILABLE AGE (wide: CONTAINERS IMAGES SELECTOR)."""
+    headers = ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"]
+    if wide:
+        headers += ["CONTAINERS", "IMAGES", "SELECTOR"]
+    rows = []
+    for d in items:
+        ready = podfields.status_count(d, "readyReplicas")
+        row = [
+            objects.name(d),
+            f"{ready}/{podfields.desired_replicas(d)}",
+            str(podfields.status_count(d, "updatedReplicas")),
+            str(podfields.status_count(d, "availableReplicas")),
+            age(d, now),
+        ]
+        if wide:
+            containers = podfields.template_containers(d)
+            selector = podfields.match_labels(d)
+            row += [
+                ",".join(str(c.get("name") or "") for c in containers) or "<none>",
+                ",".join(podfields.container_image(c) for c in containers) or "<none>",
+                ",".join(f"{k}={v}" for k, v in sorted(selector.items())) or "<none>",
+            ]
+        rows.append(row)
     return headers, rows

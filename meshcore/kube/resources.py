@@ -67,6 +67,7 @@ NAMESPACES = ResourceType("", "v1", "Namespace", "namespaces", namespaced=False)
 NODES = ResourceType("", "v1", "Node", "nodes", namespaced=False)
 PODS = ResourceType("", "v1", "Pod", "pods", namespaced=True)
 SERVICES = ResourceType("", "v1", "Service", "services", namespaced=True)
+DEPLOYMENTS = ResourceType("apps", "v1", "Deployment", "deployments", namespaced=True)
 
 WELL_KNOWN: tuple[ResourceType, ...] = (NAMESPACES, NODES, PODS, SERVICES)
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from meshctl import errors
-from meshctl.playground import paths, procs, record, teardown, topology
+from meshctl.playground import paths, podstatus, procs, record, teardown, topology
 
 POLL = 0.1
 
@@ -44,6 +44,7 @@ class UpOptions:
     timeout: float = 180.0
     log_level: str = "info"
     owner_pid: int | None = None  # the playground goes away when this process does
+    max_pods: int = podstatus.DEFAULT_MAX_PODS  # pods each node admits (kubelet's --max-pods)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -85,6 +86,12 @@ def check_can_start(state_dir: str, prefix: str) -> None:
         )
 
 
+def check_options(opts: UpOptions) -> None:
+    """Refuse options the supervisor would refuse, before anything starts (UsageError)."""
+    if opts.max_pods < 1:
+        raise errors.UsageError(f"--max-pods must be at least 1, got {opts.max_pods}")
+
+
 def build_supervisor_argv(opts: UpOptions) -> list[str]:
     argv = [
         sys.executable,
@@ -100,6 +107,8 @@ def build_supervisor_argv(opts: UpOptions) -> list[str]:
         opts.log_level,
         "--ready-timeout",
         f"{max(opts.timeout - 5.0, 10.0):g}",
+        "--max-pods",
+        str(opts.max_pods),
     ]
     if opts.host_access:
         argv.append("--host-access")
@@ -110,6 +119,7 @@ def build_supervisor_argv(opts: UpOptions) -> list[str]:
 
 def launch_supervisor(opts: UpOptions, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """Start the supervisor detached from this terminal; output to ``supervisor.log``."""
+    check_options(opts)
     check_can_start(opts.state_dir, opts.prefix)
     paths.Paths(opts.state_dir).check_socket_lengths([f"node{opts.nodes}"])
     os.makedirs(opts.state_dir, exist_ok=True)

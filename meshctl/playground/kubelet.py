@@ -4,6 +4,11 @@ It plays kubelet and container runtime and nothing more: registers its Node, run
 API server schedules onto it (one `podworker.PodWorker` each, networking through the CNI chain
 exactly as a container runtime does it), and plays kube-proxy for pods the mesh does not capture.
 It knows nothing about the mesh: enrollment happens in the CNI chain and the node agent.
+
+Admission, as kubelet does it: the Node reports `max_pods` as its pods capacity and allocatable,
+and a new pod that would exceed it (one given a `spec.nodeName` directly passes no scheduler) is
+rejected before anything is made for it: status Failed/OutOfpods, no sandbox, no CNI call. A
+rejected or finished pod is never started (again).
 """
 
 from __future__ import annotations
@@ -16,18 +21,19 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
 from meshcore import envconfig, log, netns
 from meshcore.kube import client as kube_client
 from meshcore.kube import errors as kube_errors
 from meshcore.kube import informer, objects, resources
-from meshctl import errors
+from meshctl import errors, podfields
 from meshctl.playground import (
     cni_runtime,
     kubeproxy,
     netcmd,
+    podstatus,
     podworker,
     procs,
     sandbox,
@@ -36,6 +42,8 @@ from meshctl.playground import (
 _LOG = logging.getLogger("kubelet")
 
 HEARTBEAT_SECONDS = 10.0
+REJECT_RETRY_FIRST = 0.1
+REJECT_RETRY_MAX = 5.0
 KUBELET_VERSION = "v1.31.0-playground"
 
 
@@ -53,10 +61,12 @@ class Config:
     netns_prefix: str
     log_level: str = "info"
     node_ip: str = ""  # empty: the address of eth0
+    max_pods: int = podstatus.DEFAULT_MAX_PODS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
-        need = envconfig.Env(env, ConfigError).required
+        reader = envconfig.Env(env, ConfigError)
+        need = reader.required
         dirs = env.get("CNI_BIN_DIRS", "").strip()
         return cls(
             node_name=need("NODE_NAME"),
@@ -69,6 +79,7 @@ class Config:
             netns_prefix=need("NETNS_PREFIX"),
             log_level=env.get("LOG_LEVEL", "info") or "info",
             node_ip=env.get("NODE_IP", "").strip(),
+            max_pods=reader.count("MAX_PODS", podstatus.DEFAULT_MAX_PODS),
         )
 
 
@@ -84,11 +95,20 @@ def build_node(config: Config, node_ip: str, ready_since: str, now: str) -> dict
             },
         },
         "spec": {"podCIDR": config.pod_cidr, "podCIDRs": [config.pod_cidr]},
-        "status": build_node_status(node_ip, ready=True, since=ready_since, now=now),
+        "status": build_node_status(
+            node_ip, ready=True, since=ready_since, now=now, max_pods=config.max_pods
+        ),
     }
 
 
-def build_node_status(node_ip: str, *, ready: bool, since: str, now: str) -> dict[str, Any]:
+def build_node_status(
+    node_ip: str,
+    *,
+    ready: bool,
+    since: str,
+    now: str,
+    max_pods: int = podstatus.DEFAULT_MAX_PODS,
+) -> dict[str, Any]:
     return {
         "addresses": [{"type": "InternalIP", "address": node_ip}],
         "conditions": [
@@ -107,8 +127,9 @@ def build_node_status(node_ip: str, *, ready: bool, since: str, now: str) -> dic
             "architecture": "amd64",
             "containerRuntimeVersion": "playground://0.1",
         },
-        "capacity": {"pods": "110"},
-        "allocatable": {"pods": "110"},
+        # Quantities are strings in the API; the scheduler fits pods into allocatable.
+        "capacity": {"pods": str(max_pods)},
+        "allocatable": {"pods": str(max_pods)},
     }
 
 
@@ -140,6 +161,9 @@ class Kubelet:
         )
         self._workers: dict[str, tuple[podworker.PodWorker, asyncio.Task[None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Pods refused at admission (by uid): never started, even if an event still shows them
+        # Pending before our Failed status comes back.
+        self._rejected: set[str] = set()
         # Informers: services (hosts files, kube-proxy), every pod (kube-proxy endpoints) and
         # this node's pods (the pod runtime), the last with a field selector like kubelet's.
         self.services = informer.Informer(api, resources.SERVICES, handler=self._on_service)
@@ -215,7 +239,13 @@ class Kubelet:
 
     async def _patch_node_status(self, *, ready: bool) -> None:
         now = podworker.now_rfc3339()
-        status = build_node_status(self.node_ip, ready=ready, since=self._ready_since, now=now)
+        status = build_node_status(
+            self.node_ip,
+            ready=ready,
+            since=self._ready_since,
+            now=now,
+            max_pods=self.config.max_pods,
+        )
         try:
             await self.api.patch(resources.NODES, self.node_name, None, {"status": status})
         except kube_errors.KubeError as exc:
@@ -229,6 +259,9 @@ class Kubelet:
             await asyncio.wait_for(self._patch_node_status(ready=False), 2.0)
 
     async def _stop_workers(self) -> None:
+        for extra in list(self._tasks):
+            extra.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         items = list(self._workers.values())
         for _, task in items:
             task.cancel()
@@ -255,13 +288,93 @@ class Kubelet:
             return
         entry = self._workers.get(uid)
         if event.type == objects.DELETED:
+            self._rejected.discard(uid)
             if entry is not None:
                 entry[0].update(None)
             return
         if entry is not None:
             entry[0].update(pod)
             return
+        if uid in self._rejected:
+            if objects.is_terminating(pod):
+                self._spawn(self._delete_rejected(pod))  # nothing ran: nothing to stop
+            return
+        if objects.is_terminating(pod):
+            self._start_worker(pod)  # whatever an earlier kubelet left is cleaned up
+            return
+        if podstatus.is_terminal_phase(podfields.phase(pod)):
+            return  # finished or rejected before: a terminal pod never runs again
+        rejection = podstatus.find_rejection(self.count_admitted(), self.config.max_pods)
+        if rejection is not None:
+            self._rejected.add(uid)
+            _LOG.warning(
+                "pod rejected",
+                extra=log.fields(
+                    pod=f"{objects.namespace(pod)}/{objects.name(pod)}",
+                    reason=rejection.reason,
+                    detail=rejection.message,  # not `message`: the record's own key
+                ),
+            )
+            self._spawn(self._reject(pod, rejection))
+            return
         self._start_worker(pod)
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def count_admitted(self) -> int:
+        """Pods admitted here that still hold a slot (kubelet's active pods)."""
+        return sum(1 for worker, _ in self._workers.values() if worker.is_active)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reject(self, pod: dict[str, Any], rejection: podstatus.Rejection) -> None:
+        """Write the rejected pod's final status (kubelet's rejectPod), retrying until it lands
+        or the pod is gone. Each write is conditional on the version we saw, so a pod recreated
+        under the same name is never failed by mistake."""
+        uid, name, namespace = objects.uid(pod), objects.name(pod), objects.namespace(pod)
+        status = podstatus.build_rejected_status(rejection, podworker.now_rfc3339())
+        delay = REJECT_RETRY_FIRST
+        while True:
+            latest = self.node_pods.find(name, namespace)
+            if latest is None or objects.uid(latest) != uid:
+                return
+            if podstatus.is_terminal_phase(podfields.phase(latest)):
+                return
+            patch = {
+                "metadata": {"resourceVersion": objects.resource_version(latest)},
+                "status": status,
+            }
+            try:
+                await self.api.patch(resources.PODS, name, namespace, patch, subresource="status")
+                return
+            except kube_errors.NotFoundError:
+                return
+            except kube_errors.KubeError as exc:
+                # A conflict means our cache is behind: it catches up while we wait.
+                _LOG.info(
+                    "rejection status not written yet; retrying",
+                    extra=log.fields(pod=f"{namespace}/{name}", error=str(exc)),
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, REJECT_RETRY_MAX)
+
+    async def _delete_rejected(self, pod: dict[str, Any]) -> None:
+        """A rejected pod being deleted goes at once: it has no containers or sandbox."""
+        try:
+            await self.api.delete(
+                resources.PODS,
+                objects.name(pod),
+                objects.namespace(pod),
+                grace_period_seconds=0,
+                precondition_uid=objects.uid(pod),
+            )
+        except (kube_errors.NotFoundError, kube_errors.ConflictError):
+            pass
+        except kube_errors.KubeError as exc:
+            _LOG.warning("rejected pod delete failed", extra=log.fields(error=str(exc)))
 
     def _start_worker(self, pod: dict[str, Any]) -> None:
         uid = objects.uid(pod)

@@ -1,11 +1,55 @@
 """A pod's status subresource as the playground kubelet reports it: pure functions of what the
-worker observed (sandbox, containers, readiness), so they are tested without processes."""
+worker observed (sandbox, containers, readiness), so they are tested without processes; and the
+kubelet's admission check, which fails a pod its node has no room for before anything starts."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
+
+# kubelet's default --max-pods: what a node admits, and what its Node reports as capacity.
+DEFAULT_MAX_PODS = 110
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+def is_terminal_phase(phase: str) -> bool:
+    """The pod is done for good: it no longer occupies its node and is never started again."""
+    return phase in TERMINAL_PHASES
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why the kubelet refuses a pod: the pod's final status.reason and status.message."""
+
+    reason: str
+    message: str
+
+
+def find_rejection(used: int, capacity: int) -> Rejection | None:
+    """kubelet's admission check for the pod count: a new pod needs one slot; `used` slots are
+    taken by the active pods already admitted on this node. Words as kubelet's
+    (``OutOfpods``, ``Node didn't have enough resource: pods, ...``)."""
+    if used + 1 <= capacity:
+        return None
+    return Rejection(
+        reason="OutOfpods",
+        message=(
+            "Pod was rejected: Node didn't have enough resource: pods, requested: 1, "
+            f"used: {used}, capacity: {capacity}"
+        ),
+    )
+
+
+def build_rejected_status(rejection: Rejection, start_time: str) -> dict[str, Any]:
+    """The status a rejected pod ends with: Failed for good, never started (no IP, no
+    containers), the reason shown in the STATUS column and the message next to it."""
+    return {
+        "phase": "Failed",
+        "reason": rejection.reason,
+        "message": rejection.message,
+        "startTime": start_time,
+    }
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -41,6 +41,8 @@ BACKOFF_BASE = 1.0
 BACKOFF_MAX = 30.0
 RESET_AFTER_SECONDS = 30.0  # a container that ran this long starts its backoff afresh
 SHUTDOWN_GRACE_MAX = 5.0
+# What the containers still get after preStop hooks used up the whole grace period (kubelet: 2s).
+PRE_STOP_OVERRUN_GRACE = 2.0
 PROBE_TIMEOUT = 1.0
 DEL_ATTEMPTS = 3
 
@@ -131,10 +133,25 @@ class PodWorker:
         self._transitions: dict[str, str] = {}
         self._last_ok: dict[str, bool] = {}
         self._last_status: dict[str, Any] | None = None
+        # The phase this worker last decided (sent or about to be): ahead of the API's copy.
+        self._phase = podfields.phase(pod)
+        self._stopped = False  # containers stopped and sandbox gone: the slot is free
         self._seed_from_status(pod)
         self._fields = log.fields(pod=f"{self.namespace}/{self.name}", uid=self.uid)
 
     # -- inputs -------------------------------------------------------------------------------
+
+    @property
+    def is_active(self) -> bool:
+        """Still holds one of the node's pod slots (kubelet's admission counts these).
+
+        False as soon as this worker knows better than the API: the phase it is about to report
+        is terminal, the object was deleted, or termination finished before the final delete.
+        The API server schedules a waiting pod onto the slot the moment it learns, and that
+        pod's event may reach the kubelet before the answer to our own write does (or, after a
+        relist, which lists additions first, before the DELETED event of the pod that left).
+        """
+        return not (self._deleted or self._stopped or podstatus.is_terminal_phase(self._phase))
 
     def update(self, pod: dict[str, Any] | None) -> None:
         """A newer object (None: it was deleted from the API)."""
@@ -290,21 +307,27 @@ class PodWorker:
                 continue
             await self._start_container(state, spec)
 
+    async def _spawn(
+        self, argv: list[str], env: dict[str, str], spec: Mapping[str, Any], container: str
+    ) -> asyncio.subprocess.Process:
+        """A process in the pod's sandbox, as container `container` runs (its log, its cwd)."""
+        return await containers.start(
+            argv,
+            env=env,
+            cwd=str(spec.get("workingDir") or "/"),
+            netns_path=self._rt.netns,
+            hosts_file=self._dir.hosts,
+            resolv_file=self._dir.resolv,
+            log_path=self._dir.log_path(container),
+        )
+
     async def _start_container(self, state: ContainerState, spec: Mapping[str, Any]) -> None:
         try:
             env = sandbox.build_container_env(
                 self._pod_with_ip(), spec, host_ip=self.host.node_ip, bin_dir=self.host.bin_dir
             )
             argv = sandbox.build_container_argv(spec, env)
-            proc = await containers.start(
-                argv,
-                env=env,
-                cwd=str(spec.get("workingDir") or "/"),
-                netns_path=self._rt.netns,
-                hosts_file=self._dir.hosts,
-                resolv_file=self._dir.resolv,
-                log_path=self._dir.log_path(state.name),
-            )
+            proc = await self._spawn(argv, env, spec, state.name)
         except sandbox.ContainerConfigError as exc:
             state.waiting_reason, state.waiting_message = "CreateContainerConfigError", str(exc)
             state.next_start = time.monotonic() + next_backoff(state.failures)
@@ -455,6 +478,7 @@ class PodWorker:
         )
         if status == self._last_status:
             return
+        self._phase = str(status["phase"])
         try:
             await self.host.api.patch(
                 resources.PODS, self.name, self.namespace, {"status": status}, subresource="status"
@@ -478,6 +502,51 @@ class PodWorker:
             task.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
 
+    async def _run_pre_stop_hooks(self, budget: float) -> None:
+        """Every running container's `lifecycle.preStop`, side by side, within `budget` seconds."""
+        specs = {str(c.get("name")): c for c in podfields.containers(self._pod)}
+        hooks = []
+        for state in self._containers.values():
+            handler = podfields.pre_stop_handler(specs.get(state.name, {}))
+            if handler is not None and state.is_running:
+                hooks.append(self._pre_stop(state.name, specs[state.name], handler))
+        if not hooks or budget <= 0:
+            return
+        try:
+            async with asyncio.timeout(budget):
+                await asyncio.gather(*hooks)
+        except TimeoutError:
+            _LOG.warning(
+                "preStop hook did not finish within the grace period",
+                extra=log.fields(pod=f"{self.namespace}/{self.name}", grace=budget),
+            )
+
+    async def _pre_stop(
+        self, name: str, spec: Mapping[str, Any], handler: Mapping[str, Any]
+    ) -> None:
+        fields = log.fields(pod=f"{self.namespace}/{self.name}", container=name)
+        if "sleep" in handler:
+            _LOG.info("running preStop sleep", extra=fields)
+            await asyncio.sleep(float(handler["sleep"].get("seconds", 0)))
+            return
+        command = [str(a) for a in handler["exec"]["command"]]
+        _LOG.info("running preStop exec", extra=log.fields(command=command, **fields))
+        try:
+            env = sandbox.build_container_env(
+                self._pod_with_ip(), spec, host_ip=self.host.node_ip, bin_dir=self.host.bin_dir
+            )
+            proc = await self._spawn(command, env, spec, name)
+        except (sandbox.ContainerConfigError, containers.ContainerStartError) as exc:
+            _LOG.warning("preStop hook failed", extra=log.fields(error=str(exc), **fields))
+            return
+        try:
+            code = await proc.wait()
+        finally:
+            # Cancelled (out of time): the hook must not outlive the container.
+            await containers.stop(proc, 0)
+        if code != 0:
+            _LOG.warning("preStop hook exited", extra=log.fields(code=code, **fields))
+
     async def shutdown(self) -> None:
         """The kubelet is stopping: stop the containers, keep the sandbox for the next kubelet."""
         await self.stop_containers(min(podfields.grace_period(self._pod), SHUTDOWN_GRACE_MAX))
@@ -489,8 +558,14 @@ class PodWorker:
         _LOG.info(
             "stopping pod", extra=log.fields(pod=f"{self.namespace}/{self.name}", grace=grace)
         )
-        await self.stop_containers(float(grace))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await self._run_pre_stop_hooks(float(grace))
+        # As the kubelet: hooks spend the grace period; overrunning it still leaves a little.
+        left = max(grace - (loop.time() - started), PRE_STOP_OVERRUN_GRACE if grace else 0.0)
+        await self.stop_containers(left)
         await remove_sandbox(self.host, self._dir, self._netns, self._rt)
+        self._stopped = True
         if self._deleted:
             return
         try:

@@ -39,6 +39,7 @@ from meshcore.kube import resources
 from meshctl import errors, podfields
 from meshctl.playground import (
     cni_runtime,
+    podstatus,
     probes,
     procs,
     record,
@@ -78,6 +79,7 @@ class Config:
     base_env: Mapping[str, str]
     # Tear everything down when this process exits (tests: a killed test run leaves nothing).
     owner_pid: int | None = None
+    max_pods: int = podstatus.DEFAULT_MAX_PODS  # each node's capacity (kubelet's --max-pods)
 
     @property
     def node_names(self) -> list[str]:
@@ -95,9 +97,12 @@ class Config:
         parser.add_argument("--ready-timeout", type=float, default=DEFAULT_READY_TIMEOUT)
         parser.add_argument("--log-level", default=env.get("LOG_LEVEL") or "info")
         parser.add_argument("--owner-pid", type=int, default=None)
+        parser.add_argument("--max-pods", type=int, default=podstatus.DEFAULT_MAX_PODS)
         args = parser.parse_args(list(argv))
         if not 1 <= args.nodes <= topology.MAX_NODES:
             raise errors.UsageError(f"--nodes must be between 1 and {topology.MAX_NODES}")
+        if args.max_pods < 1:
+            raise errors.UsageError(f"--max-pods must be at least 1, got {args.max_pods}")
         topology.validate_prefix(args.prefix)
         bin_dir = os.path.dirname(sys.executable)
         base = {k: env[k] for k in PASSTHROUGH_ENV if k in env}
@@ -112,6 +117,7 @@ class Config:
             python=sys.executable,
             base_env=base,
             owner_pid=args.owner_pid,
+            max_pods=args.max_pods,
         )
 
 
@@ -189,6 +195,7 @@ def build_node_specs(
             "POD_CIDR": node.pod_cidr,
             "CNI_BIN_DIRS": ":".join(cni_runtime.default_bin_dirs()),
             "NETNS_PREFIX": config.prefix,
+            "MAX_PODS": str(config.max_pods),
         },
         netns=node.netns,
         log=paths.log("kubelet", node.name),

@@ -272,7 +272,8 @@ def test_unknown_kind_via_discovery(short_dir: str) -> None:
             api = env.client
             assert await api.resolve("v1", "Service") == resources.SERVICES
             assert await api.resolve("v1", "Namespace") == resources.NAMESPACES
-            for api_version, kind in (("v1", "Foo"), ("apps/v1", "Deployment"), ("v2", "Pod")):
+            assert await api.resolve("apps/v1", "Deployment") == kinds.DEPLOYMENTS
+            for api_version, kind in (("v1", "Foo"), ("apps/v1", "StatefulSet"), ("v2", "Pod")):
                 with pytest.raises(errors.UnknownKindError) as err:
                     await api.resolve(api_version, kind)
                 assert str(err.value) == f'no matches for kind "{kind}" in version "{api_version}"'

@@ -57,7 +57,10 @@ def test_apply_is_idempotent_and_reports_each_object(api: Api) -> None:
     demo = manifests.build_demo_manifest()
     code, out, err = api.meshctl("apply", "-f", "-", stdin=demo)
     assert (code, err) == (0, "")
-    assert out.splitlines()[:2] == ["namespace/shop created", "pod/product-catalog created"]
+    assert out.splitlines()[:2] == [
+        "namespace/shop created",
+        "deployment.apps/product-catalog created",
+    ]
     assert len(out.splitlines()) == 8
     code, out, _ = api.meshctl("apply", "-f", "-", stdin=demo)
     assert code == 0

@@ -31,7 +31,7 @@ import pytest
 from meshcore.kube import client as kube_client
 from meshcore.kube import resources
 from meshctl import commands, podfields
-from meshctl.playground import control, paths
+from meshctl.playground import control, paths, podstatus
 from meshctl.playground import record as pg_record
 
 T = TypeVar("T")
@@ -51,6 +51,7 @@ class Playground:
         self.host_access = host_access
         self.log_level = log_level
         self._nodes = 1
+        self._max_pods = podstatus.DEFAULT_MAX_PODS
         self._proc: subprocess.Popen[bytes] | None = None
         self._record: pg_record.PlaygroundRecord | None = None
         self.paths = paths.Paths(self.state_dir)
@@ -59,6 +60,11 @@ class Playground:
 
     def nodes(self, count: int) -> Playground:
         self._nodes = count
+        return self
+
+    def max_pods(self, count: int) -> Playground:
+        """Each node admits at most `count` pods (``meshctl up --max-pods``)."""
+        self._max_pods = count
         return self
 
     def with_host_access(self, enabled: bool = True) -> Playground:
@@ -74,6 +80,7 @@ class Playground:
             timeout=timeout,
             log_level=self.log_level,
             owner_pid=os.getpid(),
+            max_pods=self._max_pods,
         )
         self._proc = control.launch_supervisor(opts, dict(os.environ))
         try:

@@ -467,6 +467,9 @@ def test_killed_kubelet_takes_its_containers_and_a_new_one_resumes(cluster: Clus
             and (rec := cluster.sandbox(p))
             and rec.containers.get("app")
             and rec.containers["app"].pid != old.pid
+            # Reported by the new kubelet (the API's Ready may still be the old one's).
+            and podfields.container_statuses(p)[0].get("containerID")
+            == f"playground://{rec.containers['app'].pid}"
             and p
         ),
         "the pod to run again",

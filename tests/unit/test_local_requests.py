@@ -53,8 +53,9 @@ def test_discovery_routes(path: str, kind: str) -> None:
         "/healthz",
         "/api/v2/pods",
         "/api/v1/deployments",
-        "/apis/apps/v1",
-        "/apis/apps",
+        "/apis/batch/v1",
+        "/apis/batch",
+        "/apis/apps/v2",
         "/api/v1/namespaces/shop/nodes",
         "/api/v1/namespaces/shop/pods/web/log",
         "/api/v1/namespaces/shop/pods/web/status/x",
@@ -95,7 +96,10 @@ def test_an_added_group_is_discovered_without_server_changes() -> None:
     registry = kinds.build_registry([kinds.ServedKind(gateways)])
     groups = apiserver.build_route(registry, "/apis")
     assert isinstance(groups, dict)
-    assert groups["groups"][0]["preferredVersion"]["groupVersion"] == "gateway.networking.k8s.io/v1"
+    by_name = {g["name"]: g for g in groups["groups"]}
+    assert set(by_name) == {"apps", "gateway.networking.k8s.io"}
+    gateway_group = by_name["gateway.networking.k8s.io"]
+    assert gateway_group["preferredVersion"]["groupVersion"] == "gateway.networking.k8s.io/v1"
     route = apiserver.build_route(
         registry, "/apis/gateway.networking.k8s.io/v1/namespaces/a/gateways/w"
     )

@@ -287,6 +287,37 @@ POD_CASES: list[tuple[str, Edit, str]] = [
         "spec.terminationGracePeriodSeconds: Invalid value: -1: must be between 0 and 31536000, "
         "inclusive",
     ),
+    (
+        "prestop-no-handler",
+        _set("spec.containers[0].lifecycle", {"preStop": {}}),
+        "spec.containers[0].lifecycle.preStop: Required value: must specify exactly one handler"
+        " type (exec or sleep)",
+    ),
+    (
+        "prestop-two-handlers",
+        _set(
+            "spec.containers[0].lifecycle",
+            {"preStop": {"sleep": {"seconds": 1}, "exec": {"command": ["true"]}}},
+        ),
+        "spec.containers[0].lifecycle.preStop: Required value: must specify exactly one handler"
+        " type (exec or sleep)",
+    ),
+    (
+        "prestop-sleep-negative",
+        _set("spec.containers[0].lifecycle", {"preStop": {"sleep": {"seconds": -1}}}),
+        "spec.containers[0].lifecycle.preStop.sleep.seconds: Invalid value: -1: must be between 0"
+        " and 31536000, inclusive",
+    ),
+    (
+        "prestop-exec-empty",
+        _set("spec.containers[0].lifecycle", {"preStop": {"exec": {"command": []}}}),
+        "spec.containers[0].lifecycle.preStop.exec.command: Required value",
+    ),
+    (
+        "poststart-unsupported",
+        _set("spec.containers[0].lifecycle", {"postStart": {"sleep": {"seconds": 1}}}),
+        "spec.containers[0].lifecycle.postStart: Unknown field",
+    ),
 ]
 
 

@@ -168,7 +168,10 @@ def test_node_rows() -> None:
             "nodeInfo": {"kubeletVersion": "v1.31.0-playground"},
         },
     }
-    _, rows = tables.build_rows(resources.NODES, [node], now=NOW, wide=True)
+    headers, rows = tables.build_rows(
+        resources.NODES, [node], now=NOW, wide=True, ztunnel_states={"node1": "Running"}
+    )
+    assert headers == ["NAME", "STATUS", "ADDRESS", "POD-CIDR", "ZTUNNEL", "AGE", "VERSION"]
     assert rows == [
-        ["node1", "Ready", "<none>", "90s", "v1.31.0-playground", "172.30.0.10", "10.244.0.0/24"]
+        ["node1", "Ready", "172.30.0.10", "10.244.0.0/24", "Running", "90s", "v1.31.0-playground"]
     ]

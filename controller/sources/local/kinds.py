@@ -2,7 +2,7 @@
 
 Each `ServedKind` is a resource type plus what the server needs to know about it: its schema,
 its defaults, which field selectors it supports and its short names for discovery. Adding a
-kind (Deployment, AuthorizationPolicy, Gateway, ...) is adding an entry here; the store and the
+kind (AuthorizationPolicy, Gateway, ...) is adding an entry here; the store and the
 HTTP server are generic over this registry. Namespaces, nodes, pods and services also have
 control-plane behaviour (lifecycle, scheduling, ClusterIP allocation) that lives in the store.
 """
@@ -32,6 +32,9 @@ class ServedKind:
     field_labels: frozenset[str] = frozenset()
     short_names: tuple[str, ...] = ()
     has_status: bool = True
+    # metadata.generation starts at 1 and grows with every change of `spec` (what controllers
+    # compare status.observedGeneration with).
+    tracks_generation: bool = False
 
     @property
     def supported_field_labels(self) -> frozenset[str]:
@@ -94,15 +97,26 @@ def _dict_at(obj: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-def default_pod(pod: dict[str, Any]) -> None:
-    spec = _dict_at(pod, "spec")
+def default_pod_spec(spec: dict[str, Any]) -> None:
     spec.setdefault("restartPolicy", "Always")
     spec.setdefault("terminationGracePeriodSeconds", DEFAULT_GRACE_PERIOD_SECONDS)
     spec.setdefault("serviceAccountName", "default")
     for container in spec["containers"]:
         for port in container.get("ports", []):
             port.setdefault("protocol", "TCP")
+
+
+def default_pod(pod: dict[str, Any]) -> None:
+    default_pod_spec(_dict_at(pod, "spec"))
     _dict_at(pod, "status").setdefault("phase", "Pending")
+
+
+def default_deployment(deployment: dict[str, Any]) -> None:
+    """The template gets the pod defaults, so a pod made from it equals its template and the
+    template hash does not change when the server fills a default in."""
+    spec = _dict_at(deployment, "spec")
+    spec.setdefault("replicas", 1)
+    default_pod_spec(_dict_at(_dict_at(spec, "template"), "spec"))
 
 
 def default_service(service: dict[str, Any]) -> None:
@@ -157,8 +171,25 @@ def build_core_kinds() -> list[ServedKind]:
     ]
 
 
+# Not among meshcore's well-known types (those need no discovery); the local server serves it.
+DEPLOYMENTS = resources.DEPLOYMENTS
+
+
+def build_apps_kinds() -> list[ServedKind]:
+    """apps/v1: Deployment (its pods are made by `controller.sources.local.deployments`)."""
+    return [
+        ServedKind(
+            DEPLOYMENTS,
+            validation.DEPLOYMENT,
+            default_deployment,
+            short_names=("deploy",),
+            tracks_generation=True,
+        )
+    ]
+
+
 def build_registry(extra: Iterable[ServedKind] = ()) -> KindRegistry:
-    return KindRegistry([*build_core_kinds(), *extra])
+    return KindRegistry([*build_core_kinds(), *build_apps_kinds(), *extra])
 
 
 # -- discovery documents -------------------------------------------------------------------

@@ -14,11 +14,15 @@ Invariants:
   (uid, timestamps, clusterIP, nodeName) are valid by construction.
 
 Control-plane behaviour, as the Kubernetes API server and controllers would do it: ClusterIP
-allocation for Services, scheduling of Pods that name no node (retried when nodes change),
-graceful deletion of scheduled Pods (`deletionTimestamp`; the kubelet finishes with
+allocation for Services, scheduling of Pods that name no node within each node's
+`allocatable.pods` (retried when nodes change or a bound pod finishes or goes; a pod that waits
+carries kube-scheduler's `PodScheduled=False/Unschedulable` condition saying why), graceful
+deletion of scheduled Pods (`deletionTimestamp`; the kubelet finishes with
 `gracePeriodSeconds=0`), Namespace termination that deletes the namespace's content first, and
-removal of the pods of a deleted Node. Writes to the main resource may change `.status` too (a
-PUT that leaves `status` out keeps the stored one); `/status` writes change only `.status`.
+removal of the pods of a deleted Node; `metadata.generation` for the kinds that track it.
+Writes to the main resource may change `.status` too (a PUT that leaves `status` out keeps the
+stored one); `/status` writes change only `.status`. Pods owned by a Deployment are made and
+removed by `deployments.DeploymentController`, which works through this API like any client.
 """
 
 from __future__ import annotations
@@ -286,6 +290,8 @@ class ObjectStore:
         self._emit(watch.Change(objects.DELETED, rtype, final, None, version))
         if rtype == resources.NODES:
             self._remove_pods_of_node(objects.name(old))
+        if rtype == resources.NODES or (rtype == resources.PODS and scheduling.is_occupying(old)):
+            self._schedule_pending()  # room freed, or fewer nodes to name in the message
         if rtype.namespaced:
             self._finish_namespace(objects.namespace(old))
         return copy.deepcopy(final)
@@ -374,15 +380,22 @@ class ObjectStore:
             served.default(obj)
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = format_timestamp(self._clock())
+        if served.tracks_generation:
+            meta["generation"] = 1
         if rtype == resources.SERVICES:
             return self._create_service(obj)
+        placement = None
         if rtype == resources.PODS and not scheduling.find_pod_node(obj):
-            node = self._choose_node(obj)
-            if node:
-                obj["spec"]["nodeName"] = node
+            placement = self._place(obj)
+            if placement.is_bound:
+                self._apply_placement(obj, placement)
         created = self._commit(rtype, None, obj)
         if rtype == resources.NODES:
             self._schedule_pending()
+        elif placement is not None and not placement.is_bound:
+            # As from kube-scheduler, the reason comes as an update after the create: the
+            # create answers with the pod as posted.
+            self._write_placement(self._objects[rtype][objects.key(obj)], placement)
         return created
 
     def _create_service(self, obj: dict[str, Any]) -> dict[str, Any]:
@@ -524,11 +537,13 @@ class ObjectStore:
             self._keep_node_name(old, new)
         elif rtype == resources.NAMESPACES and objects.is_terminating(old):
             new["status"]["phase"] = "Terminating"
+        if served.tracks_generation:
+            meta["generation"] = _next_generation(old, new)
         meta["resourceVersion"] = current
         if new == old:
             return copy.deepcopy(old)  # no change: no new version, no event
         updated = self._commit(rtype, old, new)
-        if rtype == resources.NODES:
+        if rtype == resources.NODES or (rtype == resources.PODS and _may_reschedule(old, new)):
             self._schedule_pending()
         return updated
 
@@ -651,15 +666,21 @@ class ObjectStore:
 
     # -- scheduling --------------------------------------------------------------------------
 
-    def _choose_node(self, pod: dict[str, Any]) -> str | None:
-        if resources.NODES not in self._objects:
-            return None
-        nodes = list(self._iter(resources.NODES))
+    def _place(self, pod: dict[str, Any]) -> scheduling.Placement:
+        nodes = list(self._iter(resources.NODES)) if resources.NODES in self._objects else []
         pods = list(self._iter(resources.PODS))
-        return self._scheduler.choose_node(pod, nodes, pods)
+        return self._scheduler.build_placement(pod, nodes, pods)
+
+    def _apply_placement(self, pod: dict[str, Any], placement: scheduling.Placement) -> None:
+        """Bind `pod` (a private copy) or say why it waits, in its PodScheduled condition."""
+        if placement.node is not None:
+            pod["spec"]["nodeName"] = placement.node
+        now = format_timestamp(self._clock())
+        pod["status"] = scheduling.build_scheduled_status(pod.get("status"), placement, now)
 
     def _schedule_pending(self) -> None:
-        """Bind pods that wait for a node, oldest first (a MODIFIED event each)."""
+        """Bind pods that wait for a node, oldest first, or refresh why they wait (a MODIFIED
+        event each, and none for a pod whose placement and reason did not change)."""
         if resources.PODS not in self._objects:
             return
         pending = [
@@ -667,17 +688,33 @@ class ObjectStore:
             for p in self._iter(resources.PODS)
             if not scheduling.find_pod_node(p) and not objects.is_terminating(p)
         ]
-        pending.sort(key=lambda p: int(objects.resource_version(p) or 0))
+        # Creation order; resourceVersion breaks ties within a second.
+        pending.sort(
+            key=lambda p: (
+                str(objects.metadata(p).get("creationTimestamp") or ""),
+                int(objects.resource_version(p) or 0),
+            )
+        )
         for pod in pending:
-            node = self._choose_node(pod)
-            if node is None:
-                continue
-            new = copy.deepcopy(pod)
-            new["spec"]["nodeName"] = node
-            try:
-                self._commit(resources.PODS, pod, new)
-            except errors.ApiError:
-                _LOG.exception("cannot bind a pending pod", extra=log.fields(pod=objects.name(pod)))
+            self._write_placement(pod, self._place(pod))
+
+    def _write_placement(self, pod: dict[str, Any], placement: scheduling.Placement) -> None:
+        """Commit `placement` for the stored `pod` unless the pod already says it."""
+        new = copy.deepcopy(pod)
+        self._apply_placement(new, placement)
+        if new == pod:
+            return
+        try:
+            self._commit(resources.PODS, pod, new)
+        except errors.ApiError:
+            _LOG.exception("cannot bind a pending pod", extra=log.fields(pod=objects.name(pod)))
+
+
+def _may_reschedule(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """A pod update that can change where pending pods go: it stopped occupying its node (it
+    finished), or it is itself pending (its selector may have changed)."""
+    freed = scheduling.is_occupying(old) and not scheduling.is_occupying(new)
+    return freed or not scheduling.find_pod_node(new)
 
 
 def _normalize_cluster_ips(old: dict[str, Any], new: dict[str, Any]) -> None:
@@ -704,3 +741,10 @@ def _cluster_ip(service: dict[str, Any]) -> str:
     if isinstance(ips, list) and ips and isinstance(ips[0], str):
         return ips[0]
     return ""
+
+
+def _next_generation(old: dict[str, Any], new: dict[str, Any]) -> int:
+    """The server owns `metadata.generation`: one more than before when `spec` changed."""
+    before = old["metadata"].get("generation")
+    current = before if isinstance(before, int) and not isinstance(before, bool) else 1
+    return current + 1 if new.get("spec") != old.get("spec") else current

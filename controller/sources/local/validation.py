@@ -9,8 +9,8 @@ the node's own subtree is well-typed (so a check never sees a string where it ex
     Pod "web" is invalid: spec.containers[0].command: Required value
     Pod "web" is invalid: [spec.containers[0].command: Required value, spec.nodeName: ...]
 
-The Pod, Service, Namespace and Node schemas are here; other kinds get `GENERIC` (metadata is
-checked, the rest is free-form) until they have a schema of their own.
+The Pod, Service, Namespace, Node and (apps/v1) Deployment schemas are here; other kinds get
+`GENERIC` (metadata is checked, the rest is free-form) until they have a schema of their own.
 """
 
 from __future__ import annotations
@@ -432,6 +432,34 @@ MAX_ANNOTATION_BYTES = 256 * 1024
 MAX_GRACE_PERIOD_SECONDS = 365 * 24 * 3600
 
 
+def _check_owner_references(refs: list[dict[str, Any]], path: str) -> list[FieldError]:
+    controllers = [r for r in refs if r.get("controller") is True]
+    if len(controllers) > 1:
+        names = ", ".join(f"{r['kind']}/{r['name']}" for r in controllers)
+        return [
+            invalid(
+                path,
+                [r["name"] for r in controllers],
+                f'Only one reference can have Controller set to true. Found "true" in '
+                f"references for {names}",
+            )
+        ]
+    return []
+
+
+OWNER_REFERENCE = Obj(
+    {
+        "apiVersion": Str(non_empty=True),
+        "kind": Str(non_empty=True),
+        "name": Str(non_empty=True),
+        "uid": Str(non_empty=True),
+        "controller": Bool(),
+        "blockOwnerDeletion": Bool(),
+    },
+    required=frozenset({"apiVersion", "kind", "name", "uid"}),
+)
+
+
 def build_metadata(name_rule: Rule) -> Obj:
     return Obj(
         {
@@ -446,6 +474,7 @@ def build_metadata(name_rule: Rule) -> Obj:
             "deletionTimestamp": Str(),
             "deletionGracePeriodSeconds": Int(0, MAX_GRACE_PERIOD_SECONDS),
             "generation": Int(0),
+            "ownerReferences": ListOf(OWNER_REFERENCE, check_list=_check_owner_references),
         },
         required=frozenset({"name"}),
     )
@@ -526,6 +555,26 @@ ENV_VAR = Obj(
     required=frozenset({"name"}),
     check_obj=_check_env_var,
 )
+
+
+def _check_one_handler(handler: dict[str, Any], path: str) -> list[FieldError]:
+    if len(handler) != 1:
+        return [required(path, "must specify exactly one handler type (exec or sleep)")]
+    return []
+
+
+# A preStop hook runs before the container gets SIGTERM, inside the grace period.
+LIFECYCLE_HANDLER = Obj(
+    {
+        "exec": Obj({"command": ListOf(Str(), non_empty=True)}, required=frozenset({"command"})),
+        "sleep": Obj(
+            {"seconds": Int(0, MAX_GRACE_PERIOD_SECONDS)}, required=frozenset({"seconds"})
+        ),
+    },
+    check_obj=_check_one_handler,
+)
+LIFECYCLE = Obj({"preStop": LIFECYCLE_HANDLER})
+
 CONTAINER = Obj(
     {
         "name": Str(dns_label, non_empty=True),
@@ -537,6 +586,7 @@ CONTAINER = Obj(
         "workingDir": Str(),
         "ports": ListOf(CONTAINER_PORT),
         "env": ListOf(ENV_VAR),
+        "lifecycle": LIFECYCLE,
     },
     required=frozenset({"name", "command"}),
 )
@@ -696,3 +746,76 @@ NODE = build_object(
     ),
 )
 NODE = dataclasses.replace(NODE, required=frozenset({"metadata"}))
+
+
+# -- Deployment (apps/v1) ------------------------------------------------------------------
+
+# What a Deployment's pods may be: a Deployment exists to keep its pods running.
+DEPLOYMENT_RESTART_POLICIES = ("Always",)
+
+
+def _check_deployment_spec(spec: dict[str, Any], path: str) -> list[FieldError]:
+    """The selector must pick the template's own pods, as the API server insists."""
+    found = []
+    selector_path = child(child(path, "selector"), "matchLabels")
+    match_labels: dict[str, str] = spec["selector"].get("matchLabels") or {}
+    if not match_labels:
+        found.append(required(selector_path, "a Deployment needs a non-empty selector"))
+    template = spec["template"]
+    template_meta = template.get("metadata") or {}
+    template_labels: dict[str, str] = template_meta.get("labels") or {}
+    if match_labels and any(template_labels.get(k) != v for k, v in match_labels.items()):
+        found.append(
+            invalid(
+                child(child(child(path, "template"), "metadata"), "labels"),
+                template_labels,
+                "`selector` does not match template `labels`",
+            )
+        )
+    policy = template["spec"].get("restartPolicy")
+    if policy is not None and policy not in DEPLOYMENT_RESTART_POLICIES:
+        found.append(
+            unsupported(
+                child(child(child(path, "template"), "spec"), "restartPolicy"),
+                policy,
+                DEPLOYMENT_RESTART_POLICIES,
+            )
+        )
+    return found
+
+
+LABEL_SELECTOR = Obj({"matchLabels": StrMap(label_key, label_value)})
+POD_TEMPLATE = Obj(
+    {
+        "metadata": Obj(
+            {
+                "labels": StrMap(label_key, label_value),
+                "annotations": StrMap(label_key, None, MAX_ANNOTATION_BYTES),
+            }
+        ),
+        "spec": POD_SPEC,
+    },
+    required=frozenset({"spec"}),
+)
+DEPLOYMENT_SPEC = Obj(
+    {
+        "replicas": Int(0),
+        "selector": LABEL_SELECTOR,
+        "template": POD_TEMPLATE,
+    },
+    required=frozenset({"selector", "template"}),
+    check_obj=_check_deployment_spec,
+)
+DEPLOYMENT_STATUS = Obj(
+    {
+        "observedGeneration": Int(0),
+        "replicas": Int(0),
+        "updatedReplicas": Int(0),
+        "readyReplicas": Int(0),
+        "availableReplicas": Int(0),
+        "unavailableReplicas": Int(0),
+        "collisionCount": Int(0),
+        "conditions": ListOf(CONDITION),
+    }
+)
+DEPLOYMENT = build_object(dns_subdomain, DEPLOYMENT_SPEC, DEPLOYMENT_STATUS)
