@@ -2,6 +2,11 @@
 
 A pod becomes a workload once it has an IP and until it has finished; host-network pods are left
 out, because their IP is the node's and belongs to no single identity.
+
+The annotation `ambient.istio.io/application-tunnel: PROXY/15088` is this playground's way for a
+pod to ask for an application tunnel (istiod sets one only for its own waypoints): ztunnel then
+delivers HBONE connections to port 15088 behind a PROXY protocol v2 header naming the client and
+its SPIFFE ID. A bare ``PROXY`` keeps the port the client asked for.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from meshcore.model import ids, workload
 
 REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
 REDIRECTION_ENABLED = "enabled"
+APPLICATION_TUNNEL_ANNOTATION = "ambient.istio.io/application-tunnel"
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 
 # First label present wins (istiod's canonical service labels).
@@ -32,6 +38,10 @@ _DEFAULT_REVISION = "latest"
 # A CronJob's Job is "<cronjob>-<scheduled time in minutes>" (istiod's cronJobNameRegexp).
 _REPLICASET_NAME = re.compile(r"^(.+)-[bcdfghjklmnpqrstvwxz2456789]{5,10}$")
 _CRONJOB_JOB_NAME = re.compile(r"^(.+)-\d{8,10}$")
+_TUNNEL_PROTOCOLS = {"PROXY": workload.AppTunnelProtocol.PROXY}
+_PORT = re.compile(r"[0-9]{1,5}")
+# ztunnel's own in-pod listeners: a tunnel there would feed ztunnel its own output.
+_ZTUNNEL_PORTS = frozenset({15001, 15006, 15008})
 
 
 def build_workload(
@@ -89,6 +99,7 @@ def build_workload(
             else workload.WorkloadStatus.UNHEALTHY
         ),
         cluster_id=cluster_id,
+        application_tunnel=_application_tunnel(annotations, namespace, name),
     )
 
 
@@ -115,6 +126,35 @@ def _addresses(
         if address not in addresses:
             addresses.append(address)
     return tuple(addresses)
+
+
+def _application_tunnel(
+    annotations: Mapping[str, str], namespace: str, name: str
+) -> workload.ApplicationTunnel | None:
+    """The tunnel the pod asked for with ``PROTOCOL[/PORT]``; None when it did not ask."""
+    value = annotations.get(APPLICATION_TUNNEL_ANNOTATION)
+    if value is None:
+        return None
+
+    def fail(reason: str) -> svc_translate.TranslateError:
+        field = f"metadata.annotations[{APPLICATION_TUNNEL_ANNOTATION!r}]"
+        return svc_translate.TranslateError("Pod", namespace, name, field, reason)
+
+    if not isinstance(value, str):
+        raise fail(f"not a string: {value!r}")
+    protocol_text, sep, port_text = value.partition("/")
+    protocol = _TUNNEL_PROTOCOLS.get(protocol_text)
+    if protocol is None:
+        raise fail(f"unknown protocol {protocol_text!r} in {value!r}: want PROXY or PROXY/<port>")
+    if not sep:
+        return workload.ApplicationTunnel(protocol)
+    # fullmatch, not isdigit(): that would take "¹" or a 40-digit number.
+    port = int(port_text) if _PORT.fullmatch(port_text) else 0
+    if not 1 <= port <= 65535:
+        raise fail(f"port {port_text!r} in {value!r} is not a number in 1..65535")
+    if port in _ZTUNNEL_PORTS:
+        raise fail(f"port {port} in {value!r} is one of ztunnel's own in-pod ports")
+    return workload.ApplicationTunnel(protocol, port)
 
 
 def _owner(pod: svc_translate.KubeObject, pod_name: str) -> tuple[workload.WorkloadType, str]:

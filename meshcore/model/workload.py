@@ -14,6 +14,20 @@ class TunnelProtocol(enum.Enum):
     HBONE = 1  # reach it through HBONE on port 15008
 
 
+class AppTunnelProtocol(enum.Enum):
+    NONE = 0  # connect to the tunnel port, nothing written first
+    PROXY = 1  # connect to the tunnel port and first write a PROXY protocol v2 header
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ApplicationTunnel:
+    """How the receiving ztunnel hands HBONE connections to this workload (spec section 2, item
+    6): to `port` (None: the port the client asked for) speaking `protocol`."""
+
+    protocol: AppTunnelProtocol
+    port: int | None = None
+
+
 class WorkloadStatus(enum.Enum):
     HEALTHY = 0
     UNHEALTHY = 1
@@ -67,6 +81,7 @@ class Workload:
     status: WorkloadStatus = WorkloadStatus.HEALTHY
     cluster_id: str = ids.DEFAULT_CLUSTER_ID
     network: str = ""
+    application_tunnel: ApplicationTunnel | None = None
 
     @property
     def identity(self) -> spiffe.SpiffeId:

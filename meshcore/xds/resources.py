@@ -48,6 +48,13 @@ _TUNNEL_TO_PB = {
     workload.TunnelProtocol.HBONE: workload_pb2.HBONE,
 }
 _TUNNEL_FROM_PB: dict[int, workload.TunnelProtocol] = {v: k for k, v in _TUNNEL_TO_PB.items()}
+_APP_TUNNEL_TO_PB = {
+    workload.AppTunnelProtocol.NONE: workload_pb2.ApplicationTunnel.NONE,
+    workload.AppTunnelProtocol.PROXY: workload_pb2.ApplicationTunnel.PROXY,
+}
+_APP_TUNNEL_FROM_PB: dict[int, workload.AppTunnelProtocol] = {
+    v: k for k, v in _APP_TUNNEL_TO_PB.items()
+}
 _STATUS_TO_PB = {
     workload.WorkloadStatus.HEALTHY: workload_pb2.HEALTHY,
     workload.WorkloadStatus.UNHEALTHY: workload_pb2.UNHEALTHY,
@@ -101,6 +108,10 @@ def workload_to_proto(wl: workload.Workload) -> workload_pb2.Workload:
         status=_STATUS_TO_PB[wl.status],
         cluster_id=wl.cluster_id,
     )
+    if wl.application_tunnel is not None:
+        pb.application_tunnel.SetInParent()  # present even when every field is a default
+        pb.application_tunnel.protocol = _APP_TUNNEL_TO_PB[wl.application_tunnel.protocol]
+        pb.application_tunnel.port = wl.application_tunnel.port or 0  # 0: the client's port
     for binding in wl.services:
         port_list = pb.services[binding.service]
         for mapping in binding.ports:
@@ -148,6 +159,19 @@ def workload_from_proto(pb: workload_pb2.Workload) -> workload.Workload:
         status=_enum(name, "status", pb.status, _STATUS_FROM_PB),
         cluster_id=pb.cluster_id,
         network=pb.network,
+        application_tunnel=_application_tunnel(name, pb),
+    )
+
+
+def _application_tunnel(name: str, pb: workload_pb2.Workload) -> workload.ApplicationTunnel | None:
+    # A message field: absent (no tunnel) is told apart from present with default values.
+    if not pb.HasField("application_tunnel"):
+        return None
+    tunnel = pb.application_tunnel
+    port = _port(name, "application_tunnel.port", tunnel.port, zero=True)
+    return workload.ApplicationTunnel(
+        protocol=_enum(name, "application_tunnel.protocol", tunnel.protocol, _APP_TUNNEL_FROM_PB),
+        port=port or None,
     )
 
 

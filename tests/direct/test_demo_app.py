@@ -54,6 +54,7 @@ def test_answers_with_pod_name_and_caller_address() -> None:
     assert body["pod"] == "product-catalog-7f"
     assert body["namespace"] == "shop"
     assert body["caller"] == f"{local[0]}:{local[1]}"
+    assert body["caller_identity"] is None  # a plain connection carries no identity
     assert [p["id"] for p in body["products"]] == [1, 2, 3]
 
 
@@ -197,12 +198,21 @@ def test_demo_manifest_shape() -> None:
     namespace = next(d for d in docs if d["kind"] == "Namespace")
     assert "labels" not in namespace["metadata"], "the user adds the ambient label"
     pods = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Pod"}
-    assert set(pods) == set(manifests.PODS)
-    for name in manifests.SERVICES:
-        spec = pods[name]["spec"]
+    assert set(pods) == {manifests.CLIENT}
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert set(deployments) == set(manifests.DEPLOYMENTS) == set(manifests.SERVICES)
+    for name, deployment in deployments.items():
+        assert deployment["apiVersion"] == "apps/v1"
+        assert deployment["spec"]["replicas"] == manifests.REPLICAS[name]
+        assert deployment["spec"]["selector"] == {"matchLabels": {"app": name}}
+        template = deployment["spec"]["template"]
+        assert template["metadata"]["labels"] == {"app": name}
+        spec = template["spec"]
         assert spec["serviceAccountName"] == name
-        assert pods[name]["metadata"]["labels"] == {"app": name}
         assert spec["containers"][0]["ports"] == [{"name": "http", "containerPort": 8080}]
+        env = [e["name"] for e in spec["containers"][0]["env"]]
+        assert env == ["POD_NAME", "POD_NAMESPACE", "POD_IP"]
+    assert manifests.REPLICAS["product-catalog"] == 2
     assert pods["client"]["spec"]["containers"][0]["command"] == ["sleep", "infinity"]
     services = [d for d in docs if d["kind"] == "Service"]
     assert {s["metadata"]["name"] for s in services} == set(manifests.SERVICES)

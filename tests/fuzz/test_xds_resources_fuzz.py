@@ -58,6 +58,10 @@ def _workload_bytes(draw: st.DrawFn) -> bytes:
     # Enum fields are open in proto3: any int32 can arrive (setattr: the stubs want the enum type).
     for field in ("tunnel_protocol", "workload_type", "status"):
         setattr(pb, field, draw(_enum))
+    if draw(st.booleans()):
+        pb.application_tunnel.SetInParent()
+        pb.application_tunnel.port = draw(_port | st.just(0))
+        setattr(pb.application_tunnel, "protocol", draw(_enum))  # noqa: B010 (open enum)
     for key in draw(st.lists(st.builds("{}/{}".format, _name, _name) | _text, max_size=2)):
         for _ in range(draw(st.integers(0, 2))):
             pb.services[key].ports.add(service_port=draw(_port), target_port=draw(_port))

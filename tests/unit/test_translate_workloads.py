@@ -288,3 +288,76 @@ def test_bindings_sorted_by_service_key() -> None:
         "shop/alpha.shop.svc.cluster.local",
         "shop/zeta.shop.svc.cluster.local",
     ]
+
+
+TUNNEL = "ambient.istio.io/application-tunnel"
+
+
+@pytest.mark.parametrize(
+    ("annotations", "expected"),
+    [
+        pytest.param({}, None, id="not-asked"),
+        pytest.param(
+            {TUNNEL: "PROXY/15088"},
+            workload.ApplicationTunnel(workload.AppTunnelProtocol.PROXY, 15088),
+            id="proxy-15088",
+        ),
+        pytest.param(
+            {TUNNEL: "PROXY"},
+            workload.ApplicationTunnel(workload.AppTunnelProtocol.PROXY, None),
+            id="proxy-same-port",
+        ),
+        pytest.param(
+            {TUNNEL: "PROXY/1"},
+            workload.ApplicationTunnel(workload.AppTunnelProtocol.PROXY, 1),
+            id="lowest-port",
+        ),
+        pytest.param(
+            {TUNNEL: "PROXY/65535"},
+            workload.ApplicationTunnel(workload.AppTunnelProtocol.PROXY, 65535),
+            id="highest-port",
+        ),
+    ],
+)
+def test_application_tunnel_annotation(
+    annotations: dict[str, str], expected: workload.ApplicationTunnel | None
+) -> None:
+    assert _must_build(kube.pod(annotations=annotations)).application_tunnel == expected
+
+
+def test_application_tunnel_is_independent_of_enrollment() -> None:
+    # The tunnel is only used by ztunnel for HBONE traffic; a pod outside the mesh keeps it
+    # in its record, and clients reach it on its normal port until it is captured.
+    wl = _must_build(kube.pod(annotations={TUNNEL: "PROXY/15088"}))
+    assert wl.tunnel_protocol is workload.TunnelProtocol.NONE
+    assert wl.application_tunnel is not None
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        pytest.param("", "unknown protocol ''", id="empty"),
+        pytest.param("proxy/15088", "unknown protocol 'proxy'", id="lowercase"),
+        pytest.param("HTTP/8080", "unknown protocol 'HTTP'", id="unknown-protocol"),
+        pytest.param("NONE/15088", "unknown protocol 'NONE'", id="none-protocol"),
+        pytest.param(" PROXY/15088", "unknown protocol ' PROXY'", id="leading-space"),
+        pytest.param("PROXY/", "port ''", id="missing-port"),
+        pytest.param("PROXY/0", "port '0'", id="port-zero"),
+        pytest.param("PROXY/65536", "port '65536'", id="port-too-big"),
+        pytest.param("PROXY/-1", "port '-1'", id="negative-port"),
+        pytest.param("PROXY/15088 ", "port '15088 '", id="trailing-space"),
+        pytest.param("PROXY/0x50", "port '0x50'", id="hex-port"),
+        pytest.param("PROXY/\u00b9", "port '\u00b9'", id="superscript-digit"),
+        pytest.param("PROXY/15088/tcp", "port '15088/tcp'", id="extra-part"),
+        pytest.param("PROXY/15008", "ztunnel's own", id="ztunnel-hbone-port"),
+        pytest.param("PROXY/15006", "ztunnel's own", id="ztunnel-inbound-port"),
+        pytest.param("PROXY/15001", "ztunnel's own", id="ztunnel-outbound-port"),
+    ],
+)
+def test_malformed_application_tunnel_names_the_field(value: str, reason: str) -> None:
+    with pytest.raises(svc_translate.TranslateError) as err:
+        _build(kube.pod(annotations={TUNNEL: value}))
+    assert err.value.field == f"metadata.annotations['{TUNNEL}']"
+    assert reason in err.value.reason
+    assert "Pod shop/web-1" in str(err.value)
+    assert repr(value) in str(err.value)

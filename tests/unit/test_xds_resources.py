@@ -73,6 +73,7 @@ def _full_workload() -> workload.Workload:
         status=workload.WorkloadStatus.UNHEALTHY,
         cluster_id="east",
         network="net-1",
+        application_tunnel=workload.ApplicationTunnel(workload.AppTunnelProtocol.PROXY, 15088),
     )
 
 
@@ -548,3 +549,100 @@ def test_network_host_bits_are_masked() -> None:
     )
     policy = resources.decode_authorization(packed)
     assert policy.rules[0].clauses[0].matches[0].source_ips == (ipaddress.ip_network("10.0.0.0/8"),)
+
+
+# --- application tunnel (Workload field 23: ApplicationTunnel {protocol = 1, port = 2}) ---
+
+
+def _wl_with_tunnel(tunnel: bytes | None) -> any_pb2.Any:
+    body = _str(20, "c//Pod/shop/a") + _str(1, "a") + _str(2, "shop")
+    if tunnel is not None:
+        body += _len(23, tunnel)
+    return _any(types.ADDRESS, _len(1, body))
+
+
+@pytest.mark.parametrize(
+    ("tunnel", "expected"),
+    [
+        pytest.param(None, None, id="absent"),
+        pytest.param(
+            _int(1, 1) + _int(2, 15088),
+            workload.ApplicationTunnel(workload.AppTunnelProtocol.PROXY, 15088),
+            id="proxy-with-port",
+        ),
+        pytest.param(
+            _int(1, 1),
+            workload.ApplicationTunnel(workload.AppTunnelProtocol.PROXY, None),
+            id="proxy-same-port",
+        ),
+        pytest.param(
+            b"",
+            workload.ApplicationTunnel(workload.AppTunnelProtocol.NONE, None),
+            id="present-but-empty",
+        ),
+        pytest.param(
+            _int(2, 9000),
+            workload.ApplicationTunnel(workload.AppTunnelProtocol.NONE, 9000),
+            id="none-with-port",
+        ),
+    ],
+)
+def test_decodes_application_tunnel_from_field_numbers(
+    tunnel: bytes | None, expected: workload.ApplicationTunnel | None
+) -> None:
+    decoded = resources.decode_address(_wl_with_tunnel(tunnel))
+    assert isinstance(decoded, workload.Workload)
+    assert decoded.application_tunnel == expected
+
+
+@pytest.mark.parametrize(
+    "tunnel",
+    [
+        None,
+        workload.ApplicationTunnel(workload.AppTunnelProtocol.PROXY, 15088),
+        workload.ApplicationTunnel(workload.AppTunnelProtocol.PROXY),
+        workload.ApplicationTunnel(workload.AppTunnelProtocol.NONE),
+    ],
+    ids=["absent", "proxy-15088", "proxy-same-port", "none-same-port"],
+)
+def test_application_tunnel_round_trip(tunnel: workload.ApplicationTunnel | None) -> None:
+    wl = workload.Workload(
+        uid=ids.pod_uid("shop", "a"),
+        name="a",
+        namespace="shop",
+        addresses=(V4,),
+        node="n1",
+        application_tunnel=tunnel,
+    )
+    pb = resources.workload_to_proto(wl)
+    # An absent tunnel stays absent on the wire; a present one is sent even when all-default.
+    assert pb.HasField("application_tunnel") is (tunnel is not None)
+    assert resources.decode_address(resources.address_resource(wl)[1]) == wl
+
+
+def test_encoded_application_tunnel_uses_istio_field_numbers() -> None:
+    wl = workload.Workload(
+        uid=ids.WorkloadUid("c//Pod/shop/a"),
+        name="a",
+        namespace="shop",
+        addresses=(),
+        node="",
+        cluster_id="",
+        application_tunnel=workload.ApplicationTunnel(workload.AppTunnelProtocol.PROXY, 15088),
+    )
+    serialized = resources.workload_to_proto(wl).SerializeToString(deterministic=True)
+    assert _len(23, _int(1, 1) + _int(2, 15088)) in serialized
+    assert 23 in _field_numbers(serialized)
+
+
+@pytest.mark.parametrize(
+    ("tunnel", "field"),
+    [
+        pytest.param(_int(1, 1) + _int(2, 70000), "application_tunnel.port", id="port-too-big"),
+        pytest.param(_int(1, 2) + _int(2, 15088), "application_tunnel.protocol", id="protocol-2"),
+    ],
+)
+def test_invalid_application_tunnel_names_the_field(tunnel: bytes, field: str) -> None:
+    with pytest.raises(resources.ResourceError) as err:
+        resources.decode_address(_wl_with_tunnel(tunnel))
+    assert err.value.field == field

@@ -3,10 +3,14 @@
 HBONE: TLS with the pod's own certificate (the peer must present one from the mesh CA in our
 trust domain), then per CONNECT stream: validate and authorize (routing.build_inbound), connect
 to the app from inside the pod, and answer 200 only once that connect succeeded (401 on deny,
-503 when the app can't be reached, 400 for a malformed request).
+503 when the app can't be reached, 400 for a malformed request). A workload with an application
+tunnel (spec section 2, item 6) is connected to on its tunnel port instead, and with PROXY it
+first gets a PROXY v2 header naming the client and its SPIFFE ID.
 
 Plaintext (15006) is what unenrolled clients send; the in-pod rules redirect it here. It is
 authorized with no peer identity, so a policy requiring one (PeerAuthentication STRICT) rejects it.
+It always goes to the port the client dialled: there is no identity for an application tunnel to
+carry.
 """
 
 from __future__ import annotations
@@ -115,7 +119,9 @@ class InboundProxy:
         self, conn: hbone.HboneServerProtocol, event: hbone_wire.TunnelRequested
     ) -> None:
         inputs, pod = self._inputs, self._pod
-        peer_ip_text = conn.peer_address[0] if conn.peer_address else "0.0.0.0"
+        peer = conn.peer_address or ("0.0.0.0", 0)
+        # Indexed, not unpacked: an IPv6 peername is (host, port, flowinfo, scope_id).
+        peer_ip_text, peer_port = peer[0], peer[1]
         peer_ip = ipaddress.ip_address(peer_ip_text)
         forwarded_for, forwarded_host = _forwarded(event.headers)
         record = telemetry.ConnectionRecord(
@@ -137,20 +143,26 @@ class InboundProxy:
                 record.flag = routing.Flag.CONNECT.value
                 record.error = "local workload is not known yet (no xDS record)"
                 return
+            _, source_port = routing.client_address((peer_ip_text, peer_port), forwarded_for)
             plan = routing.build_inbound(
                 inputs.state,
                 local,
                 peer_identity=conn.peer_identity,
                 source_ip=peer_ip,
+                source_port=source_port,
                 authority=event.authority,
                 method=event.method,
+                local_ip=_local_ip(conn),
+                is_hbone=True,
             )
             if isinstance(plan, routing.Refusal):
                 conn.reject(event.stream_id, plan.status)
                 record.flag, record.error = plan.flag.value, plan.reason
                 return
             try:
-                app = await _connect_app(inputs, pod, plan.target, peer_ip_text)
+                app = await _connect_app(
+                    inputs, pod, plan.target, peer_ip_text, header=plan.proxy_header
+                )
             except (OSError, TimeoutError) as exc:
                 conn.reject(event.stream_id, 503)
                 record.flag = routing.Flag.CONNECT.value
@@ -254,9 +266,19 @@ async def _local_workload(inputs: ProxyInputs, pod: PodContext) -> workload.Work
 
 
 async def _connect_app(
-    inputs: ProxyInputs, pod: PodContext, target: tuple[str, int], client_ip: str
+    inputs: ProxyInputs,
+    pod: PodContext,
+    target: tuple[str, int],
+    client_ip: str,
+    *,
+    header: bytes | None = None,
 ) -> relay.TcpEnd:
-    """Connect to the app from inside the pod, keeping the client's address when possible."""
+    """Connect to the app from inside the pod, keeping the client's address when possible.
+
+    `header` (an application tunnel's PROXY header) is sent before the relay exists, so it is
+    the app's first bytes and the relay's data path stays as it is; a failure to send it counts
+    as a failed connect.
+    """
     timeout = inputs.config.connect_timeout
     try:
         sock = await pod.network.connect(target, timeout=timeout, source_ip=client_ip)
@@ -264,7 +286,27 @@ async def _connect_app(
         if exc.errno not in _SPOOF_UNAVAILABLE:
             raise
         sock = await pod.network.connect(target, timeout=timeout)
+    if header:
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.get_running_loop().sock_sendall(sock, header)
+        except BaseException:
+            sock.close()
+            raise
     return await session.tcp_end(sock)
+
+
+def _local_ip(
+    conn: hbone.HboneServerProtocol,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The pod address the tunnel arrived on."""
+    sockname = conn.transport.get_extra_info("sockname") if conn.transport else None
+    if not isinstance(sockname, tuple):
+        return None
+    try:
+        return ipaddress.ip_address(sockname[0])
+    except ValueError:
+        return None
 
 
 def _forwarded(headers: tuple[tuple[str, str], ...]) -> tuple[str | None, str | None]:
