@@ -7,7 +7,7 @@ kube-proxy role and the CLI tables never crash on an object someone else wrote.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
@@ -132,6 +132,37 @@ def cluster_ip(service: Mapping[str, Any]) -> str:
 def selector(service: Mapping[str, Any]) -> dict[str, str]:
     sel = _map(spec(service).get("selector"))
     return {str(k): str(v) for k, v in sel.items()}
+
+
+def is_headless(service: Mapping[str, Any]) -> bool:
+    return spec(service).get("clusterIP") == "None"
+
+
+def is_serving(pod: Mapping[str, Any]) -> bool:
+    """An endpoint a service may send to: running, Ready, with an IP, not being deleted."""
+    return (
+        bool(pod_ip(pod))
+        and is_pod_ready(pod)
+        and not _map(pod.get("metadata")).get("deletionTimestamp")
+        and phase(pod) == "Running"
+    )
+
+
+def find_service_members(
+    service: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]
+) -> list[Mapping[str, Any]]:
+    """The serving pods the service's selector picks in its namespace (none without one)."""
+    sel = selector(service)
+    if not sel:
+        return []
+    ns = _map(service.get("metadata")).get("namespace")
+    return [
+        p
+        for p in pods
+        if _map(p.get("metadata")).get("namespace") == ns
+        and is_serving(p)
+        and all(_map(_map(p.get("metadata")).get("labels")).get(k) == v for k, v in sel.items())
+    ]
 
 
 def node_internal_ip(node: Mapping[str, Any]) -> str:

@@ -176,11 +176,12 @@ class Kubelet:
         )
         self.proxy = kubeproxy.KubeProxy(self.services.items, self.all_pods.items)
         self._ready_since = podworker.now_rfc3339()
+        self._service_names: list[sandbox.ServiceName] | None = None
 
     # -- PodHost ------------------------------------------------------------------------------
 
     def find_service_names(self) -> list[sandbox.ServiceName]:
-        return sandbox.build_service_names(self.services.items())
+        return sandbox.build_service_names(self.services.items(), self.all_pods.items())
 
     # -- run ----------------------------------------------------------------------------------
 
@@ -272,14 +273,22 @@ class Kubelet:
 
     async def _on_service(self, event: objects.WatchEvent) -> None:
         self.proxy.mark_dirty()
+        self._refresh_hosts_files()
+
+    async def _on_any_pod(self, event: objects.WatchEvent) -> None:
+        self.proxy.mark_dirty()
+        self._refresh_hosts_files()  # a headless service's answer follows its pods
+
+    def _refresh_hosts_files(self) -> None:
+        names = self.find_service_names()
+        if names == self._service_names:
+            return
+        self._service_names = names
         for worker, _ in self._workers.values():
             try:
                 worker.refresh_hosts()
             except OSError as exc:
                 _LOG.warning("hosts file update failed", extra=log.fields(error=str(exc)))
-
-    async def _on_any_pod(self, event: objects.WatchEvent) -> None:
-        self.proxy.mark_dirty()
 
     async def _on_node_pod(self, event: objects.WatchEvent) -> None:
         pod = event.object

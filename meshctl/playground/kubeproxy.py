@@ -78,15 +78,6 @@ class ProxyPlan:
     captured: tuple[tuple[str, str], ...]  # (pod IP, "ns/name") of pods the mesh captures
 
 
-def _is_active_ready(pod: Mapping[str, Any]) -> bool:
-    return (
-        bool(podfields.pod_ip(pod))
-        and podfields.is_pod_ready(pod)
-        and not objects.is_terminating(pod)
-        and podfields.phase(pod) == "Running"
-    )
-
-
 def _target_port(pod: Mapping[str, Any], port: Mapping[str, Any], protocol: str) -> int | None:
     target = port.get("targetPort", port.get("port"))
     if isinstance(target, bool):
@@ -108,17 +99,10 @@ def build_plan(
     ports = []
     for svc in services:
         vip = podfields.cluster_ip(svc)
-        selector = podfields.selector(svc)
-        if not vip or not selector:
+        if not vip or not podfields.selector(svc):
             continue
         ns = objects.namespace(svc)
-        members = [
-            p
-            for p in pod_list
-            if objects.namespace(p) == ns
-            and _is_active_ready(p)
-            and all(objects.labels(p).get(k) == v for k, v in selector.items())
-        ]
+        members = podfields.find_service_members(svc, pod_list)
         for port in podfields.service_ports(svc):
             number = port.get("port")
             protocol = str(port.get("protocol") or "TCP")

@@ -14,6 +14,7 @@ The builders here are pure: they turn API objects into file contents and process
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import re
@@ -162,13 +163,24 @@ def find_pod_dirs(node_state_dir: str) -> list[str]:
         return []
 
 
-def build_service_names(services: Iterable[Mapping[str, Any]]) -> list[ServiceName]:
-    out = []
+def build_service_names(
+    services: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]] = ()
+) -> list[ServiceName]:
+    """Name -> address entries: a service's ClusterIP, or for a headless service the IP of each
+    serving pod it selects (what cluster DNS would answer)."""
+    out: list[ServiceName] = []
+    pod_list = list(pods)
     for svc in services:
         meta = svc.get("metadata") or {}
-        ip = podfields.cluster_ip(svc)
-        if ip and isinstance(meta, Mapping):
-            out.append(ServiceName(str(meta.get("namespace", "")), str(meta.get("name", "")), ip))
+        if not isinstance(meta, Mapping):
+            continue
+        namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+        if podfields.is_headless(svc):
+            members = podfields.find_service_members(svc, pod_list)
+            ips = sorted({podfields.pod_ip(p) for p in members}, key=ipaddress.ip_address)
+            out.extend(ServiceName(namespace, name, ip) for ip in ips)
+        elif ip := podfields.cluster_ip(svc):
+            out.append(ServiceName(namespace, name, ip))
     return sorted(out, key=lambda s: (s.namespace, s.name))
 
 

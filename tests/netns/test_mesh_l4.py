@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from meshcore.identity import ca as ca_mod
 from meshcore.identity import csr, spiffe
 from meshcore.kube import resources
+from meshctl import commands
 from meshctl.demo import manifests as demo
 from tests.netns import mesh_helpers as mh
 from tests.netns.playground_fixtures import Playground
@@ -329,10 +330,15 @@ def test_enrollment_follows_the_namespace_label(cluster: Playground) -> None:
 
 def test_demo_shop_through_the_mesh(cluster: Playground) -> None:
     cluster.apply(demo.build_demo_manifest())
-    for pod in ("product-catalog", "order-management", "payment-processing", "client"):
-        cluster.wait_pod_ready("shop", pod)
+    cluster.call(
+        lambda api: commands.wait_deployments_ready(api, demo.NAMESPACE, demo.DEPLOYMENTS, 120)
+    )
+    cluster.wait_pod_ready("shop", "client")
     cluster.label_namespace("shop", {"istio.io/dataplane-mode": "ambient"})
-    for pod in ("product-catalog", "client"):
+    listed = cluster.call(lambda api: api.list(resources.PODS, "shop"))
+    names = [p["metadata"]["name"] for p in listed.items]
+    assert len(names) == sum(demo.REPLICAS.values()) + 1
+    for pod in names:
         mh.wait_captured(cluster, "shop", pod)
     done = cluster.exec(
         "shop", "client", ["curl", "-s", "--max-time", "10", "http://product-catalog.shop/products"]

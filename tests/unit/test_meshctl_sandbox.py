@@ -30,6 +30,35 @@ def test_hosts_file_lists_services_with_short_names_for_own_namespace() -> None:
     assert not any(line.startswith("None") or " hl." in line for line in lines)
 
 
+def _serving(name: str, ip: str, *, ready: bool = True, ns: str = "shop") -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": "db"}},
+        "status": {
+            "podIP": ip,
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
+
+
+def test_headless_service_resolves_to_its_serving_pods() -> None:
+    headless = {
+        "metadata": {"name": "db", "namespace": "shop"},
+        "spec": {"clusterIP": "None", "selector": {"app": "db"}},
+    }
+    pods = [
+        _serving("db-1", "10.244.1.9"),
+        _serving("db-0", "10.244.0.12"),
+        _serving("db-2", "10.244.2.3", ready=False),  # not serving: left out
+        _serving("db-x", "10.244.2.4", ns="other"),  # another namespace: left out
+    ]
+    services = sandbox.build_service_names([headless], pods)
+    assert [s.cluster_ip for s in services] == ["10.244.0.12", "10.244.1.9"]
+    lines = sandbox.build_hosts_file("shop", "client", "10.244.0.7", services).splitlines()
+    assert "10.244.0.12\tdb.shop.svc.cluster.local db.shop.svc db.shop db" in lines
+    assert "10.244.1.9\tdb.shop.svc.cluster.local db.shop.svc db.shop db" in lines
+
+
 def test_resolv_conf_search_path() -> None:
     text = sandbox.build_resolv_conf("shop")
     assert "search shop.svc.cluster.local svc.cluster.local cluster.local\n" in text

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Sequence
 
@@ -8,6 +9,7 @@ import pytest
 from meshcore import rbac
 from meshcore.identity import spiffe
 from meshcore.model import authorization, ids, workload
+from meshcore.wire import proxyproto
 from ztunnel.proxy import routing
 from ztunnel.state import proxy_state
 
@@ -131,12 +133,35 @@ def test_outbound_plan(
 @pytest.mark.parametrize(
     ("endpoints", "dst", "reason"),
     [
-        ([], ("10.96.0.10", 80), "no healthy upstream for service catalog.shop.svc.cluster.local"),
-        ([_wl("a", "10.244.1.5", healthy=False)], ("10.96.0.10", 80), "no healthy upstream"),
+        (
+            [],
+            ("10.96.0.10", 80),
+            "service catalog.shop.svc.cluster.local has no endpoints (its selector matches no pod)",
+        ),
+        (
+            [_wl("a", "10.244.1.5", healthy=False)],
+            ("10.96.0.10", 80),
+            "none of the 1 endpoint(s) of service catalog.shop.svc.cluster.local is ready",
+        ),
+        (
+            [
+                dataclasses.replace(
+                    _wl("a", "10.244.1.5"), services=(workload.ServiceBinding(SVC, ()),)
+                )
+            ],
+            ("10.96.0.10", 80),
+            "port 80: none of its 1 ready endpoint(s) declares the target port",
+        ),
         ([_wl("a", "10.244.1.5")], ("10.96.0.10", 81), "has no port 81"),
         ([], ("127.0.0.1", 15001), "ztunnel's own port 15001"),
     ],
-    ids=["no-endpoints", "only-unhealthy", "unknown-service-port", "self-call"],
+    ids=[
+        "no-endpoints",
+        "only-unhealthy",
+        "unresolved-named-port",
+        "unknown-service-port",
+        "self-call",
+    ],
 )
 def test_outbound_refusals(
     endpoints: list[workload.Workload], dst: tuple[str, int], reason: str
@@ -144,6 +169,9 @@ def test_outbound_refusals(
     plan = routing.build_outbound(_state(CLIENT, *endpoints), CLIENT, dst, choose=_first)
     assert isinstance(plan, routing.Refusal)
     assert reason in plan.reason
+    if dst[0] == "10.96.0.10":  # a service call: telemetry can name the service
+        assert plan.service is not None
+        assert plan.service.hostname == "catalog.shop.svc.cluster.local"
 
 
 def test_outbound_prefers_same_node() -> None:
@@ -257,3 +285,189 @@ def test_rbac_order_deny_then_allow() -> None:
     assert rbac.evaluate([allow], conn).is_allowed
     assert rbac.evaluate([never], conn).verdict is rbac.Verdict.NOT_ALLOWED
     assert rbac.evaluate([], conn).is_allowed
+
+
+# --- application tunnel (spec section 2, items 3 and 6) ---
+
+CLIENT_IP = ipaddress.ip_address("10.244.1.2")
+PROXY_TUNNEL = workload.ApplicationTunnel(workload.AppTunnelProtocol.PROXY, 15088)
+
+
+def _tunnelled(tunnel: workload.ApplicationTunnel | None = PROXY_TUNNEL) -> workload.Workload:
+    return dataclasses.replace(SERVER, application_tunnel=tunnel)
+
+
+def _inbound(
+    local: workload.Workload,
+    authority: str = "10.244.1.5:8080",
+    *,
+    is_hbone: bool = True,
+    state: proxy_state.ProxyState | None = None,
+    peer_identity: spiffe.SpiffeId | None = WEB,
+    source_ip: ids.IpAddress = CLIENT_IP,
+    local_ip: str | None = "10.244.1.5",
+) -> routing.InboundPlan | routing.Refusal:
+    return routing.build_inbound(
+        state or _state(local),
+        local,
+        peer_identity=peer_identity,
+        source_ip=source_ip,
+        source_port=41000,
+        authority=authority,
+        local_ip=ipaddress.ip_address(local_ip) if local_ip else None,
+        is_hbone=is_hbone,
+    )
+
+
+def test_proxy_tunnel_goes_to_the_tunnel_port_with_a_header() -> None:
+    plan = _inbound(_tunnelled())
+    assert isinstance(plan, routing.InboundPlan)
+    assert plan.target == ("10.244.1.5", 15088)
+    assert plan.proxy_header is not None
+    # Exactly what ztunnel writes: client -> HBONE target, and the client's SPIFFE ID in 0xD0.
+    assert plan.proxy_header == proxyproto.build_header(
+        (CLIENT_IP, 41000),
+        (ipaddress.ip_address("10.244.1.5"), 8080),
+        [proxyproto.Tlv(0xD0, b"spiffe://cluster.local/ns/shop/sa/web")],
+    )
+    header, rest = proxyproto.parse_header(plan.proxy_header)
+    assert header.source == (CLIENT_IP, 41000)
+    assert header.destination == (ipaddress.ip_address("10.244.1.5"), 8080)
+    assert header.source_identity == WEB
+    assert rest == b""
+
+
+@pytest.mark.parametrize(
+    ("tunnel", "is_hbone", "target", "has_header"),
+    [
+        pytest.param(None, True, ("10.244.1.5", 8080), False, id="no-tunnel"),
+        pytest.param(PROXY_TUNNEL, False, ("10.244.1.5", 8080), False, id="plaintext-ignores-it"),
+        pytest.param(
+            workload.ApplicationTunnel(workload.AppTunnelProtocol.PROXY),
+            True,
+            ("10.244.1.5", 8080),
+            True,
+            id="proxy-on-the-same-port",
+        ),
+        pytest.param(
+            workload.ApplicationTunnel(workload.AppTunnelProtocol.NONE, 9000),
+            True,
+            ("10.244.1.5", 9000),
+            False,
+            id="none-only-moves-the-port",
+        ),
+    ],
+)
+def test_tunnel_target_and_header(
+    tunnel: workload.ApplicationTunnel | None,
+    is_hbone: bool,
+    target: tuple[str, int],
+    has_header: bool,
+) -> None:
+    plan = _inbound(_tunnelled(tunnel), is_hbone=is_hbone)
+    assert isinstance(plan, routing.InboundPlan)
+    assert plan.target == target
+    assert (plan.proxy_header is not None) is has_header
+
+
+def test_authority_of_another_address_is_allowed_only_with_a_tunnel() -> None:
+    # A waypoint-style authority (a service VIP): the connection still goes to our own
+    # address, and the app learns the VIP from the header.
+    plan = _inbound(_tunnelled(), "10.96.0.10:80")
+    assert isinstance(plan, routing.InboundPlan)
+    assert plan.target == ("10.244.1.5", 15088)
+    assert plan.proxy_header is not None
+    header, _ = proxyproto.parse_header(plan.proxy_header)
+    assert header.destination == (ipaddress.ip_address("10.96.0.10"), 80)
+
+    for local, is_hbone in ((_tunnelled(None), True), (_tunnelled(), False)):
+        refused = _inbound(local, "10.96.0.10:80", is_hbone=is_hbone)
+        assert isinstance(refused, routing.Refusal)
+        assert refused.status == 400
+        assert "not this workload's address" in refused.reason
+
+
+def test_authority_exception_targets_the_address_the_tunnel_arrived_on() -> None:
+    dual = dataclasses.replace(
+        _tunnelled(), addresses=(ipaddress.ip_address("10.244.1.5"), ipaddress.ip_address("fd::5"))
+    )
+    plan = _inbound(dual, "[fd::99]:80", local_ip="fd::5", source_ip=ipaddress.ip_address("fd::2"))
+    assert isinstance(plan, routing.InboundPlan)
+    assert plan.target == ("fd::5", 15088)
+    without_local_ip = _inbound(
+        dual, "[fd::99]:80", local_ip=None, source_ip=ipaddress.ip_address("fd::2")
+    )
+    assert isinstance(without_local_ip, routing.InboundPlan)
+    assert without_local_ip.target == ("10.244.1.5", 15088)  # the workload's first address
+
+
+@pytest.mark.parametrize(
+    ("tunnel", "authority", "status", "reason"),
+    [
+        pytest.param(PROXY_TUNNEL, "10.244.1.5:15008", 400, "own port", id="authority-15008"),
+        pytest.param(
+            workload.ApplicationTunnel(workload.AppTunnelProtocol.PROXY, 15006),
+            "10.244.1.5:8080",
+            503,
+            "application tunnel port 15006",
+            id="tunnel-port-15006",
+        ),
+        pytest.param(PROXY_TUNNEL, "[fd::1]:80", 400, "PROXY header", id="mixed-families"),
+    ],
+)
+def test_tunnel_refusals(
+    tunnel: workload.ApplicationTunnel, authority: str, status: int, reason: str
+) -> None:
+    refused = _inbound(_tunnelled(tunnel), authority)
+    assert isinstance(refused, routing.Refusal)
+    assert refused.status == status
+    assert reason in refused.reason
+
+
+def test_plaintext_carries_no_identity_header() -> None:
+    plan = _inbound(_tunnelled(), is_hbone=False, peer_identity=None)
+    assert isinstance(plan, routing.InboundPlan)
+    assert plan.proxy_header is None
+    assert plan.target == ("10.244.1.5", 8080)
+
+
+def test_policies_see_the_requested_port_not_the_tunnel_port() -> None:
+    local = _tunnelled()
+    state = _state(local)
+    state.policies.insert(
+        authorization.Authorization(
+            name="deny-8080",
+            namespace="shop",
+            scope=authorization.Scope.NAMESPACE,
+            action=authorization.Action.DENY,
+            rules=(
+                authorization.Rule(
+                    (authorization.Clause((authorization.Match(destination_ports=(8080,)),)),)
+                ),
+            ),
+        )
+    )
+    refused = _inbound(local, state=state)
+    assert isinstance(refused, routing.Refusal)
+    assert refused.status == 401
+    allowed = _inbound(local, "10.244.1.5:9090", state=state)
+    assert isinstance(allowed, routing.InboundPlan)
+    assert allowed.target == ("10.244.1.5", 15088)
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "expected"),
+    [
+        pytest.param(("10.0.0.1", 5000), None, ("10.0.0.1", 5000), id="no-header"),
+        pytest.param(("10.0.0.1", 5000), "10.0.0.1:41000", ("10.0.0.1", 41000), id="same-ip"),
+        pytest.param(("10.0.0.1", 5000), "10.9.9.9:41000", ("10.0.0.1", 5000), id="other-ip"),
+        pytest.param(("10.0.0.1", 5000), "_hidden", ("10.0.0.1", 5000), id="obfuscated"),
+        pytest.param(("10.0.0.1", 5000), "10.0.0.1", ("10.0.0.1", 5000), id="no-port"),
+        pytest.param(("fd::1", 5000), "[fd::1]:41000", ("fd::1", 41000), id="ipv6"),
+    ],
+)
+def test_client_address_trusts_only_the_connection_ip(
+    peer: tuple[str, int], forwarded: str | None, expected: tuple[str, int]
+) -> None:
+    ip, port = routing.client_address(peer, forwarded)
+    assert (str(ip), port) == expected

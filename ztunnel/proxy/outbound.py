@@ -61,6 +61,7 @@ class OutboundProxy:
             plan = routing.build_outbound(inputs.state, source, original)
             if isinstance(plan, routing.Refusal):
                 record.flag, record.error = plan.flag.value, plan.reason
+                record.service = plan.service
                 down.abort()
                 return
             record.destination, record.service = plan.destination, plan.service

@@ -17,7 +17,7 @@ from typing import TypeVar
 from meshcore import rbac
 from meshcore.identity import spiffe
 from meshcore.model import ids, workload
-from meshcore.wire import hbone
+from meshcore.wire import hbone, proxyproto
 from ztunnel.state import proxy_state
 
 HBONE_PORT = 15008
@@ -61,6 +61,7 @@ class Refusal:
     reason: str
     flag: Flag
     status: int = 503  # for inbound HBONE: the CONNECT response status
+    service: workload.Service | None = None  # the service that was called, for telemetry
 
 
 def build_outbound(
@@ -82,14 +83,19 @@ def build_outbound(
     if service is not None:
         mapping = service.port(port)
         if mapping is None:
-            return Refusal(f"service {service.hostname} has no port {port}", Flag.CONNECT)
+            return Refusal(
+                f"service {service.hostname} has no port {port}", Flag.CONNECT, service=service
+            )
+        endpoints = state.workloads.find_endpoints(service.key)
+        healthy = [wl for wl in endpoints if wl.is_healthy]
         candidates = [
             (wl, target)
-            for wl in state.workloads.find_endpoints(service.key)
-            if wl.is_healthy and (target := _target_port(wl, service, mapping)) is not None
+            for wl in healthy
+            if (target := _target_port(wl, service, mapping)) is not None
         ]
         if not candidates:
-            return Refusal(f"no healthy upstream for service {service.hostname}", Flag.CONNECT)
+            reason = _no_upstream_reason(service, port, endpoints, healthy)
+            return Refusal(reason, Flag.CONNECT, service=service)
         local = [c for c in candidates if c[0].node == source.node]
         pool = local or candidates
         chosen = choose([wl for wl, _ in pool])
@@ -108,6 +114,27 @@ def build_outbound(
         source=source,
         destination=None,
         service=None,
+    )
+
+
+def _no_upstream_reason(
+    service: workload.Service,
+    port: int,
+    endpoints: Sequence[workload.Workload],
+    healthy: Sequence[workload.Workload],
+) -> str:
+    """Why a service call has nowhere to go, in the words a user would look for."""
+    name = service.hostname
+    if not endpoints:
+        return f"no healthy upstream: service {name} has no endpoints (its selector matches no pod)"
+    if not healthy:
+        return (
+            f"no healthy upstream: none of the {len(endpoints)} endpoint(s) of service {name}"
+            " is ready"
+        )
+    return (
+        f"no healthy upstream: service {name} port {port}: none of its {len(healthy)} ready"
+        " endpoint(s) declares the target port (a named targetPort no container port has?)"
     )
 
 
@@ -173,6 +200,8 @@ class InboundPlan:
     peer_identity: spiffe.SpiffeId | None
     source_ip: ids.IpAddress
     decision: rbac.Decision
+    # Written to the app before any of the client's bytes (an application tunnel with PROXY).
+    proxy_header: bytes | None = None
 
 
 def build_inbound(
@@ -183,11 +212,18 @@ def build_inbound(
     source_ip: ids.IpAddress,
     authority: str,
     method: str = "CONNECT",
+    source_port: int = 0,
+    local_ip: ids.IpAddress | None = None,
+    is_hbone: bool = False,
 ) -> InboundPlan | Refusal:
     """Validate an inbound tunnel request (spec section 2, 'What the receiving ztunnel validates').
 
     For plaintext inbound (port 15006) the authority is the original destination ip:port and
-    there is no peer identity.
+    there is no peer identity. `is_hbone` says the request came through an HBONE tunnel: only
+    then does the local workload's application tunnel apply (item 6), and with it the exception
+    to the authority check (item 3): the authority need not be ours, because the connection
+    still goes to our own address (`local_ip`, where the tunnel arrived) and the app reads the
+    authority from the PROXY header. `source_ip:source_port` is the client as the header names it.
     """
     if method != "CONNECT":
         return Refusal(f"method {method} is not CONNECT", Flag.CONNECT, status=400)
@@ -195,16 +231,37 @@ def build_inbound(
         ip, port = hbone.parse_authority(authority)
     except hbone.InvalidAuthorityError as exc:
         return Refusal(str(exc), Flag.CONNECT, status=400)
-    if ip not in local.addresses:
+    tunnel = local.application_tunnel if is_hbone else None
+    arrived_on = local_ip if local_ip is not None else next(iter(local.addresses), None)
+    if ip in local.addresses:
+        target_ip = ip
+    elif tunnel is not None and arrived_on is not None:
+        target_ip = arrived_on
+    else:
         return Refusal(
             f"authority {authority} is not this workload's address", Flag.CONNECT, status=400
         )
     if port in ILLEGAL_PORTS:
         return Refusal(f"connection to ztunnel's own port {port}", Flag.CONNECT, status=400)
+    target_port = port
+    proxy_header = None
+    if tunnel is not None:
+        target_port = tunnel.port or port
+        if target_port in ILLEGAL_PORTS:
+            return Refusal(
+                f"application tunnel port {target_port} is ztunnel's own", Flag.CONNECT, status=503
+            )
+        if tunnel.protocol is workload.AppTunnelProtocol.PROXY:
+            tlvs = () if peer_identity is None else (proxyproto.Tlv.for_identity(peer_identity),)
+            try:
+                proxy_header = proxyproto.build_header((source_ip, source_port), (ip, port), tlvs)
+            except proxyproto.ProxyProtocolLocalError as exc:
+                # e.g. an IPv4 client and an IPv6 authority: one header cannot name both.
+                return Refusal(f"cannot build the PROXY header: {exc}", Flag.CONNECT, status=400)
     conn = rbac.ConnectionInfo(
         source_identity=peer_identity,
         source_ip=source_ip,
-        destination_ip=ip,
+        destination_ip=target_ip,
         destination_port=port,
     )
     decision = rbac.evaluate(state.policies.find_applicable(local), conn)
@@ -212,9 +269,29 @@ def build_inbound(
         by = f" by {decision.policy}" if decision.policy else ""
         return Refusal(f"connection {decision.verdict.value}{by}", Flag.DENY, status=401)
     return InboundPlan(
-        target=(str(ip), port),
+        target=(str(target_ip), target_port),
         local=local,
         peer_identity=peer_identity,
         source_ip=source_ip,
         decision=decision,
+        proxy_header=proxy_header,
     )
+
+
+def client_address(peer: tuple[str, int], forwarded_for: str | None) -> tuple[ids.IpAddress, int]:
+    """The client of an HBONE tunnel: the connection's source address, with the port from the
+    `forwarded: for=` header when that names the same IP.
+
+    The IP comes from the TCP connection because a peer can write any header; the port only
+    tells the client's connections apart (a pooled HBONE connection carries many), so taking it
+    from the header when the IPs agree lets the peer misstate nothing but its own port.
+    """
+    ip = ipaddress.ip_address(peer[0])
+    if forwarded_for:
+        try:
+            fwd_ip, fwd_port = hbone.parse_authority(forwarded_for)
+        except hbone.InvalidAuthorityError:
+            return ip, peer[1]
+        if fwd_ip == ip:
+            return ip, fwd_port
+    return ip, peer[1]
