@@ -470,7 +470,9 @@ def test_services_without_usable_endpoints_fail_fast_with_a_reason(cluster: Play
 def _app_log(events_dir: str, pod: dict[str, Any]) -> list[tuple[float, str]]:
     """(time, event) lines the WHOAMI app wrote."""
     path = os.path.join(events_dir, pod["metadata"]["name"])
-    events = []
+    events: list[tuple[float, str]] = []
+    if not os.path.exists(path):
+        return events  # nothing happened to this pod yet
     with open(path, encoding="utf-8") as f:
         for line in f:
             stamp, _, event = line.strip().partition(" ")
@@ -516,10 +518,18 @@ def _scale_down_while_calling(
 ) -> None:
     caller = subprocess.Popen(
         [sys.executable, "-m", "meshctl", "--state-dir", cluster.state_dir, "exec", "-n", ns,
-         "client", "--", sys.executable, "-c", CALLER, "echo.scaledown", "80", "300", CANARY],
+         "client", "--", sys.executable, "-c", CALLER, "echo.scaledown", "80", "600", CANARY],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
+        # Scale only once calls are flowing to both pods.
+        mh.wait_until(
+            lambda: all(
+                any(e.startswith("request") for _, e in _app_log(events_dir, p)) for p in pods
+            ),
+            60,
+            what="calls to reach both pods",
+        )
         done = subprocess.run(
             [sys.executable, "-m", "meshctl", "--state-dir", cluster.state_dir, "scale", "-n", ns,
              "deployment/echo", "--replicas", "1"],
@@ -557,7 +567,7 @@ def _scale_down_while_calling(
     assert withdrawn_by < sigterm_at, "the pod was stopped before every ztunnel withdrew it"
     last_request = max((t for t, e in events if e.startswith("request")), default=0.0)
     assert last_request < withdrawn_by, "a connection reached the pod after it was withdrawn"
-    assert sum(result["seen"].values()) == 300
+    assert sum(result["seen"].values()) == 600
 
 
 def _live_uids(cluster: Playground, ns: str) -> set[str]:
