@@ -16,6 +16,7 @@ from typing import Any
 from google.protobuf import any_pb2
 
 from controller.sources.local import store as store_mod
+from controller.translate import policies as policy_translate
 from controller.translate import translator as translator_mod
 from controller.xds import cache as cache_mod
 from meshcore import log
@@ -26,8 +27,15 @@ from meshcore.xds import types
 
 logger = logging.getLogger("controller.feed")
 
-# The kinds the translator reads, in the order that makes a first sync cheapest.
-TRANSLATED_KINDS = (resources.NAMESPACES, resources.SERVICES, resources.PODS)
+# The kinds the translator reads, in the order that makes a first sync cheapest: pods last, so
+# each is built once, with its services and policy keys already known.
+TRANSLATED_KINDS = (
+    resources.NAMESPACES,
+    resources.SERVICES,
+    policy_translate.AUTHORIZATION_POLICIES,
+    policy_translate.PEER_AUTHENTICATIONS,
+    resources.PODS,
+)
 
 
 class Feed:
@@ -58,17 +66,20 @@ class Feed:
         """Rebuild everything from the store and replace the cache contents in one step."""
         fresh = self._make_translator()
         for rtype in TRANSLATED_KINDS:
+            if self._store.registry.find(rtype) is None:
+                continue  # a store without Istio's kinds simply has no policies
             for obj in self._store.list(rtype).items:
                 fresh.apply(objects.ADDED, obj, kind=rtype.kind)
         self.translator = fresh
         everything = fresh.snapshot()
-        self._cache.replace(
-            types.ADDRESS,
-            _addresses(everything.workloads, everything.services),
-        )
+        # Policies first, as in `_apply`: workloads then list only keys the cache holds.
         self._cache.replace(
             types.AUTHORIZATION,
             dict(xds_resources.authorization_resource(p) for p in everything.policies),
+        )
+        self._cache.replace(
+            types.ADDRESS,
+            _addresses(everything.workloads, everything.services),
         )
         logger.info(
             "controller state synced",
@@ -83,6 +94,14 @@ class Feed:
         changes = self.translator.apply(event_type, obj, kind=obj.get("kind"))
         for error in changes.errors:
             logger.warning("object not translated", extra=log.fields(error=str(error)))
+        # Policies a workload is about to list go out first, and policies it stopped listing
+        # last, so no workload names a policy the cache does not hold (ztunnel skips such a key,
+        # which for an ALLOW or DENY policy means enforcing less than configured).
+        if changes.policies:
+            self._cache.update(
+                types.AUTHORIZATION,
+                dict(xds_resources.authorization_resource(p) for p in changes.policies),
+            )
         if (
             changes.workloads
             or changes.services
@@ -94,12 +113,8 @@ class Feed:
                 _addresses(changes.workloads, changes.services),
                 [*changes.removed_workloads, *changes.removed_services],
             )
-        if changes.policies or changes.removed_policies:
-            self._cache.update(
-                types.AUTHORIZATION,
-                dict(xds_resources.authorization_resource(p) for p in changes.policies),
-                list(changes.removed_policies),
-            )
+        if changes.removed_policies:
+            self._cache.update(types.AUTHORIZATION, {}, list(changes.removed_policies))
 
 
 def _addresses(

@@ -2,7 +2,9 @@
 
 Order: any enforced DENY that matches rejects; otherwise, no enforced ALLOW policies means allow;
 otherwise some ALLOW must match. A policy without rules never matches; a rule without clauses
-matches everything; an empty Match matches nothing.
+matches everything; a clause without Matches matches too; an empty Match matches nothing.
+Without a peer identity the source namespace is "" and no principal matches (ztunnel's
+`Authorization::matches` in src/rbac.rs).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Verdict(enum.Enum):
 class Decision:
     verdict: Verdict
     policy: ids.PolicyKey | None = None  # the policy that decided, when one did
+    rule: int | None = None  # the index in that policy's `rules` of the rule that matched
 
     @property
     def is_allowed(self) -> bool:
@@ -42,31 +45,45 @@ class Decision:
 def evaluate(policies: Iterable[authorization.Authorization], conn: ConnectionInfo) -> Decision:
     enforced = [p for p in policies if not p.dry_run]
     for policy in enforced:
-        if policy.action is authorization.Action.DENY and policy_matches(policy, conn):
-            return Decision(Verdict.EXPLICITLY_DENIED, policy.key)
+        if policy.action is authorization.Action.DENY:
+            rule = find_matching_rule(policy, conn)
+            if rule is not None:
+                return Decision(Verdict.EXPLICITLY_DENIED, policy.key, rule)
     allows = [p for p in enforced if p.action is authorization.Action.ALLOW]
     if not allows:
         return Decision(Verdict.ALLOWED)
     for policy in allows:
-        if policy_matches(policy, conn):
-            return Decision(Verdict.ALLOWED, policy.key)
+        rule = find_matching_rule(policy, conn)
+        if rule is not None:
+            return Decision(Verdict.ALLOWED, policy.key, rule)
     return Decision(Verdict.NOT_ALLOWED)
 
 
 def policy_matches(policy: authorization.Authorization, conn: ConnectionInfo) -> bool:
-    return any(_rule_matches(rule, conn) for rule in policy.rules)
+    return find_matching_rule(policy, conn) is not None
+
+
+def find_matching_rule(policy: authorization.Authorization, conn: ConnectionInfo) -> int | None:
+    """The index of the first rule of `policy` that `conn` matches, or None."""
+    for index, rule in enumerate(policy.rules):
+        if _rule_matches(rule, conn):
+            return index
+    return None
 
 
 def _rule_matches(rule: authorization.Rule, conn: ConnectionInfo) -> bool:
-    return all(
-        any(_match_matches(m, conn) for m in clause.matches if not m.is_empty)
-        for clause in rule.clauses
-    )
+    return all(_clause_matches(clause, conn) for clause in rule.clauses)
+
+
+def _clause_matches(clause: authorization.Clause, conn: ConnectionInfo) -> bool:
+    if not clause.matches:
+        return True  # ztunnel: an empty clause is a match
+    return any(_match_matches(m, conn) for m in clause.matches if not m.is_empty)
 
 
 def _match_matches(m: authorization.Match, conn: ConnectionInfo) -> bool:
     identity = conn.source_identity
-    namespace = identity.namespace if identity else None
+    namespace = identity.namespace if identity else ""
     principal = identity.principal if identity else None
     checks = (
         (m.namespaces, m.not_namespaces, lambda s: s.matches(namespace)),

@@ -8,6 +8,8 @@ Invariants:
   (a Service selects pods of its own namespace only).
 - `_identities` indexes every known, not-terminated pod by (node, namespace, service account),
   so the CA can answer "may this node ask for this identity?" without scanning.
+- Every workload lists `_policies.find_keys(namespace, labels)` of its pod: a policy event
+  recomputes the pods of the namespaces `PolicyUpdate.namespaces` names, a Pod event its pod.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+from controller.translate import policies as policy_translate
 from controller.translate import services as svc_translate
 from controller.translate import workloads as wl_translate
 from meshcore.identity import spiffe
 from meshcore.model import authorization, ids, workload
+from meshcore.policy import spec as policy_spec
 
 ADDED = "ADDED"
 MODIFIED = "MODIFIED"
@@ -35,7 +39,6 @@ class Changes:
     removed_workloads: tuple[ids.WorkloadUid, ...] = ()
     services: tuple[workload.Service, ...] = ()
     removed_services: tuple[ids.ServiceKey, ...] = ()
-    # Authorization translation is a later issue; the fields exist so consumers handle them now.
     policies: tuple[authorization.Authorization, ...] = ()
     removed_policies: tuple[ids.PolicyKey, ...] = ()
     errors: tuple[str, ...] = ()
@@ -46,7 +49,17 @@ class Changes:
 
 
 class Translator:
-    def __init__(self, *, trust_domain: str, cluster_id: str, domain: str) -> None:
+    def __init__(
+        self,
+        *,
+        trust_domain: str,
+        cluster_id: str,
+        domain: str,
+        root_namespace: str = policy_spec.DEFAULT_ROOT_NAMESPACE,
+        dry_run_policies: bool = False,
+    ) -> None:
+        """`root_namespace` holds mesh-wide policies (istiod's meshConfig.rootNamespace);
+        `dry_run_policies` sends dry-run AuthorizationPolicies to ztunnel, marked dry run."""
         self._trust_domain = trust_domain
         self._cluster_id = cluster_id
         self._domain = domain
@@ -58,6 +71,9 @@ class Translator:
         self._workloads: dict[_Key, workload.Workload] = {}
         self._services: dict[_Key, workload.Service] = {}
         self._identities: dict[tuple[str, str, str], set[_Key]] = collections.defaultdict(set)
+        self._policies = policy_translate.PolicyIndex(
+            root_namespace=root_namespace, dry_run_enabled=dry_run_policies
+        )
 
     def apply(
         self, event_type: str, obj: svc_translate.KubeObject, *, kind: str | None = None
@@ -74,6 +90,12 @@ class Translator:
                 return self._apply_service(obj, deleted=deleted)
             case "Namespace":
                 return self._apply_namespace(obj, deleted=deleted)
+            case policy_translate.AUTHORIZATION_POLICY:
+                update = self._policies.apply_authorization_policy(obj, deleted=deleted)
+                return self._apply_policy_update(update)
+            case policy_translate.PEER_AUTHENTICATION:
+                update = self._policies.apply_peer_authentication(obj, deleted=deleted)
+                return self._apply_policy_update(update)
         return Changes()
 
     def snapshot(self) -> Changes:
@@ -81,6 +103,7 @@ class Translator:
         return Changes(
             workloads=tuple(sorted(self._workloads.values(), key=lambda w: w.uid)),
             services=tuple(sorted(self._services.values(), key=lambda s: s.key)),
+            policies=tuple(self._policies.policies()),
         )
 
     def has_identity_on_node(self, node: str, identity: spiffe.SpiffeId) -> bool:
@@ -128,6 +151,7 @@ class Translator:
             pod = self._pods.get(key)
             new: workload.Workload | None = None
             if pod is not None:
+                labels = (pod.get("metadata") or {}).get("labels") or {}
                 try:
                     new = wl_translate.build_workload(
                         pod,
@@ -135,6 +159,7 @@ class Translator:
                         trust_domain=self._trust_domain,
                         cluster_id=self._cluster_id,
                         domain=self._domain,
+                        authorization_policies=self._policies.find_keys(key[0], labels),
                     )
                 except svc_translate.TranslateError as exc:
                     errors.append(str(exc))  # left out until a later event fixes it
@@ -190,6 +215,26 @@ class Translator:
             result, services=services, removed_services=removed, errors=(*errors, *result.errors)
         )
 
+    # --- policies ---
+
+    def _apply_policy_update(self, update: policy_translate.PolicyUpdate) -> Changes:
+        """The policies `update` changed, and the workloads whose keys it may have changed."""
+        if update.namespaces is None:
+            pods = sorted(self._pods)
+        else:
+            pods = sorted(
+                (ns, name)
+                for ns in update.namespaces
+                for name in self._pods_by_namespace.get(ns, ())
+            )
+        result = self._refresh_pods(pods)
+        return dataclasses.replace(
+            result,
+            policies=update.policies,
+            removed_policies=update.removed,
+            errors=(*update.errors, *result.errors),
+        )
+
     # --- namespaces ---
 
     def _apply_namespace(self, ns: svc_translate.KubeObject, *, deleted: bool) -> Changes:
@@ -209,8 +254,15 @@ class Translator:
                 self._unindex_identity((namespace, name), pod)
         # The pods are gone from _pods, so refreshing them yields their removals.
         leftovers = sorted(k for k in self._workloads if k[0] == namespace)
+        removals = self._refresh_pods(leftovers)
+        # Its policies go too; from the root namespace that changes every workload's keys.
+        result = self._apply_policy_update(self._policies.drop_namespace(namespace))
         return dataclasses.replace(
-            self._refresh_pods(leftovers), removed_services=tuple(sorted(removed_services))
+            result,
+            removed_workloads=tuple(
+                sorted((*removals.removed_workloads, *result.removed_workloads))
+            ),
+            removed_services=tuple(sorted(removed_services)),
         )
 
 

@@ -51,8 +51,12 @@ def build_workload(
     trust_domain: str,
     cluster_id: str,
     domain: str,
+    authorization_policies: tuple[ids.PolicyKey, ...] = (),
 ) -> workload.Workload | None:
-    """The workload of `pod`, bound to those of `services` (same namespace) that select it."""
+    """The workload of `pod`, bound to those of `services` (same namespace) that select it.
+
+    `authorization_policies` are the selector and PeerAuthentication policy keys istiod lists
+    for the pod (`controller.translate.policies.PolicyIndex.find_keys`)."""
     namespace, name = svc_translate.object_key(pod)
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
@@ -98,6 +102,7 @@ def build_workload(
             if _is_ready(pod) and not meta.get("deletionTimestamp")
             else workload.WorkloadStatus.UNHEALTHY
         ),
+        authorization_policies=authorization_policies,
         cluster_id=cluster_id,
         application_tunnel=_application_tunnel(annotations, namespace, name),
     )

@@ -34,6 +34,7 @@ import grpc.aio
 from controller.xds import cache as xds_cache
 from meshcore import log, rpc
 from meshcore.proto import discovery_pb2
+from meshcore.xds import types as xds_types
 
 _log = logging.getLogger("xds.server")
 
@@ -277,7 +278,10 @@ class XdsServer:
     def _build_responses(self, stream: _Stream) -> list[discovery_pb2.DeltaDiscoveryResponse]:
         generation = self._cache.generation
         responses = []
-        for type_url, state in stream.types.items():
+        # Policies before the workloads that name them: a ztunnel that briefly saw a workload
+        # listing a policy it has not received would skip that policy.
+        ordered = sorted(stream.types.items(), key=lambda item: item[0] != xds_types.AUTHORIZATION)
+        for type_url, state in ordered:
             if state.generation == generation and not state.initial:
                 continue
             snapshot = self._cache.snapshot(type_url)

@@ -47,13 +47,14 @@ class StringMatch:
 
     @classmethod
     def from_pattern(cls, pattern: str) -> StringMatch:
-        """Istio's string syntax: ``*`` presence, ``x*`` prefix, ``*x`` suffix, else exact."""
+        """Istio's string syntax: ``*`` presence, ``*x`` suffix, ``x*`` prefix, else exact.
+        The leading ``*`` is tested first, as istiod does (``*a*`` is a suffix match on ``a*``)."""
         if pattern == "*":
             return cls(MatchKind.PRESENCE)
-        if pattern.endswith("*"):
-            return cls(MatchKind.PREFIX, pattern[:-1])
         if pattern.startswith("*"):
             return cls(MatchKind.SUFFIX, pattern[1:])
+        if pattern.endswith("*"):
+            return cls(MatchKind.PREFIX, pattern[:-1])
         return cls(MatchKind.EXACT, pattern)
 
 

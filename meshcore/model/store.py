@@ -7,7 +7,7 @@ updated object never leaves a stale entry behind under an old address, identity 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 from meshcore.model import authorization, ids, workload
@@ -151,9 +151,15 @@ class PolicyStore:
 
     def find_applicable(self, wl: workload.Workload) -> list[authorization.Authorization]:
         """Global, namespace and selector policies that apply to `wl`; unknown keys are skipped."""
+        return self.find_for(wl.namespace, wl.authorization_policies)
+
+    def find_for(
+        self, namespace: str, listed: Iterable[ids.PolicyKey]
+    ) -> list[authorization.Authorization]:
+        """What ztunnel gathers for a destination in `namespace` whose workload lists `listed`."""
         keys: set[ids.PolicyKey] = set(self._global)
-        keys |= self._by_namespace.get(wl.namespace, set())
-        keys |= {k for k in wl.authorization_policies if k in self._by_key}
+        keys |= self._by_namespace.get(namespace, set())
+        keys |= {k for k in listed if k in self._by_key}
         return [self._by_key[k] for k in sorted(keys)]
 
 

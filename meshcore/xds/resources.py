@@ -301,8 +301,9 @@ def _match_from_proto(name: str, path: str, pb: authorization_pb2.Match) -> auth
         )
 
     def ports(field: str) -> tuple[int, ...]:
+        # Port 0 is legal in a policy (ztunnel accepts it; it matches nothing).
         return tuple(
-            _port(name, f"{path}.{field}[{i}]", p, zero=False)
+            _port(name, f"{path}.{field}[{i}]", p, zero=True)
             for i, p in enumerate(getattr(pb, field))
         )
 

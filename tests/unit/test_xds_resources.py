@@ -472,7 +472,7 @@ _BAD_ADDRESS = authorization_pb2.Address(address=b"\x0a\x00\x00", length=8)
         ),
         (
             _decode_policy,
-            _pol(authorization_pb2.Match(destination_ports=[80, 0])),
+            _pol(authorization_pb2.Match(destination_ports=[80, 65536])),
             f"{_M}.destination_ports[1]",
         ),
         (
@@ -511,7 +511,7 @@ _BAD_ADDRESS = authorization_pb2.Address(address=b"\x0a\x00\x00", length=8)
         "policy-string-match-unset",
         "policy-prefix-too-long",
         "policy-bad-ip-length",
-        "policy-port-zero",
+        "policy-port-too-big",
         "policy-port-too-big",
     ],
 )
@@ -646,3 +646,11 @@ def test_invalid_application_tunnel_names_the_field(tunnel: bytes, field: str) -
     with pytest.raises(resources.ResourceError) as err:
         resources.decode_address(_wl_with_tunnel(tunnel))
     assert err.value.field == field
+
+
+def test_policy_port_zero_is_accepted_and_matches_no_connection() -> None:
+    """ztunnel accepts port 0 in a policy (Istio's validation allows it); it matches nothing,
+    so refusing it would NACK a whole valid policy."""
+    match = authorization_pb2.Match(destination_ports=[0])
+    policy = resources.decode_authorization(_pol(match))
+    assert policy.rules[0].clauses[0].matches[0].destination_ports == (0,)
