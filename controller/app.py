@@ -12,7 +12,7 @@ import sys
 from controller import config as config_mod
 from controller import feed as feed_mod
 from controller.ca import service as ca_service
-from controller.sources.local import apiserver, deployments, kinds, persistence
+from controller.sources.local import apiserver, deployments, kinds, persistence, policystatus
 from controller.sources.local import errors as local_errors
 from controller.sources.local import store as store_mod
 from controller.translate import translator as translator_mod
@@ -46,22 +46,33 @@ async def run(cfg: config_mod.Config) -> None:
 
     # Local source: persisted Kubernetes-shaped objects behind a list/watch API.
     store = store_mod.ObjectStore(
-        kinds.build_registry(),
+        kinds.build_registry(
+            root_namespace=cfg.root_namespace, dry_run_enabled=cfg.dry_run_policies
+        ),
         store_persistence=persistence.FilePersistence(cfg.store_dir),
         service_cidr=cfg.service_cidr,
+        system_namespaces=(cfg.root_namespace,),
     )
     api = apiserver.LocalApiServer(store)
     await api.start(cfg.local_api_socket)
 
-    # The local control plane's controllers: Deployments become pods (started with the tasks).
+    # The local control plane's controllers: Deployments become pods, and AuthorizationPolicies
+    # get their ZtunnelAccepted status (started with the tasks).
     deployment_controller = deployments.DeploymentController(store)
+    policy_status = policystatus.PolicyStatusController(
+        store, root_namespace=cfg.root_namespace, dry_run_enabled=cfg.dry_run_policies
+    )
 
     # Translation into workloads, services and policies, kept in the xDS cache.
     cache = cache_mod.ResourceCache()
     feed = feed_mod.Feed(
         store,
         lambda: translator_mod.Translator(
-            trust_domain=cfg.trust_domain, cluster_id=cfg.cluster_id, domain=cfg.domain
+            trust_domain=cfg.trust_domain,
+            cluster_id=cfg.cluster_id,
+            domain=cfg.domain,
+            root_namespace=cfg.root_namespace,
+            dry_run_policies=cfg.dry_run_policies,
         ),
         cache,
     )
@@ -93,6 +104,7 @@ async def run(cfg: config_mod.Config) -> None:
         async with asyncio.TaskGroup() as group:
             feeding = group.create_task(feed.run(), name="feed")
             deploying = group.create_task(deployment_controller.run(), name="deployments")
+            statusing = group.create_task(policy_status.run(), name="policy-status")
             await feed.synced.wait()
             await grpc_server.start()
             logger.info(
@@ -104,6 +116,7 @@ async def run(cfg: config_mod.Config) -> None:
             await stop.wait()
             feeding.cancel()
             deploying.cancel()
+            statusing.cancel()
     finally:
         ads.close()
         await grpc_server.stop(2)

@@ -11,8 +11,10 @@ from meshctl import errors
 
 WORKLOADS = "workloads"
 
-# Not among meshcore's well-known types; the playground's API server serves it.
+# Not among meshcore's well-known types; the playground's API server serves them.
 DEPLOYMENTS = resources.DEPLOYMENTS
+AUTHORIZATION_POLICIES = resources.AUTHORIZATION_POLICIES
+PEER_AUTHENTICATIONS = resources.PEER_AUTHENTICATIONS
 
 _SHORT_NAMES = (
     (resources.NAMESPACES, "ns"),
@@ -20,11 +22,21 @@ _SHORT_NAMES = (
     (resources.SERVICES, "svc"),
     (resources.NODES, "no"),
     (DEPLOYMENTS, "deploy"),
+    (AUTHORIZATION_POLICIES, "ap"),
+    (PEER_AUTHENTICATIONS, "pa"),
 )
+
+
+def _aliases(rtype: resources.ResourceType, short: str) -> tuple[str, ...]:
+    """kubectl's names for a type: plural, singular, short, and (named groups) the plural and
+    singular qualified by the group (``authorizationpolicies.security.istio.io``)."""
+    names = (rtype.plural, rtype.kind.lower())
+    qualified = tuple(f"{n}.{rtype.group}" for n in names) if rtype.group else ()
+    return (*names, short, *qualified)
+
+
 _ALIASES: dict[str, resources.ResourceType] = {
-    alias: rtype
-    for rtype, short in _SHORT_NAMES
-    for alias in (rtype.plural, rtype.kind.lower(), short)
+    alias: rtype for rtype, short in _SHORT_NAMES for alias in _aliases(rtype, short)
 }
 # What `scale` can change: kinds with spec.replicas.
 SCALABLE = (DEPLOYMENTS,)
@@ -37,10 +49,8 @@ class UnknownResourceError(errors.UsageError):
 def find_resource(name: str) -> resources.ResourceType:
     rtype = _ALIASES.get(name.lower())
     if rtype is None:
-        known = (
-            "namespaces (ns), pods (po), services (svc), nodes (no), deployments (deploy),"
-            " workloads"
-        )
+        known = ", ".join(f"{rtype.plural} ({short})" for rtype, short in _SHORT_NAMES)
+        known += ", workloads"
         raise UnknownResourceError(
             f'the server doesn\'t have a resource type "{name}" (meshctl knows: {known})'
         )

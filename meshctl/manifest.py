@@ -74,6 +74,36 @@ def kind_ref(rtype: resources.ResourceType) -> str:
     return f"{kind}.{rtype.group}" if rtype.group else kind
 
 
+class _Loader(yaml.SafeLoader):
+    """Safe YAML whose dates stay strings, as in kubectl's YAML-to-JSON conversion (a date would
+    not even be JSON)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _key_text(key: Any) -> Any:
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if key is None:
+        return "null"
+    return str(key) if isinstance(key, int | float) else key
+
+
+def stringify_keys(value: Any) -> Any:
+    """JSON's string keys for YAML's number, boolean and null keys (``8080:`` is ``"8080"``, as
+    kubectl converts them): a PeerAuthentication's `portLevelMtls` is keyed by port numbers, and
+    a three-way apply compares the manifest with what the server stored."""
+    if isinstance(value, dict):
+        return {_key_text(k): stringify_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [stringify_keys(v) for v in value]
+    return value
+
+
 def parse_documents(text: str, source: str) -> list[Document]:
     """Every non-empty document of a multi-document YAML stream (``kind: List`` flattened).
 
@@ -81,7 +111,7 @@ def parse_documents(text: str, source: str) -> list[Document]:
     that lacks apiVersion, kind or metadata.name.
     """
     try:
-        raw = list(yaml.safe_load_all(text))
+        raw = [stringify_keys(doc) for doc in yaml.load_all(text, Loader=_Loader)]
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -89,6 +119,8 @@ def parse_documents(text: str, source: str) -> list[Document]:
         raise ManifestParseError(f"error parsing {source}: yaml: {where}{problem}") from exc
     except yaml.YAMLError as exc:
         raise ManifestParseError(f"error parsing {source}: yaml: {exc}") from exc
+    except RecursionError as exc:
+        raise ManifestParseError(f"error parsing {source}: yaml: nested too deeply") from exc
     docs: list[Document] = []
     for position, item in enumerate(raw, start=1):
         if item is None:

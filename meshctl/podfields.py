@@ -1,5 +1,5 @@
-"""Typed, tolerant reads of Pod, Service, Node and Deployment fields (API objects are plain JSON
-dicts).
+"""Typed, tolerant reads of Pod, Service, Node, Deployment and Istio policy fields (API objects
+are plain JSON dicts).
 
 Every accessor returns a safe default for a missing or mistyped field, so the kubelet, the
 kube-proxy role and the CLI tables never crash on an object someone else wrote.
@@ -220,3 +220,13 @@ def is_deployment_ready(deployment: Mapping[str, Any]) -> bool:
         and status_count(deployment, "replicas") == wanted
         and status_count(deployment, "readyReplicas") == wanted
     )
+
+
+def policy_action(policy: Mapping[str, Any]) -> str:
+    """An AuthorizationPolicy's `spec.action`; ALLOW when unset, as Istio reads it."""
+    return _str(spec(policy).get("action")) or "ALLOW"
+
+
+def mtls_mode(peer_authentication: Mapping[str, Any]) -> str:
+    """A PeerAuthentication's `spec.mtls.mode`; UNSET (inherit from the parent) when unset."""
+    return _str(_map(spec(peer_authentication).get("mtls")).get("mode")) or "UNSET"

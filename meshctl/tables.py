@@ -211,6 +211,12 @@ def build_rows(
         headers, rows = build_node_rows(items, now, wide=wide, ztunnel_states=ztunnel_states or {})
     elif rtype == kinds.DEPLOYMENTS:
         headers, rows = build_deployment_rows(items, now, wide=wide)
+    elif rtype == kinds.AUTHORIZATION_POLICIES:
+        headers = ["NAME", "ACTION", "AGE"]
+        rows = [[objects.name(p), podfields.policy_action(p), age(p, now)] for p in items]
+    elif rtype == kinds.PEER_AUTHENTICATIONS:
+        headers = ["NAME", "MODE", "AGE"]
+        rows = [[objects.name(p), podfields.mtls_mode(p), age(p, now)] for p in items]
     elif rtype == resources.NAMESPACES:
         headers = ["NAME", "STATUS", "AGE"]
         if wide:

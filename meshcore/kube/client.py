@@ -9,15 +9,20 @@ Connections: request/response calls share a small pool of keep-alive connections
 owns a connection of its own for as long as it streams. A pooled connection that the server
 closed while idle fails before any answer byte arrives; such a request is retried once on a fresh
 connection (the server never saw it).
+
+Warnings: the API server's non-fatal warnings (``Warning: 299 - "text"`` headers, e.g. a policy
+field ztunnel does not enforce) go to the `on_warning` callback, as client-go's WarningHandler,
+and to every `collect_warnings()` block active in the calling task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import urllib.parse
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import h11
@@ -74,6 +79,66 @@ class _Address:
         if self.unix_path is not None:
             return await asyncio.open_unix_connection(self.unix_path, limit=_READ_SIZE)
         return await asyncio.open_connection(self.host, self.port, limit=_READ_SIZE)
+
+
+# One warn-value of a Warning header (RFC 7234): code, agent, quoted text, optional quoted date.
+_WARN_CODE_LEN = 3
+KUBERNETES_WARNING_CODE = "299"
+
+
+def _read_quoted(value: str, start: int) -> tuple[str, int] | None:
+    """The quoted-string at `start` (unescaped) and the index after it; None if malformed."""
+    if start >= len(value) or value[start] != '"':
+        return None
+    out: list[str] = []
+    i = start + 1
+    while i < len(value):
+        ch = value[i]
+        if ch == "\\" and i + 1 < len(value):
+            out.append(value[i + 1])
+            i += 2
+        elif ch == '"':
+            return "".join(out), i + 1
+        else:
+            out.append(ch)
+            i += 1
+    return None
+
+
+def parse_warning_header(value: str) -> list[str]:
+    """The texts of the code-299 warnings in one Warning header value (several may be joined
+    with commas); other codes are skipped, and parsing stops at the first malformed part."""
+    texts: list[str] = []
+    i = 0
+    while i < len(value):
+        while i < len(value) and value[i] in " ,":
+            i += 1
+        code = value[i : i + _WARN_CODE_LEN]
+        if i >= len(value) or len(code) != _WARN_CODE_LEN or not code.isdigit():
+            break
+        agent_end = value.find(" ", i + _WARN_CODE_LEN + 1)
+        if value[i + _WARN_CODE_LEN : i + _WARN_CODE_LEN + 1] != " " or agent_end < 0:
+            break
+        quoted = _read_quoted(value, agent_end + 1)
+        if quoted is None:
+            break
+        text, i = quoted
+        if value[i : i + 2] == ' "':  # an optional warn-date
+            date = _read_quoted(value, i + 1)
+            if date is None:
+                break
+            i = date[1]
+        if code == KUBERNETES_WARNING_CODE:
+            texts.append(text)
+    return texts
+
+
+def _warnings_of(headers: Sequence[tuple[bytes, bytes]]) -> list[str]:
+    texts: list[str] = []
+    for name, value in headers:
+        if name.lower() == b"warning":
+            texts += parse_warning_header(value.decode("utf-8", "replace"))
+    return texts
 
 
 class _StaleConnectionError(Exception):
@@ -203,18 +268,49 @@ def _namespace_of(rtype: resources.ResourceType, obj: Mapping[str, Any]) -> str 
 class ApiClient:
     """One API server. Safe to share between tasks; `close()` ends pooled and watch connections."""
 
-    def __init__(self, server: str, *, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        server: str,
+        *,
+        token: str | None = None,
+        timeout: float = 30.0,
+        on_warning: Callable[[str], None] | None = None,
+    ) -> None:
         self._address = _Address(server)
         self._token = token
         self._timeout = timeout
+        self._on_warning = on_warning
         self._idle: list[_Connection] = []
         self._watches: set[_Connection] = set()
         self._kinds: dict[tuple[str, str], resources.ResourceType] = {}
         self._closed = False
+        # The collect_warnings() lists of the current task (a context variable per client, so
+        # tasks sharing the client do not see each other's warnings).
+        self._collectors: contextvars.ContextVar[tuple[list[str], ...]] = contextvars.ContextVar(
+            f"kube-warnings-{id(self)}", default=()
+        )
 
     @property
     def server(self) -> str:
         return self._address.text
+
+    @contextlib.contextmanager
+    def collect_warnings(self) -> Iterator[list[str]]:
+        """The warnings the server answers requests made by this task inside the block with,
+        in order (e.g. ``with api.collect_warnings() as warnings: await api.apply(obj)``)."""
+        found: list[str] = []
+        token = self._collectors.set((*self._collectors.get(), found))
+        try:
+            yield found
+        finally:
+            self._collectors.reset(token)
+
+    def _report_warnings(self, texts: list[str]) -> None:
+        for text in texts:
+            if self._on_warning is not None:
+                self._on_warning(text)
+            for found in self._collectors.get():
+                found.append(text)
 
     async def close(self) -> None:
         self._closed = True
@@ -258,7 +354,7 @@ class ApiClient:
         target: str,
         body: bytes | None,
         content_type: str | None,
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, bytes, list[str]]:
         events: list[h11.Event] = [
             h11.Request(method=method, target=target, headers=self._headers(body, content_type))
         ]
@@ -268,7 +364,7 @@ class ApiClient:
         await conn.send(*events)
         response = await conn.read_response()
         data = await conn.read_body()
-        return response.status_code, data
+        return response.status_code, data, _warnings_of(response.headers)
 
     async def _request(
         self,
@@ -283,18 +379,21 @@ class ApiClient:
         payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         try:
             async with asyncio.timeout(self._timeout):
-                status, data = await self._request_once(method, target, payload, content_type)
+                status, data, warnings = await self._request_once(
+                    method, target, payload, content_type
+                )
         except TimeoutError as exc:
             raise errors.ApiConnectionError(
                 self._address.text, f"{method} {path}: no answer within {self._timeout:g} s"
             ) from exc
+        self._report_warnings(warnings)
         if status >= 400:
             raise _error_from_response(self._address.text, status, data)
         return _decode_json(self._address.text, data)
 
     async def _request_once(
         self, method: str, target: str, payload: bytes | None, content_type: str | None
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, bytes, list[str]]:
         while True:
             reused = bool(self._idle)
             conn = self._idle.pop() if reused else await self._open()
@@ -514,6 +613,7 @@ class ApiClient:
                 h11.EndOfMessage(),
             )
             response = await conn.read_response(self._timeout)
+            self._report_warnings(_warnings_of(response.headers))
             if response.status_code != 200:
                 raise _error_from_response(
                     self._address.text, response.status_code, await conn.read_body()

@@ -68,6 +68,13 @@ NODES = ResourceType("", "v1", "Node", "nodes", namespaced=False)
 PODS = ResourceType("", "v1", "Pod", "pods", namespaced=True)
 SERVICES = ResourceType("", "v1", "Service", "services", namespaced=True)
 DEPLOYMENTS = ResourceType("apps", "v1", "Deployment", "deployments", namespaced=True)
+# Istio's security policies (also served as v1beta1; v1 is what istiod watches).
+AUTHORIZATION_POLICIES = ResourceType(
+    "security.istio.io", "v1", "AuthorizationPolicy", "authorizationpolicies", namespaced=True
+)
+PEER_AUTHENTICATIONS = ResourceType(
+    "security.istio.io", "v1", "PeerAuthentication", "peerauthentications", namespaced=True
+)
 
 WELL_KNOWN: tuple[ResourceType, ...] = (NAMESPACES, NODES, PODS, SERVICES)
 

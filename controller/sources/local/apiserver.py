@@ -11,6 +11,15 @@ else is a 500 that is logged, and the server keeps serving.
 
 A watch streams one JSON event per line in a chunked response, flushed per event, until
 `timeoutSeconds`, the client leaving, or the server closing (which ends the stream cleanly).
+
+Versions: a kind served in several versions is stored in its first one. A request to another
+version has its body's `apiVersion` converted to the stored one on the way in, and every object
+of the answer (and of a watch) converted back to the URL's version on the way out, as the
+Kubernetes API server does for a CRD whose versions share one schema.
+
+Warnings: a successful write of a kind with `find_warnings` answers with one
+``Warning: 299 - "text"`` header per warning (non-fatal: the object is stored), which kubectl
+and `meshcore.kube.client` show to the user.
 """
 
 from __future__ import annotations
@@ -31,9 +40,9 @@ import h11
 import yaml
 
 from controller.sources.local import errors as local_errors
-from controller.sources.local import kinds, store, watch
+from controller.sources.local import kinds, store, validation, watch
 from meshcore import log
-from meshcore.kube import errors, objects, selectors
+from meshcore.kube import errors, objects, resources, selectors
 
 _LOG = logging.getLogger("controller.apiserver")
 
@@ -71,6 +80,7 @@ class Request:
 class Reply:
     status: int
     body: dict[str, Any]
+    warnings: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -80,6 +90,8 @@ class WatchReply:
     subscription: watch.Subscription | None
     error: dict[str, Any] | None = None
     timeout: float | None = None
+    # The apiVersion objects are streamed in, when the URL's version is not the stored one.
+    api_version: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -88,6 +100,12 @@ class ResourceRoute:
     namespace: str | None
     name: str | None
     subresource: str | None
+    rtype: resources.ResourceType  # as the URL names it: the stored type, or another version
+
+    @property
+    def is_converted(self) -> bool:
+        """The URL's version is not the stored one: bodies and answers are converted."""
+        return self.rtype != self.served.rtype
 
 
 def _no_such_path() -> errors.NotFoundError:
@@ -125,7 +143,7 @@ def build_route(registry: kinds.KindRegistry, path: str) -> dict[str, Any] | Res
         group, version, rest = parts[1], parts[2], parts[3:]
     else:
         raise _no_such_path()
-    if not any((t.group, t.version) == (group, version) for t in registry.types):
+    if not registry.serves(group, version):
         raise _no_such_path()
     if not rest:
         return kinds.build_api_resource_list(registry, group, version)
@@ -141,7 +159,67 @@ def build_route(registry: kinds.KindRegistry, path: str) -> dict[str, Any] | Res
     subresource = rest[2] if len(rest) > 2 else None
     if subresource is not None and (subresource != "status" or not served.has_status):
         raise _no_such_path()
-    return ResourceRoute(served, namespace, name, subresource)
+    return ResourceRoute(served, namespace, name, subresource, served.rtype_at(version))
+
+
+# -- versions and warnings -------------------------------------------------------------------
+
+# Kubernetes' own limits are of this order; they keep one answer's headers far below what a
+# client buffers (meshcore.kube.client reads up to 64 KiB of headers).
+MAX_WARNINGS = 32
+MAX_WARNING_CHARS = 512
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def convert_body(route: ResourceRoute, body: dict[str, Any]) -> dict[str, Any]:
+    """A request body (object or merge patch) in the stored version.
+
+    An `apiVersion` or `kind` other than the URL's is refused here (the store would name the
+    stored version in its message, not the one the client asked for).
+    """
+    if not route.is_converted:
+        return body
+    for field, expected in (("apiVersion", route.rtype.api_version), ("kind", route.rtype.kind)):
+        if field in body and body[field] != expected:
+            raise errors.BadRequestError(
+                f"{field} {validation.render_value(body[field])} of the object does not match "
+                f"the {route.rtype.kind} ({route.rtype.api_version}) expected at this URL"
+            )
+    if "apiVersion" not in body:
+        return body
+    return {**body, "apiVersion": route.served.rtype.api_version}
+
+
+def convert_answer(route: ResourceRoute, obj: dict[str, Any]) -> dict[str, Any]:
+    """A stored object as the URL's version shows it."""
+    if route.is_converted and obj.get("apiVersion") == route.served.rtype.api_version:
+        return {**obj, "apiVersion": route.rtype.api_version}
+    return obj
+
+
+def build_warnings(texts: list[str]) -> tuple[str, ...]:
+    """What the answer's Warning headers say: duplicates dropped, control characters blanked,
+    text that has no UTF-8 form replaced, each cut to `MAX_WARNING_CHARS`, at most
+    `MAX_WARNINGS` (the last one says how many more)."""
+    unique: list[str] = []
+    for text in texts:
+        # A lone surrogate (JSON allows "\ud800") has no UTF-8 form: no header could carry it.
+        clean = _CONTROL_RE.sub(" ", text).encode("utf-8", "replace").decode("utf-8")
+        if len(clean) > MAX_WARNING_CHARS:
+            clean = clean[: MAX_WARNING_CHARS - 3] + "..."
+        if clean not in unique:
+            unique.append(clean)
+    if len(unique) > MAX_WARNINGS:
+        hidden = len(unique) - (MAX_WARNINGS - 1)
+        unique = [*unique[: MAX_WARNINGS - 1], f"{hidden} more warnings not shown"]
+    return tuple(unique)
+
+
+def build_warning_header(text: str) -> bytes:
+    """RFC 7234 warn-value with code 299 and no agent, as Kubernetes writes it; the text is a
+    quoted-string in UTF-8 (Kubernetes escapes only the quote and the backslash)."""
+    quoted = text.replace("\\", "\\\\").replace('"', '\\"')
+    return f'299 - "{quoted}"'.encode()
 
 
 # -- bodies --------------------------------------------------------------------------------
@@ -188,6 +266,40 @@ def check_json_value(value: Any) -> None:
             raise errors.BadRequestError(f"unsupported value of type {type(current).__name__}")
 
 
+def _key_text(key: Any) -> Any:
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if key is None:
+        return "null"
+    if isinstance(key, int):
+        return str(key)
+    return key  # anything else stays, for check_json_value to refuse
+
+
+def stringify_keys(value: Any) -> Any:
+    """YAML mapping keys that are integers, booleans or null as JSON strings (``8080:`` is
+    ``"8080"``), as Kubernetes' YAML-to-JSON conversion does: a PeerAuthentication's
+    `portLevelMtls` is keyed by port numbers. Iterative; the depth is checked afterwards."""
+    root: list[Any] = [value]
+    stack: list[tuple[Any, Any, int]] = [(root, 0, 1)]
+    while stack:
+        parent, slot, depth = stack.pop()
+        current = parent[slot]
+        if depth > MAX_BODY_DEPTH:
+            continue  # check_json_value refuses it
+        if isinstance(current, dict):
+            converted = {_key_text(k): v for k, v in current.items()}
+            if len(converted) != len(current):
+                raise errors.BadRequestError(
+                    "the request body has a mapping whose keys are the same once written as strings"
+                )
+            parent[slot] = converted
+            stack.extend((converted, k, depth + 1) for k in converted)
+        elif isinstance(current, list):
+            stack.extend((current, i, depth + 1) for i in range(len(current)))
+    return root[0]
+
+
 def decode_body(body: bytes, content_type: str, *, patch: bool = False) -> Any:
     """The request body as JSON data; 400/415 `ApiError`s say what is wrong with it."""
     media = content_type.split(";", 1)[0].strip().lower()
@@ -213,6 +325,8 @@ def decode_body(body: bytes, content_type: str, *, patch: bool = False) -> Any:
         raise errors.BadRequestError(f"the request body is not valid YAML: {exc}") from exc
     except (ValueError, RecursionError) as exc:
         raise errors.BadRequestError(f"the request body is not valid JSON: {exc}") from exc
+    if media in YAML_TYPES:
+        value = stringify_keys(value)
     check_json_value(value)
     if not isinstance(value, dict):
         kind = "array" if isinstance(value, list) else type(value).__name__
@@ -329,32 +443,49 @@ class LocalApiServer:
             if method == "POST":
                 if rtype.namespaced and namespace is None:
                     raise _not_allowed()
-                body = decode_body(request.body, content_type)
-                return Reply(201, self._store.create(rtype, body, namespace))
+                body = convert_body(route, decode_body(request.body, content_type))
+                return self._written(route, 201, self._store.create(rtype, body, namespace))
             raise _not_allowed()
         if method == "GET":
             if route.subresource is None and _is_true(request.query.get("watch")):
                 return self._watch(route, request.query)
-            return Reply(200, self._store.get(rtype, name, namespace))
+            return Reply(200, convert_answer(route, self._store.get(rtype, name, namespace)))
         if method == "PUT":
-            body = decode_body(request.body, content_type)
+            body = convert_body(route, decode_body(request.body, content_type))
             replaced = self._store.replace(
                 rtype, body, namespace, name, subresource=route.subresource
             )
-            return Reply(200, replaced)
+            return self._written(route, 200, replaced)
         if method == "PATCH":
-            patch = decode_body(request.body, content_type, patch=True)
+            patch = convert_body(route, decode_body(request.body, content_type, patch=True))
             patched = self._store.patch(
                 rtype, name, namespace, patch, subresource=route.subresource
             )
-            return Reply(200, patched)
+            return self._written(route, 200, patched)
         if method == "DELETE" and route.subresource is None:
             grace, uid = self._delete_options(request, content_type)
             deleted = self._store.delete(
                 rtype, name, namespace, grace_period_seconds=grace, precondition_uid=uid
             )
-            return Reply(200, deleted)
+            return Reply(200, convert_answer(route, deleted))
         raise _not_allowed()
+
+    def _written(self, route: ResourceRoute, status: int, obj: dict[str, Any]) -> Reply:
+        """The answer to a write that succeeded, with its warnings (writes of the main resource
+        only: a status writer is a controller, not a person to warn)."""
+        find = route.served.find_warnings
+        texts: list[str] = []
+        if find is not None and route.subresource is None:
+            try:
+                texts = find(obj)
+            except Exception:
+                # The object is stored already: a bug in the analysis must not turn that
+                # success into an error the client would retry or report as a failure.
+                _LOG.exception(
+                    "cannot compute the warnings of a write",
+                    extra=log.fields(kind=route.rtype.kind, name=objects.name(obj)),
+                )
+        return Reply(status, convert_answer(route, obj), build_warnings(texts))
 
     def _delete_options(self, request: Request, content_type: str) -> tuple[int | None, str | None]:
         """gracePeriodSeconds (query, else the DeleteOptions body) and a UID precondition."""
@@ -390,15 +521,14 @@ class LocalApiServer:
 
     def _list(self, route: ResourceRoute, query: dict[str, str]) -> dict[str, Any]:
         labels, fields = self._selectors(route, query)
-        rtype = route.served.rtype
         listed = self._store.list(
-            rtype, route.namespace, label_selector=labels, field_selector=fields
+            route.served.rtype, route.namespace, label_selector=labels, field_selector=fields
         )
         return {
-            "kind": f"{rtype.kind}List",
-            "apiVersion": rtype.api_version,
+            "kind": f"{route.rtype.kind}List",
+            "apiVersion": route.rtype.api_version,
             "metadata": {"resourceVersion": listed.resource_version},
-            "items": listed.items,
+            "items": [convert_answer(route, o) for o in listed.items],
         }
 
     def _watch(self, route: ResourceRoute, query: dict[str, str]) -> WatchReply:
@@ -419,7 +549,12 @@ class LocalApiServer:
             )
         except errors.GoneError as exc:
             return WatchReply(None, exc.status)
-        return WatchReply(subscription, None, float(timeout) if timeout else None)
+        return WatchReply(
+            subscription,
+            None,
+            float(timeout) if timeout else None,
+            route.rtype.api_version if route.is_converted else None,
+        )
 
     # -- connections -------------------------------------------------------------------------
 
@@ -566,12 +701,13 @@ class LocalApiServer:
     ) -> None:
         payload = json.dumps(reply.body, separators=(",", ":")).encode()
         headers = [
-            ("content-type", JSON),
-            ("content-length", str(len(payload))),
-            ("cache-control", "no-cache, private"),
+            (b"content-type", JSON.encode()),
+            (b"content-length", str(len(payload)).encode()),
+            (b"cache-control", b"no-cache, private"),
         ]
+        headers += [(b"warning", build_warning_header(text)) for text in reply.warnings]
         if close or self._closing.is_set():
-            headers.append(("connection", "close"))
+            headers.append((b"connection", b"close"))
         data = conn.send(h11.Response(status_code=reply.status, headers=headers)) or b""
         data += conn.send(h11.Data(data=payload)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
@@ -616,6 +752,10 @@ class LocalApiServer:
                         event = next_event.result()
                     except StopAsyncIteration:
                         break  # the store closed
+                    if watch.api_version is not None and event.type != objects.ERROR:
+                        event = objects.WatchEvent(
+                            event.type, {**event.object, "apiVersion": watch.api_version}
+                        )
                     await self._send_event(conn, writer, event)
                     if event.type == objects.ERROR:
                         break

@@ -40,7 +40,6 @@ exists already.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import dataclasses
 import json
@@ -50,7 +49,7 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from controller.sources.local import kinds
+from controller.sources.local import kinds, reconciler
 from controller.sources.local import store as store_mod
 from meshcore import log
 from meshcore.kube import errors, objects, resources
@@ -294,16 +293,18 @@ def build_watch_keys(event: objects.WatchEvent) -> list[tuple[str, str]]:
 # -- carrying plans out -----------------------------------------------------------------------
 
 
-Key = tuple[str, str]  # (namespace, deployment name)
+Key = reconciler.Key  # (namespace, deployment name)
 
 
-class DeploymentController:
+class DeploymentController(reconciler.StoreReconciler):
     """Keeps every Deployment's pods and status in line with its spec (see the module doc).
 
     `run()` until cancelled. Reconciles are synchronous store calls made on the event loop, so
     a reconcile always sees the store's current state, including its own earlier writes: no
     expectations bookkeeping is needed to avoid double creates.
     """
+
+    noun = "deployment"
 
     def __init__(
         self,
@@ -313,71 +314,23 @@ class DeploymentController:
         initial_retry: float = 0.5,
         max_retry: float = 30.0,
     ) -> None:
-        self._store = object_store
+        # Every kind: Deployments, and pods (their owners are what an event concerns).
+        super().__init__(
+            object_store, watched=None, initial_retry=initial_retry, max_retry=max_retry
+        )
         self._make_suffix = make_suffix
-        self._initial_retry = initial_retry
-        self._max_retry = max_retry
-        self._failures: dict[Key, int] = {}
-        self._retries: dict[Key, asyncio.TimerHandle] = {}
-        self.synced = asyncio.Event()
 
-    async def run(self) -> None:
-        try:
-            while True:
-                # Subscribe before the resync, so no change falls between the two.
-                subscription = self._store.subscribe(None, since=self._store.resource_version)
-                try:
-                    self.resync()
-                    self.synced.set()
-                    async for event in subscription:
-                        if event.type == objects.ERROR:
-                            _LOG.warning("store subscription overflowed; resyncing")
-                            break
-                        for key in build_watch_keys(event):
-                            self.reconcile(*key)
-                finally:
-                    subscription.close()
-        finally:
-            for handle in self._retries.values():
-                handle.cancel()
-            self._retries.clear()
-
-    def resync(self) -> None:
-        """Reconcile every Deployment, and every owner that any pod names (garbage)."""
-        keys: set[Key] = set()
+    def find_all_keys(self) -> Iterable[Key]:
+        """Every Deployment, and every owner that any pod names (garbage)."""
         for deployment in self._store.list(DEPLOYMENTS).items:
-            keys.add((objects.namespace(deployment), objects.name(deployment)))
+            yield (objects.namespace(deployment), objects.name(deployment))
         for pod in self._store.list(resources.PODS).items:
             ref = find_controller_ref(pod)
             if ref is not None and isinstance(ref.get("name"), str):
-                keys.add((objects.namespace(pod), str(ref["name"])))
-        for key in sorted(keys):
-            self.reconcile(*key)
+                yield (objects.namespace(pod), str(ref["name"]))
 
-    def reconcile(self, namespace: str, name: str) -> None:
-        key = (namespace, name)
-        pending = self._retries.pop(key, None)
-        if pending is not None:
-            pending.cancel()
-        try:
-            self._reconcile(namespace, name)
-        except errors.ApiError as exc:
-            self._schedule_retry(key, exc)
-            return
-        self._failures.pop(key, None)
-
-    def _schedule_retry(self, key: Key, exc: errors.ApiError) -> None:
-        failures = self._failures[key] = self._failures.get(key, 0) + 1
-        delay = min(self._initial_retry * 2 ** min(failures - 1, 16), self._max_retry)
-        _LOG.warning(
-            "deployment reconcile failed; retrying",
-            extra=log.fields(namespace=key[0], deployment=key[1], error=str(exc), retry_in=delay),
-        )
-        self._retries[key] = asyncio.get_running_loop().call_later(delay, self._retry, key)
-
-    def _retry(self, key: Key) -> None:
-        self._retries.pop(key, None)
-        self.reconcile(*key)
+    def find_event_keys(self, event: objects.WatchEvent) -> Iterable[Key]:
+        return build_watch_keys(event)
 
     def _owned_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
         """Pods in `namespace` whose controller reference names Deployment `name`."""
@@ -388,7 +341,7 @@ class DeploymentController:
                 found.append(pod)
         return found
 
-    def _reconcile(self, namespace: str, name: str) -> None:
+    def reconcile_one(self, namespace: str, name: str) -> None:
         deployment = self._store.find(DEPLOYMENTS, name, namespace)
         uid = objects.uid(deployment) if deployment is not None else None
         mine: list[dict[str, Any]] = []

@@ -1,10 +1,16 @@
 """The kinds the local API server serves, as data.
 
 Each `ServedKind` is a resource type plus what the server needs to know about it: its schema,
-its defaults, which field selectors it supports and its short names for discovery. Adding a
-kind (AuthorizationPolicy, Gateway, ...) is adding an entry here; the store and the
-HTTP server are generic over this registry. Namespaces, nodes, pods and services also have
-control-plane behaviour (lifecycle, scheduling, ClusterIP allocation) that lives in the store.
+its defaults, which field selectors it supports, its short names for discovery, the other API
+versions it is served in and the non-fatal warnings a write of it gets. Adding a kind (Gateway,
+...) is adding an entry here; the store and the HTTP server are generic over this registry.
+Namespaces, nodes, pods and services also have control-plane behaviour (lifecycle, scheduling,
+ClusterIP allocation) that lives in the store.
+
+Versions: a kind is stored in one version (its `rtype`, the preferred one) and may be served in
+more (`extra_versions`), as Kubernetes serves a CRD: the same objects, whose `apiVersion` in an
+answer is the one of the URL. The schemas of Istio's v1 and v1beta1 security kinds are the same,
+so converting is only rewriting `apiVersion` (done by the API server).
 """
 
 from __future__ import annotations
@@ -13,10 +19,13 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from controller.sources.local import validation
+from controller.sources.local import policyschemas, validation
 from meshcore.kube import resources
+from meshcore.policy import analysis, spec
 
 Defaulter = Callable[[dict[str, Any]], None]
+# The non-fatal warnings for a stored object (each one a `Warning: 299` header of the answer).
+WarningFinder = Callable[[dict[str, Any]], list[str]]
 
 BASE_FIELD_LABELS = frozenset({"metadata.name", "metadata.namespace"})
 VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
@@ -35,54 +44,88 @@ class ServedKind:
     # metadata.generation starts at 1 and grows with every change of `spec` (what controllers
     # compare status.observedGeneration with).
     tracks_generation: bool = False
+    # Versions the same stored objects are also served in, after `rtype.version`.
+    extra_versions: tuple[str, ...] = ()
+    find_warnings: WarningFinder | None = None
 
     @property
     def supported_field_labels(self) -> frozenset[str]:
         return BASE_FIELD_LABELS | self.field_labels
 
+    @property
+    def versions(self) -> tuple[str, ...]:
+        """Every version this kind is served in; the first is the stored and preferred one."""
+        return (self.rtype.version, *self.extra_versions)
+
+    def rtype_at(self, version: str) -> resources.ResourceType:
+        """The resource type as served in `version` (one of `versions`)."""
+        if version == self.rtype.version:
+            return self.rtype
+        if version not in self.extra_versions:
+            raise ValueError(f"{self.rtype.plural} are not served in version {version!r}")
+        return dataclasses.replace(self.rtype, version=version)
+
 
 class KindRegistry:
     """Served kinds by resource type, (apiVersion, kind) and (group, version, plural).
 
-    Invariant: one kind per (group, plural), since the store's directory layout has no version.
+    Invariant: one kind per (group, plural), since the store's directory layout has no version;
+    that kind may be served in several versions, all of which find it. `types` and `find` speak
+    of stored types (the store keys objects by them), the lookups by name of any served version.
     """
 
     def __init__(self, kinds: Iterable[ServedKind]) -> None:
         self._types = resources.ResourceRegistry(())
         self._kinds: dict[resources.ResourceType, ServedKind] = {}
+        self._served: dict[resources.ResourceType, ServedKind] = {}
         plurals: set[tuple[str, str]] = set()
         for served in kinds:
             rtype = served.rtype
             if (rtype.group, rtype.plural) in plurals:
                 raise ValueError(f"{rtype.group or 'core'}/{rtype.plural} is served twice")
+            if len(set(served.versions)) != len(served.versions):
+                raise ValueError(f"{rtype.plural} lists a version twice: {served.versions}")
             plurals.add((rtype.group, rtype.plural))
-            self._types.add(rtype)
+            for version in served.versions:
+                at = served.rtype_at(version)
+                self._types.add(at)
+                self._served[at] = served
             self._kinds[rtype] = served
 
     def __iter__(self) -> Iterator[ServedKind]:
         return iter(list(self._kinds.values()))
 
     def find(self, rtype: resources.ResourceType) -> ServedKind | None:
+        """The kind stored as `rtype` (not one of its other served versions)."""
         return self._kinds.get(rtype)
 
     def find_kind(self, api_version: str, kind: str) -> ServedKind | None:
         rtype = self._types.find_kind(api_version, kind)
-        return None if rtype is None else self._kinds[rtype]
+        return None if rtype is None else self._served[rtype]
 
     def find_plural(self, group: str, version: str, plural: str) -> ServedKind | None:
         rtype = self._types.find_plural(group, version, plural)
-        return None if rtype is None else self._kinds[rtype]
+        return None if rtype is None else self._served[rtype]
+
+    def serves(self, group: str, version: str) -> bool:
+        """Some kind is served at ``/apis/<group>/<version>`` (``/api/<version>`` for core)."""
+        return any((t.group, t.version) == (group, version) for t in self._served)
 
     @property
     def types(self) -> list[resources.ResourceType]:
+        """The stored types, one per kind."""
         return list(self._kinds)
 
     def group_versions(self) -> dict[str, list[str]]:
-        """Named groups (not core) and their versions, in registration order."""
+        """Named groups (not core) and their versions, in registration order: a kind's stored
+        version before its other versions, so the first version of a group is its preferred."""
         found: dict[str, list[str]] = {}
-        for rtype in self._kinds:
-            if rtype.group and rtype.version not in found.setdefault(rtype.group, []):
-                found[rtype.group].append(rtype.version)
+        for served in self._kinds.values():
+            group = served.rtype.group
+            if not group:
+                continue
+            versions = found.setdefault(group, [])
+            versions.extend(v for v in served.versions if v not in versions)
         return found
 
 
@@ -188,8 +231,70 @@ def build_apps_kinds() -> list[ServedKind]:
     ]
 
 
-def build_registry(extra: Iterable[ServedKind] = ()) -> KindRegistry:
-    return KindRegistry([*build_core_kinds(), *build_apps_kinds(), *extra])
+# Istio's security kinds: stored as v1, also served as v1beta1 (the same schema).
+SECURITY_GROUP = "security.istio.io"
+AUTHORIZATION_POLICIES = resources.AUTHORIZATION_POLICIES
+PEER_AUTHENTICATIONS = resources.PEER_AUTHENTICATIONS
+SECURITY_EXTRA_VERSIONS = ("v1beta1",)
+# Istio's default meshConfig.rootNamespace: a policy there applies to the whole mesh.
+DEFAULT_ROOT_NAMESPACE = spec.DEFAULT_ROOT_NAMESPACE
+
+
+def build_unenforced_warnings(root_namespace: str, *, dry_run_enabled: bool) -> WarningFinder:
+    """One warning per part of an AuthorizationPolicy that ztunnel does not enforce as written
+    (``spec.rules[0].to[0].operation.methods: HTTP attribute: ...``), judged with the
+    controller's settings."""
+
+    def find(obj: dict[str, Any]) -> list[str]:
+        found = analysis.find_unenforced(
+            obj, root_namespace=root_namespace, dry_run_enabled=dry_run_enabled
+        )
+        return [str(f) for f in found]
+
+    return find
+
+
+def build_security_kinds(
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE, *, dry_run_enabled: bool = False
+) -> list[ServedKind]:
+    """security.istio.io: AuthorizationPolicy and PeerAuthentication, in v1 and v1beta1.
+    `root_namespace` and `dry_run_enabled` are the controller's (meshConfig.rootNamespace,
+    AMBIENT_ENABLE_DRY_RUN_AUTHORIZATION_POLICY): the warnings say what its translation does."""
+    return [
+        ServedKind(
+            AUTHORIZATION_POLICIES,
+            policyschemas.AUTHORIZATION_POLICY,
+            short_names=("ap",),
+            tracks_generation=True,
+            extra_versions=SECURITY_EXTRA_VERSIONS,
+            find_warnings=build_unenforced_warnings(
+                root_namespace, dry_run_enabled=dry_run_enabled
+            ),
+        ),
+        ServedKind(
+            PEER_AUTHENTICATIONS,
+            policyschemas.PEER_AUTHENTICATION,
+            short_names=("pa",),
+            tracks_generation=True,
+            extra_versions=SECURITY_EXTRA_VERSIONS,
+        ),
+    ]
+
+
+def build_registry(
+    extra: Iterable[ServedKind] = (),
+    *,
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+    dry_run_enabled: bool = False,
+) -> KindRegistry:
+    return KindRegistry(
+        [
+            *build_core_kinds(),
+            *build_apps_kinds(),
+            *build_security_kinds(root_namespace, dry_run_enabled=dry_run_enabled),
+            *extra,
+        ]
+    )
 
 
 # -- discovery documents -------------------------------------------------------------------
@@ -226,9 +331,9 @@ def build_api_resource_list(registry: KindRegistry, group: str, version: str) ->
     group_version = f"{group}/{version}" if group else version
     entries: list[dict[str, Any]] = []
     for served in registry:
-        rtype = served.rtype
-        if (rtype.group, rtype.version) != (group, version):
+        if served.rtype.group != group or version not in served.versions:
             continue
+        rtype = served.rtype_at(version)
         entries.append(
             {
                 "name": rtype.plural,

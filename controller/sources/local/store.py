@@ -35,7 +35,7 @@ import secrets
 import string
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from controller.sources.local import (
@@ -100,8 +100,13 @@ class ObjectStore:
         service_cidr: str = allocation.DEFAULT_SERVICE_CIDR,
         scheduler: scheduling.Scheduler | None = None,
         clock: Callable[[], float] = time.time,
+        system_namespaces: Iterable[str] = (),
     ) -> None:
-        """Load what `store_persistence` holds (raises `CorruptStoreError` on a bad file)."""
+        """Load what `store_persistence` holds (raises `CorruptStoreError` on a bad file).
+
+        `system_namespaces` always exist and may not be deleted, like `default` (the mesh's
+        root namespace, which an Istio install creates and its mesh-wide policies live in).
+        """
         if history_size < 1:
             raise ValueError(f"history_size must be at least 1, got {history_size}")
         self.registry = registry
@@ -109,6 +114,7 @@ class ObjectStore:
         self._scheduler = scheduler or scheduling.LeastPodsScheduler()
         self._clock = clock
         self._allocator = allocation.ClusterIpAllocator(service_cidr)
+        self._protected = PROTECTED_NAMESPACES | frozenset(system_namespaces)
         self._objects: dict[resources.ResourceType, dict[Key, dict[str, Any]]] = {
             t: {} for t in registry.types
         }
@@ -136,8 +142,9 @@ class ObjectStore:
     def _bootstrap(self) -> None:
         """What a fresh cluster has, and what a restart must pick up again."""
         if resources.NAMESPACES in self._objects:
-            if ("", DEFAULT_NAMESPACE) not in self._objects[resources.NAMESPACES]:
-                self.create(resources.NAMESPACES, {"metadata": {"name": DEFAULT_NAMESPACE}})
+            for name in sorted(self._protected):
+                if ("", name) not in self._objects[resources.NAMESPACES]:
+                    self.create(resources.NAMESPACES, {"metadata": {"name": name}})
             for ns in list(self._objects[resources.NAMESPACES].values()):
                 if objects.is_terminating(ns):
                     self._finish_namespace(objects.name(ns))
@@ -624,7 +631,7 @@ class ObjectStore:
 
     def _delete_namespace(self, old: dict[str, Any]) -> dict[str, Any]:
         name = objects.name(old)
-        if name in PROTECTED_NAMESPACES:
+        if name in self._protected:
             raise errors.ForbiddenError(
                 f'namespaces "{name}" is forbidden: this namespace may not be deleted'
             )

@@ -9,8 +9,9 @@ the node's own subtree is well-typed (so a check never sees a string where it ex
     Pod "web" is invalid: spec.containers[0].command: Required value
     Pod "web" is invalid: [spec.containers[0].command: Required value, spec.nodeName: ...]
 
-The Pod, Service, Namespace, Node and (apps/v1) Deployment schemas are here; other kinds get
-`GENERIC` (metadata is checked, the rest is free-form) until they have a schema of their own.
+The Pod, Service, Namespace, Node and (apps/v1) Deployment schemas are here, Istio's security
+kinds in `policyschemas`; other kinds get `GENERIC` (metadata is checked, the rest is
+free-form) until they have a schema of their own.
 """
 
 from __future__ import annotations
@@ -374,6 +375,28 @@ class StrMap:
                         path, "Too long", None, f"must have at most {self.max_total_bytes} bytes"
                     )
                 )
+        return found
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MapOf:
+    """A JSON object used as a map: keys checked by `key_rule` (errors name the map's path, as
+    for labels), each value by `value` at ``path[key]``."""
+
+    value: Schema
+    key_rule: Rule | None = None
+    non_empty: bool = False  # {} is a missing value (Required)
+
+    def check(self, value: Any, path: str) -> list[FieldError]:
+        if not isinstance(value, dict):
+            return [_type_error(path, value, "object")]
+        if self.non_empty and not value:
+            return [required(path)]
+        found = []
+        for k, v in value.items():
+            if self.key_rule is not None and (detail := self.key_rule(k)) is not None:
+                found.append(invalid(path, k, detail))
+            found.extend(self.value.check(v, f"{path}[{k}]"))
         return found
 
 
