@@ -23,6 +23,7 @@ from ztunnel.identity import client as ca_client
 from ztunnel.identity import manager as cert_manager
 from ztunnel.inpod import manager as inpod_manager
 from ztunnel.inpod import pod_network, zds_client
+from ztunnel.proxy import connection_manager
 from ztunnel.proxy.inputs import ProxyInputs
 from ztunnel.state import proxy_state
 
@@ -45,6 +46,12 @@ async def run(cfg: config_mod.Config) -> None:
 
     # Everything the proxies read: workloads, services and policies from xDS.
     state = proxy_state.ProxyState()
+
+    # Authorized inbound connections, decided again whenever an xDS update changes a policy
+    # (spec section 6, item 6). The watcher subscribes to ProxyState here, before xDS runs, and
+    # wakes when an update is applied: no timer is involved.
+    connections = connection_manager.ConnectionManager()
+    policy_watcher = connection_manager.PolicyWatcher(state, connections)
 
     # Telemetry in its own registry, served on the metrics port.
     registry = prometheus_client.CollectorRegistry()
@@ -74,7 +81,9 @@ async def run(cfg: config_mod.Config) -> None:
     )
 
     # In-pod proxies, started and stopped by the node agent over ZDS.
-    inputs = ProxyInputs(config=cfg, state=state, certs=certs, telemetry=tel)
+    inputs = ProxyInputs(
+        config=cfg, state=state, certs=certs, telemetry=tel, connections=connections
+    )
     workloads = inpod_manager.WorkloadManager(inputs)
     zds = zds_client.ZdsClient(cfg.zds_socket, workloads)
 
@@ -111,9 +120,10 @@ async def run(cfg: config_mod.Config) -> None:
     try:
         async with asyncio.TaskGroup() as group:
             background = [
+                group.create_task(policy_watcher.run(), name="policy-watcher"),
                 group.create_task(certs.run(), name="certificates"),
                 group.create_task(xds.run(), name="xds"),
-                group.create_task(zds.run(), name="zds"),
+                group.create_task(_serve_pods_once_synced(xds, zds), name="zds"),
             ]
             await stop.wait()
             logger.info("ztunnel draining", extra=log.fields(deadline=cfg.drain_deadline))
@@ -127,6 +137,15 @@ async def run(cfg: config_mod.Config) -> None:
         await certs.close()
         await ca.close()
         logger.info("ztunnel stopped")
+
+
+async def _serve_pods_once_synced(
+    xds: xds_client.DeltaXdsClient, zds: zds_client.ZdsClient
+) -> None:
+    """Take pods from the node agent only once workloads *and* policies have arrived: a pod
+    proxied before its AuthorizationPolicies would admit what they deny (fail closed)."""
+    await xds.wait_synced()
+    await zds.run()
 
 
 async def _drain(workloads: inpod_manager.WorkloadManager, deadline: float) -> None:

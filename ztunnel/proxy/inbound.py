@@ -11,11 +11,17 @@ Plaintext (15006) is what unenrolled clients send; the in-pod rules redirect it 
 authorized with no peer identity, so a policy requiring one (PeerAuthentication STRICT) rejects it.
 It always goes to the port the client dialled: there is no identity for an application tunnel to
 carry.
+
+Authorization is continuous on both paths (spec section 6, item 6): every allowed connection is
+tracked in `inputs.connections` with what it was authorized on, and one that a policy update
+denies is closed (HBONE: the stream is reset; plaintext: the TCP connection) along with its app
+side, and recorded with response_flags DENY.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -75,6 +81,11 @@ class InboundProxy:
             peer = sock.getpeername()
         except OSError:
             peer = None  # already reset by the peer; the handshake below fails and says so
+        # Control frames (RST_STREAM after a late policy rejection, 401s, WINDOW_UPDATEs) are
+        # small writes: without this, Nagle holds them back for a delayed ACK (~40 ms). uvloop
+        # sets it anyway; the stock loop skips sockets created with proto 0.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             context = await inputs.certs.fetch_server_context(self._pod.identity)
             conn = await hbone.accept(
@@ -159,21 +170,29 @@ class InboundProxy:
                 conn.reject(event.stream_id, plan.status)
                 record.flag, record.error = plan.flag.value, plan.reason
                 return
-            try:
-                app = await _connect_app(
-                    inputs, pod, plan.target, peer_ip_text, header=plan.proxy_header
-                )
-            except (OSError, TimeoutError) as exc:
-                conn.reject(event.stream_id, 503)
-                record.flag = routing.Flag.CONNECT.value
-                record.error = f"connect to {plan.target[0]}:{plan.target[1]} failed: {exc}"
-                return
-            stream = conn.accept(event.stream_id)
-            if stream is None:
-                app.abort()
-                record.error = "stream ended before it was accepted"
-                return
-            await session.run(inputs, pod, stream, app, record)
+            # Tracked from the decision on (no await in between), so a policy update that
+            # lands while we connect to the app is not missed.
+            with inputs.connections.track(plan.authorized, local) as tracked:
+                try:
+                    app = await _connect_app(
+                        inputs, pod, plan.target, peer_ip_text, header=plan.proxy_header
+                    )
+                except (OSError, TimeoutError) as exc:
+                    conn.reject(event.stream_id, 503)
+                    record.flag = routing.Flag.CONNECT.value
+                    record.error = f"connect to {plan.target[0]}:{plan.target[1]} failed: {exc}"
+                    return
+                if tracked.revocation is not None:
+                    app.abort()
+                    conn.reject(event.stream_id, 401)
+                    record.flag, record.error = routing.Flag.DENY.value, tracked.revocation
+                    return
+                stream = conn.accept(event.stream_id)
+                if stream is None:
+                    app.abort()
+                    record.error = "stream ended before it was accepted"
+                    return
+                await session.run(inputs, pod, stream, app, record, tracked=tracked)
         except asyncio.CancelledError:
             record.error = record.error or "proxy stopped"
             raise
@@ -231,11 +250,19 @@ class PlaintextInboundProxy:
                 ),
             )
             if isinstance(plan, routing.Refusal):
+                # Refused before the app is dialled: it never sees the connection.
                 record.flag, record.error = plan.flag.value, plan.reason
                 down.abort()
                 return
-            app = await _connect_app(inputs, pod, plan.target, peer[0])
-            await session.run(inputs, pod, down, app, record)
+            # Tracked from the decision on (no await in between): see the HBONE path.
+            with inputs.connections.track(plan.authorized, local) as tracked:
+                app = await _connect_app(inputs, pod, plan.target, peer[0])
+                if tracked.revocation is not None:
+                    app.abort()
+                    down.abort()
+                    record.flag, record.error = routing.Flag.DENY.value, tracked.revocation
+                    return
+                await session.run(inputs, pod, down, app, record, tracked=tracked)
         except (OSError, TimeoutError) as exc:
             record.flag = routing.Flag.CONNECT.value
             record.error = f"connect to the app failed: {exc}"

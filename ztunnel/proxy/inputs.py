@@ -11,7 +11,7 @@ from ztunnel import config as config_mod
 from ztunnel import telemetry
 from ztunnel.identity import manager
 from ztunnel.inpod import pod_network
-from ztunnel.proxy import relay
+from ztunnel.proxy import connection_manager, relay
 from ztunnel.state import proxy_state
 
 
@@ -21,6 +21,10 @@ class ProxyInputs:
     state: proxy_state.ProxyState
     certs: manager.CertManager
     telemetry: telemetry.Telemetry
+    # Authorized inbound connections; app.py makes it re-check them on every policy change.
+    connections: connection_manager.ConnectionManager = dataclasses.field(
+        default_factory=connection_manager.ConnectionManager
+    )
 
 
 @dataclasses.dataclass

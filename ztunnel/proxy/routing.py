@@ -200,6 +200,8 @@ class InboundPlan:
     peer_identity: spiffe.SpiffeId | None
     source_ip: ids.IpAddress
     decision: rbac.Decision
+    # What RBAC allowed; the connection is re-checked on it whenever policies change.
+    authorized: rbac.ConnectionInfo
     # Written to the app before any of the client's bytes (an application tunnel with PROXY).
     proxy_header: bytes | None = None
 
@@ -274,6 +276,7 @@ def build_inbound(
         peer_identity=peer_identity,
         source_ip=source_ip,
         decision=decision,
+        authorized=conn,
         proxy_header=proxy_header,
     )
 

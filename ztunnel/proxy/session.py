@@ -10,7 +10,7 @@ import asyncio
 import socket
 
 from ztunnel import telemetry
-from ztunnel.proxy import relay, routing
+from ztunnel.proxy import connection_manager, relay, routing
 from ztunnel.proxy.inputs import PodContext, ProxyInputs
 
 
@@ -31,18 +31,33 @@ async def run(
     client: relay.End,
     upstream: relay.End,
     record: telemetry.ConnectionRecord,
+    *,
+    tracked: connection_manager.TrackedConnection | None = None,
 ) -> None:
     """Relay `client` <-> `upstream` until both are done; fill `record` with what happened.
 
-    The relay is registered on the pod while it runs, so removing the pod aborts it.
+    The relay is registered on the pod while it runs, so removing the pod aborts it. With
+    `tracked` (an authorized inbound connection), a policy update that now denies it aborts the
+    relay too, and the connection is recorded with the DENY flag.
     """
     link = relay.Relay()
     pod.relays.add(link)
+
+    def close_denied(reason: str) -> None:
+        if link.is_finished:
+            return  # it ended on its own first: nothing was denied
+        record.flag = routing.Flag.DENY.value
+        link.abort(reason)
+
     try:
         link.start(client, upstream)
         inputs.telemetry.opened(record)
+        if tracked is not None:
+            tracked.bind(close_denied)
         await link.done
     finally:
+        if tracked is not None:
+            tracked.unbind()
         pod.relays.discard(link)
         record.request_bytes, record.response_bytes = link.received[0], link.received[1]
         record.error = link.error

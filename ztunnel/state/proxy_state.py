@@ -2,25 +2,83 @@
 
 An xDS batch is converted off to the side first; if any resource fails, nothing is applied and
 the errors become the NACK (ztunnel src/xds.rs). Otherwise the whole batch lands in one step.
+
+After a batch that can change an authorization decision (a policy added, changed or removed, or a
+workload whose `authorization_policies` list changed), the policy listeners are told what changed,
+synchronously and before `apply` returns. That is what wakes ztunnel's PolicyWatcher to re-check
+live connections as soon as the update lands (spec section 6, item 6), with no timer involved.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 from google.protobuf import any_pb2
 
 from meshcore import log
-from meshcore.model import ids, store, workload
+from meshcore.model import authorization, ids, store, workload
 from meshcore.xds import resources, types
 
 logger = logging.getLogger("ztunnel.state")
 
-Listener = Callable[[], None]
 T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PolicyChange:
+    """What one xDS batch changed that can alter authorization decisions.
+
+    A policy counts through both its old and its new version, so a policy that moved scope or
+    namespace reaches the workloads it used to cover as well as those it covers now.
+    """
+
+    is_global: bool = False  # a GLOBAL policy changed: it applies to every workload
+    namespaces: frozenset[str] = frozenset()  # NAMESPACE policies changed in these namespaces
+    policies: frozenset[ids.PolicyKey] = frozenset()  # every changed policy key
+    workloads: frozenset[ids.WorkloadUid] = frozenset()  # their `authorization_policies` changed
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.is_global or self.namespaces or self.policies or self.workloads)
+
+    def merge(self, other: PolicyChange) -> PolicyChange:
+        """One change covering both (updates that arrived while a re-check was running)."""
+        return PolicyChange(
+            self.is_global or other.is_global,
+            self.namespaces | other.namespaces,
+            self.policies | other.policies,
+            self.workloads | other.workloads,
+        )
+
+    def affects(self, wl: workload.Workload) -> bool:
+        """Whether the policies applying to `wl` (store.PolicyStore.find_applicable) may differ."""
+        return (
+            self.is_global
+            or wl.uid in self.workloads
+            or wl.namespace in self.namespaces
+            # A workload may list any policy key, whatever its scope.
+            or any(key in self.policies for key in wl.authorization_policies)
+        )
+
+    @classmethod
+    def of_policies(cls, changed: Iterable[authorization.Authorization]) -> PolicyChange:
+        is_global = False
+        namespaces: set[str] = set()
+        keys: set[ids.PolicyKey] = set()
+        for policy in changed:
+            keys.add(policy.key)
+            if policy.scope is authorization.Scope.GLOBAL:
+                is_global = True
+            elif policy.scope is authorization.Scope.NAMESPACE:
+                namespaces.add(policy.namespace)
+        return cls(is_global, frozenset(namespaces), frozenset(keys))
+
+
+Listener = Callable[[PolicyChange], None]
 
 
 class ProxyState:
@@ -52,6 +110,18 @@ class ProxyState:
         converted, errors = _decode_all(updated, resources.decode_address)
         if errors:
             return errors
+        # Compared before anything is applied: a removal in the same batch must not hide the
+        # previous version of a workload that the batch also updates.
+        reauthorize = frozenset(
+            item.uid
+            for item in converted
+            if isinstance(item, workload.Workload)
+            and (previous := self.workloads.find(item.uid)) is not None
+            and (
+                previous.authorization_policies != item.authorization_policies
+                or previous.namespace != item.namespace
+            )
+        )
         for name in removed:
             if self.workloads.remove(ids.WorkloadUid(name)) is None:
                 self.services.remove(ids.ServiceKey(name))
@@ -65,6 +135,8 @@ class ProxyState:
             "addresses applied",
             extra=log.fields(updated=len(converted), removed=len(removed)),
         )
+        if reauthorize:
+            self._notify(PolicyChange(workloads=reauthorize))
         return ()
 
     def _apply_policies(
@@ -73,14 +145,33 @@ class ProxyState:
         converted, errors = _decode_all(updated, resources.decode_authorization)
         if errors:
             return errors
+        changed: list[authorization.Authorization] = []
         for name in removed:
-            self.policies.remove(ids.PolicyKey(name))
+            old = self.policies.remove(ids.PolicyKey(name))
+            if old is not None:
+                changed.append(old)
         for policy in converted:
+            old = self.policies.find(policy.key)
+            if old == policy:
+                continue  # resent unchanged (e.g. after a reconnect): no decision can differ
+            if old is not None:
+                changed.append(old)
+            changed.append(policy)
             self.policies.insert(policy)
         self._bump()
-        for listener in list(self._policy_listeners):
-            listener()
+        change = PolicyChange.of_policies(changed)
+        if not change.is_empty:
+            self._notify(change)
         return ()
+
+    def _notify(self, change: PolicyChange) -> None:
+        for listener in list(self._policy_listeners):
+            try:
+                listener(change)
+            except Exception:
+                # The batch is applied; a listener bug must not turn it into a NACK, which
+                # would make the server believe we still hold the previous versions.
+                logger.exception("policy listener failed")
 
     def _bump(self) -> None:
         self.generation += 1
@@ -90,7 +181,8 @@ class ProxyState:
     # Queries
 
     def on_policy_change(self, listener: Listener) -> Callable[[], None]:
-        """Call `listener` after every authorization update; returns an unsubscribe function."""
+        """Call `listener` with what changed after every update that can alter an authorization
+        decision, before `apply` returns; returns an unsubscribe function."""
         self._policy_listeners.append(listener)
         return lambda: self._policy_listeners.remove(listener)
 

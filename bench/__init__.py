@@ -1,0 +1,1 @@
+"""Benchmarks: runnable modules that print measurements (`python -m bench.<name>`)."""
