@@ -19,11 +19,13 @@ from typing import TextIO
 from meshcore.kube import client as kube_client
 from meshcore.kube import errors as kube_errors
 from meshcore.kube import resources as kube_resources
-from meshctl import commands, errors, kinds, manifest, podexec, tables
+from meshcore.policy import spec as policy_spec
+from meshctl import check, commands, errors, kinds, manifest, podexec, tables
 from meshctl.demo import manifests as demo_manifests
 from meshctl.playground import control, paths, podstatus, procs, record
 
 DEFAULT_NAMESPACE = "default"
+DEFAULT_ROOT_NAMESPACE = policy_spec.DEFAULT_ROOT_NAMESPACE
 DEMO_TIMEOUT = 120.0
 
 
@@ -84,7 +86,9 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 
     get = sub.add_parser("get", parents=[common, ns], help="list or show objects")
     get.add_argument(
-        "kind", metavar="KIND", help="namespaces|pods|services|nodes|deployments|workloads"
+        "kind",
+        metavar="KIND",
+        help="namespaces|pods|services|nodes|deployments|authorizationpolicies|peerauthentications|workloads",
     )
     get.add_argument("name", nargs="?")
     get.add_argument("-A", "--all-namespaces", action="store_true")
@@ -94,6 +98,15 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     scale.add_argument("target", metavar="TYPE/NAME | TYPE", help="e.g. deployment/web, deploy web")
     scale.add_argument("name", nargs="?", metavar="NAME")
     scale.add_argument("--replicas", type=int, required=True, metavar="N")
+
+    check = sub.add_parser(
+        "check",
+        parents=[common, ns],
+        help="would a connection be allowed? (policies evaluated, no traffic sent)",
+    )
+    check.add_argument("source", metavar="FROM_POD")
+    check.add_argument("destination", metavar="TO_POD_OR_SERVICE:PORT", help="[pod/|svc/]NAME:PORT")
+    check.add_argument("--root-namespace", default=DEFAULT_ROOT_NAMESPACE)
 
     ex = sub.add_parser("exec", parents=[common, ns], help="run a command inside a pod")
     ex.add_argument("pod", help="NAME, pod/NAME or deploy/NAME (one of its pods)")
@@ -405,6 +418,43 @@ def cmd_scale(args: argparse.Namespace, io: commands.Streams) -> int:
     return run_with_api(args.state_dir, body)
 
 
+def parse_destination(text: str) -> tuple[str | None, str, int]:
+    """``[pod/|svc/]NAME:PORT`` -> (kind or None, name, port)."""
+    ref, sep, port_text = text.rpartition(":")
+    if not sep or not ref or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise errors.UsageError(
+            f"destination {text!r} must be NAME:PORT (a pod or service, e.g. server:8080)"
+        )
+    kind, slash, name = ref.partition("/")
+    if not slash:
+        return None, ref, int(port_text)
+    if kind in ("pod", "pods", "po"):
+        return "pod", name, int(port_text)
+    if kind in ("svc", "service", "services"):
+        return "service", name, int(port_text)
+    raise errors.UsageError(f"destination kind {kind!r}: use pod/NAME or svc/NAME")
+
+
+def cmd_check(args: argparse.Namespace, io: commands.Streams) -> int:
+    kind, name, port = parse_destination(args.destination)
+    namespace = _namespace(args)
+
+    async def body(api: kube_client.ApiClient) -> int:
+        source = await commands.find_pod(api, args.source, namespace)
+        policies = check.build_policies(
+            (await api.list(kinds.AUTHORIZATION_POLICIES)).items,
+            (await api.list(kinds.PEER_AUTHENTICATIONS)).items,
+            root_namespace=args.root_namespace,
+        )
+        destinations = await commands.find_check_targets(api, kind, name, namespace, port)
+        verdicts = [check.check_pod(policies, source, pod, p) for pod, p in destinations]
+        label = f"{namespace}/{source['metadata']['name']}"
+        io.out.write(check.render(label, verdicts, policies.skipped))
+        return 0 if all(v.allowed for v in verdicts) else 1
+
+    return run_with_api(args.state_dir, body)
+
+
 def cmd_exec(args: argparse.Namespace, command: list[str], io: commands.Streams) -> int:
     if not command:
         raise errors.UsageError("you must specify the command after --: meshctl exec POD -- CMD")
@@ -485,6 +535,8 @@ def run(
             return cmd_scale(args, io)
         if args.command == "exec":
             return cmd_exec(args, command, io)
+        if args.command == "check":
+            return cmd_check(args, io)
         if args.command == "logs":
             return cmd_logs(args, io)
         raise errors.UsageError(f"unknown command {args.command!r}")

@@ -3,7 +3,9 @@ that take a connected client and the output streams, and return an exit code.
 
 Expected failures raise `errors.MeshctlError` (the CLI prints ``error: ...``); per-object server
 errors are printed kubectl-style (``Error from server (Reason): message``) and make the exit
-code 1 without stopping the other objects.
+code 1 without stopping the other objects. The server's warnings about a write (a policy field
+ztunnel does not enforce) are printed as kubectl does, ``Warning: text`` on stderr, and do not
+change the exit code.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import yaml
 from meshcore.kube import client as kube_client
 from meshcore.kube import errors as kube_errors
 from meshcore.kube import objects, resources
-from meshctl import errors, kinds, labels, manifest, podexec, podfields, tables
+from meshctl import check, errors, kinds, labels, manifest, podexec, podfields, tables
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,15 +58,23 @@ async def load_manifests(
     return resolved
 
 
+def print_warnings(warnings: Sequence[str], io: Streams) -> None:
+    for text in warnings:
+        print(f"Warning: {text}", file=io.err)
+
+
 async def apply(api: kube_client.ApiClient, items: Sequence[manifest.Resolved], io: Streams) -> int:
     code = 0
     for item in items:
-        try:
-            _, result = await api.apply(item.obj)
-        except kube_errors.ApiError as exc:
-            print(manifest.format_server_error(exc), file=io.err)
-            code = 1
-            continue
+        with api.collect_warnings() as warnings:
+            try:
+                _, result = await api.apply(item.obj)
+            except kube_errors.ApiError as exc:
+                print_warnings(warnings, io)
+                print(manifest.format_server_error(exc), file=io.err)
+                code = 1
+                continue
+        print_warnings(warnings, io)
         print(f"{item.ref} {result}", file=io.out)
     return code
 
@@ -154,7 +164,9 @@ async def label(
     obj = await api.get(rtype, name, ns)
     plan = labels.build_label_plan(objects.labels(obj), changes, overwrite=overwrite)
     if plan.patch is not None:
-        await api.patch(rtype, name, ns, plan.patch)
+        with api.collect_warnings() as warnings:
+            await api.patch(rtype, name, ns, plan.patch)
+        print_warnings(warnings, io)
     print(f"{manifest.kind_ref(rtype)}/{name} {plan.verb}", file=io.out)
     return 0
 
@@ -309,6 +321,40 @@ async def wait_deployments_ready(
         return pending
 
     await _poll_until_ready(find_pending, "deployments", timeout, "; ")
+
+
+async def find_check_targets(
+    api: kube_client.ApiClient, kind: str | None, name: str, namespace: str, port: int
+) -> list[tuple[Mapping[str, Any], int]]:
+    """What `meshctl check` evaluates: (pod, pod port) for a pod, or for each pod a service
+    selects, with the service port resolved to that pod's target port."""
+    if kind in (None, "pod"):
+        try:
+            return [(await api.get(resources.PODS, name, namespace), port)]
+        except kube_errors.NotFoundError:
+            if kind == "pod":
+                raise
+    service = await api.get(resources.SERVICES, name, namespace)
+    if not any(p.get("port") == port for p in podfields.service_ports(service)):
+        known = ", ".join(str(p.get("port")) for p in podfields.service_ports(service))
+        raise errors.MeshctlError(f"service {namespace}/{name} has no port {port} (ports: {known})")
+    pods = podfields.find_service_members(
+        service, (await api.list(resources.PODS, namespace)).items
+    )
+    if not pods:
+        raise errors.MeshctlError(
+            f"service {namespace}/{name} has no ready endpoints: its selector matches no ready pod"
+        )
+    targets = []
+    for pod in sorted(pods, key=objects.name):
+        target = check.resolve_service_port(service, port, pod)
+        if target is None:
+            raise errors.MeshctlError(
+                f"service {namespace}/{name} port {port}: pod {objects.name(pod)} has no such"
+                " target port (a named targetPort none of its containers declares?)"
+            )
+        targets.append((pod, target))
+    return targets
 
 
 async def find_pod(api: kube_client.ApiClient, ref: str, namespace: str) -> dict[str, Any]:
