@@ -118,3 +118,18 @@ def test_supervisor_argv_from_up_options() -> None:
     assert argv[1:3] == ["-m", "meshctl.playground.supervisor"]
     assert argv[argv.index("--nodes") + 1] == "2"
     assert "--host-access" not in argv
+
+
+def test_check_usage_errors_come_before_any_api_call() -> None:
+    code, _, err = run("--state-dir", "/nonexistent", "check", "-n", "shop", "client", "server")
+    assert code == 2
+    assert "must be NAME:PORT" in err
+    code, _, err = run("--state-dir", "/nonexistent", "check", "client", "deploy/web:80")
+    assert code == 2
+    assert "use pod/NAME or svc/NAME" in err
+
+
+def test_up_max_pods_reaches_the_options() -> None:
+    args = cli.build_parser({}).parse_args(["up", "--max-pods", "5"])
+    assert args.max_pods == 5
+    assert cli.build_parser({}).parse_args(["up"]).max_pods == 110
