@@ -1,14 +1,18 @@
 """The controller's xDS resource cache: what every stream serves, with versions and a change log.
 
 Invariants:
-- Each resource is held pre-serialised (an `Any` wrapped in a ready `Resource` message), so
-  serving N clients never converts or re-packs a resource N times.
+- Each resource is held pre-serialised: `Entry.wire` is its `Resource` element exactly as it
+  appears inside a DeltaDiscoveryResponse (field tag, length, bytes), so serving N clients never
+  converts, copies or re-encodes a resource N times: a response is a short header plus a join
+  of these bytes.
 - A resource's version is the hash of its bytes: an update with identical content is a no-op
   (no generation bump, no wake-up, nothing re-sent).
 - `generation` only grows. The change log records, per generation, the names that changed, so a
   stream that is `k` changes behind diffs only those names; if it fell off the bounded log it
   falls back to a full diff of versions.
 - `update` wakes every subscriber once per batch, and only when something changed.
+- `versions(type_url)` is one shared, read-only name -> version map per type and generation:
+  every stream that holds the whole of a type points at it instead of keeping its own copy.
 
 Single-threaded: call everything from the event loop thread.
 """
@@ -30,8 +34,30 @@ from meshcore.xds import resources
 class Entry:
     version: str
     resource: any_pb2.Any
-    # The ready DeltaDiscoveryResponse element (name, version, resource); do not mutate.
-    message: discovery_pb2.Resource
+    # The DeltaDiscoveryResponse `resources` element (name, version, resource), field tag and
+    # length included: concatenated after a serialised response header, it is that response.
+    wire: bytes
+
+
+# DeltaDiscoveryResponse.resources is field 2, length-delimited: tag (2 << 3) | 2.
+_RESOURCES_TAG = bytes([(2 << 3) | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def build_wire(name: str, version: str, resource: any_pb2.Any) -> bytes:
+    """One `resources` element of a DeltaDiscoveryResponse, ready to concatenate."""
+    body = discovery_pb2.Resource(name=name, version=version, resource=resource).SerializeToString(
+        deterministic=True
+    )
+    return _RESOURCES_TAG + _varint(len(body)) + body
 
 
 class ResourceCache:
@@ -43,6 +69,8 @@ class ResourceCache:
             maxlen=history
         )
         self._subscribers: set[asyncio.Event] = set()
+        # type_url -> the shared versions map of its current contents, built on first use.
+        self._versions: dict[str, Mapping[str, str]] = {}
 
     def update(
         self,
@@ -58,8 +86,7 @@ class ResourceCache:
             old = entries.get(name)
             if old is not None and old.version == version:
                 continue
-            message = discovery_pb2.Resource(name=name, version=version, resource=resource)
-            entries[name] = Entry(version, resource, message)
+            entries[name] = Entry(version, resource, build_wire(name, version, resource))
             changed.add(name)
         for name in removals:
             if name in upserts:
@@ -68,6 +95,7 @@ class ResourceCache:
                 changed.add(name)
         if not changed:
             return
+        self._versions.pop(type_url, None)
         self.generation += 1
         self._log.append((self.generation, type_url, frozenset(changed)))
         for event in self._subscribers:
@@ -81,6 +109,15 @@ class ResourceCache:
     def snapshot(self, type_url: str) -> Mapping[str, Entry]:
         """The live name -> Entry map of `type_url` (read-only by contract: it is not copied)."""
         return self._entries.get(type_url, {})
+
+    def versions(self, type_url: str) -> Mapping[str, str]:
+        """name -> version of everything `type_url` holds now. Shared by every caller until the
+        type next changes (then a new map is built): never mutate it."""
+        view = self._versions.get(type_url)
+        if view is None:
+            view = {name: entry.version for name, entry in self._entries.get(type_url, {}).items()}
+            self._versions[type_url] = view
+        return view
 
     def find(self, type_url: str, name: str) -> Entry | None:
         return self._entries.get(type_url, {}).get(name)
