@@ -16,6 +16,24 @@ Invariants:
 - No h2, hpack or hyperframe exception escapes: the peer's misbehaviour becomes
   `RemoteProtocolError` (with a GOAWAY queued), ours becomes `LocalProtocolError`.
 
+The data path bypasses h2 (perf-baselines "Which optimizations mattered" #3: h2 parsing every
+DATA frame costs 3x the CPU per GB). h2 still handles the preface, SETTINGS, HEADERS,
+RST_STREAM, PING and GOAWAY; this module owns DATA, WINDOW_UPDATE and all flow control:
+- Incoming bytes go through a frame splitter: DATA frames and WINDOW_UPDATE frames for streams
+  we track are handled here (DATA payloads are delivered as they arrive, without waiting for
+  the whole frame); every other frame is fed to h2 unchanged, in order. Before a DATA or
+  WINDOW_UPDATE frame is looked at, h2 digests the frames before it, so the stream state it
+  is judged by is current.
+- h2 never sees a DATA payload, so its flow-control windows never move and cannot disagree
+  with ours. h2's stream state still has to follow END_STREAM: an incoming END_STREAM is fed
+  to h2 as an empty DATA frame, and ours is sent by h2 (`end_stream`). A DATA frame on a stream
+  we do not deliver to (unknown, closed, or before the response) is fed to h2 as an empty DATA
+  frame with the same stream and END_STREAM flag, so that h2 applies RFC 9113's stream-state
+  rules (STREAM_CLOSED, PROTOCOL_ERROR on an idle stream); its bytes still count against the
+  connection window and are credited back at once.
+- Outgoing DATA is a 9-byte header plus payload in one bytes object (one TLS record batch);
+  h2's own output is always moved into our queue before we append, so frames keep their order.
+
 Deviations from plain h2 (each one a documented h2 behaviour that breaks HBONE), all confined
 to `_H2Connection`:
 - h2 moves the whole connection to CLOSED on sending or receiving any GOAWAY, and clears the
@@ -31,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeAlias
 
@@ -45,7 +64,7 @@ import hpack.exceptions
 import hyperframe.exceptions
 import hyperframe.frame
 
-from meshcore.wire import hbone_headers
+from meshcore.wire import hbone_frames, hbone_headers
 from meshcore.wire.hbone_events import ConnectionTerminated as ConnectionTerminated
 from meshcore.wire.hbone_events import DataReceived as DataReceived
 from meshcore.wire.hbone_events import Event as Event
@@ -84,12 +103,24 @@ Headers: TypeAlias = hbone_headers.Headers
 # HTTP/2 error codes used here (RFC 9113 section 7).
 NO_ERROR: Final = 0x0
 PROTOCOL_ERROR: Final = hbone_headers.PROTOCOL_ERROR
+FLOW_CONTROL_ERROR: Final = 0x3
+STREAM_CLOSED: Final = 0x5
+FRAME_SIZE_ERROR: Final = 0x6
 REFUSED_STREAM: Final = 0x7
 CANCEL: Final = 0x8
 
 _MAX_STREAM_ID: Final = 2**31 - 1
 _MAX_WINDOW: Final = 2**31 - 1
 _DEFAULT_CONNECTION_WINDOW: Final = 65_535
+_DEFAULT_STREAM_WINDOW: Final = 65_535
+_PREFACE_LEN: Final = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# length (24 bits as 16 + 8), type, flags, stream id: one pack per outgoing DATA frame.
+_HEADER: Final = struct.Struct(">HBBBI")
+_DATA: Final = hbone_frames.DATA
+_WINDOW_UPDATE: Final = hbone_frames.WINDOW_UPDATE
+_HEADER_BLOCK_TYPES: Final = frozenset(
+    (hbone_frames.HEADERS, hbone_frames.PUSH_PROMISE, hbone_frames.CONTINUATION)
+)
 
 # --- settings --------------------------------------------------------------------------------
 
@@ -233,6 +264,9 @@ class _Stream:
     remote_ended: bool = False
     closed: bool = False  # closed in HTTP/2 terms; kept only until unconsumed reaches 0
     unconsumed: int = 0  # flow-controlled bytes delivered in DataReceived, not yet consumed()
+    send_window: int = 0  # what the peer lets us send on this stream (may go negative)
+    recv_window: int = 0  # what we let the peer send; below 0 is a flow-control violation
+    recv_credit: int = 0  # consumed, not yet announced in a WINDOW_UPDATE
 
 
 def _check_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -264,6 +298,25 @@ class HboneConnection:
         self._goaway_sent: int | None = None  # last-stream-id of the GOAWAY we sent
         self._goaway_received: int | None = None  # last-stream-id of the GOAWAY we received
         self._last_processed = 0  # highest peer-opened stream delivered as TunnelRequested
+        # Flow control (see the module docstring): h2's windows are not used.
+        self._send_conn = _DEFAULT_CONNECTION_WINDOW  # what the peer lets us send, all streams
+        self._recv_conn = settings.connection_window  # what we let the peer send
+        self._recv_conn_credit = 0  # consumed, not yet announced in a WINDOW_UPDATE
+        self._conn_update_at = settings.connection_window // 2
+        # Until the peer ACKs our SETTINGS it may use the default stream window: accept either.
+        self._stream_recv_initial = max(settings.stream_window, _DEFAULT_STREAM_WINDOW)
+        self._stream_update_at = max(1, settings.stream_window // 2)
+        self._out: list[bytes] = []  # frames queued for data_to_send(), h2's moved in first
+        # Frame splitter state.
+        self._rbuf = b""  # an incomplete frame header, WINDOW_UPDATE or padded DATA frame
+        self._preface_left = 0 if client_side else _PREFACE_LEN  # for h2, before any frame
+        self._to_h2: list[bytes] = []  # bytes for h2 not yet fed to it
+        self._h2_left = 0  # payload bytes of the current frame that belong to h2
+        self._data_left = 0  # payload bytes of the current unpadded DATA frame still to come
+        self._data_sid = 0
+        self._data_end = False  # the current DATA frame carries END_STREAM
+        self._data_live = False  # ... and its stream takes the bytes (else they are dropped)
+        self._in_header_block = False  # HEADERS without END_HEADERS: only CONTINUATION may follow
         self._dispatch: dict[type[h2.events.Event], Callable[[Any, list[Event]], None]] = {
             h2.events.RequestReceived: self._on_request,
             h2.events.ResponseReceived: self._on_response,
@@ -361,7 +414,18 @@ class HboneConnection:
         return self._h2.remote_settings.max_concurrent_streams  # unlimited until SETTINGS
 
     def data_to_send(self) -> bytes:
-        return self._h2.data_to_send()
+        self._take_h2_output()
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _take_h2_output(self) -> None:
+        # h2 queues its frames in its own buffer; move them out before queueing one of ours.
+        pending = self._h2.data_to_send()
+        if pending:
+            self._out.append(pending)
 
     # -- client side --
 
@@ -392,7 +456,7 @@ class HboneConnection:
             conn.send_headers(stream_id, fields)
         except h2.exceptions.H2Error as exc:
             raise LocalProtocolError(f"cannot open a tunnel to {authority!r}: {exc}") from exc
-        self._streams[stream_id] = _Stream(conn.streams[stream_id], _Phase.REQUESTED)
+        self._streams[stream_id] = self._new_stream(conn.streams[stream_id])
         self._open += 1
         return stream_id
 
@@ -425,24 +489,27 @@ class HboneConnection:
         SETTINGS_MAX_FRAME_SIZE.
         """
         stream = self._transition(stream_id, _Op.SEND)
-        conn = self._h2
         size = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
-        window = stream.h2_stream.outbound_flow_control_window
-        taken = min(size, conn.outbound_flow_control_window, window)
+        window = stream.send_window if stream.send_window < self._send_conn else self._send_conn
+        taken = size if size < window else window
         if taken <= 0:
             return 0
-        frame = conn.max_outbound_frame_size
-        try:
-            if taken == size and taken <= frame and isinstance(data, bytes):
-                conn.send_data(stream_id, data)  # the common case: no slicing at all
-            else:
-                view = memoryview(data)
-                if view.ndim != 1 or view.itemsize != 1:
-                    view = view.cast("B")
-                for offset in range(0, taken, frame):
-                    conn.send_data(stream_id, view[offset : min(offset + frame, taken)])
-        except h2.exceptions.H2Error as exc:
-            raise LocalProtocolError(f"stream {stream_id}: send failed: {exc}") from exc
+        frame = self._h2.max_outbound_frame_size
+        self._take_h2_output()
+        pack = _HEADER.pack
+        if taken == size and taken <= frame:
+            # The common case: header and payload in one object, so one write, one TLS record.
+            self._out.append(pack(taken >> 8, taken & 0xFF, _DATA, 0, stream_id) + data)
+        else:
+            view = memoryview(data)
+            if view.ndim != 1 or view.itemsize != 1:
+                view = view.cast("B")
+            for offset in range(0, taken, frame):
+                n = min(frame, taken - offset)
+                header = pack(n >> 8, n & 0xFF, _DATA, 0, stream_id)
+                self._out.append(header + view[offset : offset + n])
+        stream.send_window -= taken
+        self._send_conn -= taken
         return taken
 
     def send_window(self, stream_id: int) -> int:
@@ -450,8 +517,7 @@ class HboneConnection:
         stream = self._find_live(stream_id)
         if stream.local_ended or stream.phase is not _Phase.ESTABLISHED:
             return 0
-        window = stream.h2_stream.outbound_flow_control_window
-        return max(0, min(self._h2.outbound_flow_control_window, window))
+        return max(0, min(self._send_conn, stream.send_window))
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close our side (END_STREAM): the TCP FIN of the tunnel."""
@@ -474,7 +540,7 @@ class HboneConnection:
     def consumed(self, stream_id: int, nbytes: int) -> None:
         """The application is done with `nbytes` of DataReceived.flow_controlled_length.
 
-        Reopens the windows in batches (h2 sends WINDOW_UPDATE once half a window is consumed).
+        Reopens the windows in batches: a WINDOW_UPDATE once half a window is consumed.
         A no-op for a stream already reset: its bytes were credited back then.
         """
         if nbytes < 0:
@@ -489,7 +555,7 @@ class HboneConnection:
                 f"consumed({stream_id}, {nbytes}) but only {stream.unconsumed} bytes are unconsumed"
             )
         stream.unconsumed -= nbytes
-        self._h2.acknowledge_received_data(nbytes, stream_id)
+        self._credit(stream_id, stream, nbytes)
         if stream.closed and not stream.unconsumed:
             del self._streams[stream_id]
 
@@ -499,22 +565,268 @@ class HboneConnection:
             raise LocalProtocolError("call initiate() before receive_data()")
         if self._dead:
             return []  # the connection is over; late bytes from the peer are irrelevant
+        events: list[Event] = []
         try:
-            h2_events = self._h2.receive_data(data)
+            self._split(data if isinstance(data, bytes) else bytes(data), events)
+            if self._to_h2 and not self._dead:
+                self._feed_h2(events)
         except _H2_ERRORS as exc:
             raise self._remote_error(exc) from exc
-        return self._translate(h2_events)
+        return events
 
-    def _translate(self, h2_events: list[h2.events.Event]) -> list[Event]:
-        events: list[Event] = []
+    def _feed_h2(self, events: list[Event]) -> bool:
+        """Let h2 digest the frames queued for it and translate what they produced.
+
+        False when that ended the connection."""
+        pending = self._to_h2  # cleared in place: _split holds on to the list
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        h2_events = self._h2.receive_data(data)
         dispatch = self._dispatch
         for h2_event in h2_events:
             handler = dispatch.get(type(h2_event))
             if handler is not None:
                 handler(h2_event, events)
                 if self._dead:
-                    break
-        return events
+                    return False
+        return True
+
+    def _split(self, data: bytes, events: list[Event]) -> None:
+        """The frame splitter: DATA and WINDOW_UPDATE handled here, the rest queued for h2."""
+        if self._rbuf:
+            data = self._rbuf + data
+            self._rbuf = b""
+        offset = 0
+        end = len(data)
+        to_h2 = self._to_h2
+        max_frame = self._settings.max_frame_size
+        while offset < end:
+            if self._dead:
+                return
+            if self._data_left:
+                n = min(self._data_left, end - offset)
+                chunk = data if n == end else data[offset : offset + n]
+                offset += n
+                self._data_left -= n
+                self._deliver(chunk, n, events)
+                continue
+            if self._h2_left or self._preface_left:
+                if self._preface_left:
+                    n = min(self._preface_left, end - offset)
+                    self._preface_left -= n
+                else:
+                    n = min(self._h2_left, end - offset)
+                    self._h2_left -= n
+                to_h2.append(data[offset : offset + n])
+                offset += n
+                continue
+            if end - offset < hbone_frames.HEADER_LEN:
+                break
+            length = int.from_bytes(data[offset : offset + 3], "big")
+            frame_type = data[offset + 3]
+            flags = data[offset + 4]
+            stream_id = int.from_bytes(data[offset + 5 : offset + 9], "big") & 0x7FFFFFFF
+            if length > max_frame:
+                raise self._connection_error(
+                    FRAME_SIZE_ERROR,
+                    f"frame of type {frame_type} is {length} bytes, over SETTINGS_MAX_FRAME_SIZE "
+                    f"{max_frame}",
+                )
+            if self._in_header_block or (frame_type != _DATA and frame_type != _WINDOW_UPDATE):
+                if frame_type in _HEADER_BLOCK_TYPES:
+                    self._in_header_block = not flags & hbone_frames.END_HEADERS
+                to_h2.append(data[offset : offset + hbone_frames.HEADER_LEN])
+                offset += hbone_frames.HEADER_LEN
+                self._h2_left = length
+                continue
+            # The stream this frame names may have been opened or closed by earlier frames.
+            if to_h2 and not self._feed_h2(events):
+                return
+            if frame_type == _DATA and not flags & hbone_frames.PADDED:
+                offset += hbone_frames.HEADER_LEN
+                self._begin_data(stream_id, length, flags, events)
+                if not length:
+                    self._finish_data(events)
+                continue
+            if end - offset < hbone_frames.HEADER_LEN + length:
+                if frame_type == _WINDOW_UPDATE and length != 4:
+                    raise self._window_update_size_error(length)
+                break
+            frame = data[offset : offset + hbone_frames.HEADER_LEN + length]
+            offset += len(frame)
+            if frame_type == _DATA:
+                self._padded_data(stream_id, flags, frame, events)
+            else:
+                self._window_update(stream_id, frame, events)
+        if offset < end:
+            self._rbuf = data[offset:]
+
+    # -- the data path (DATA and WINDOW_UPDATE, see the module docstring) --
+
+    def _new_stream(self, h2_stream: h2.stream.H2Stream) -> _Stream:
+        # h2 sized the stream's send window from the peer's SETTINGS; nothing was sent yet.
+        return _Stream(
+            h2_stream,
+            _Phase.REQUESTED,
+            send_window=h2_stream.outbound_flow_control_window,
+            recv_window=self._stream_recv_initial,
+        )
+
+    def _receiving(self, stream_id: int) -> _Stream | None:
+        """The stream if it takes DATA now (a client only after the response headers)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.remote_ended or stream.closed:
+            return None
+        if self._client and stream.phase is not _Phase.ESTABLISHED:
+            return None
+        return stream
+
+    def _begin_data(self, stream_id: int, length: int, flags: int, events: list[Event]) -> bool:
+        """Account a DATA frame's `length` against the windows; True if its bytes are delivered.
+
+        Sets up the streaming of its payload (`_deliver`, `_finish_data`) either way; bytes
+        that are not delivered are credited back as they arrive.
+        """
+        end_stream = bool(flags & hbone_frames.END_STREAM)
+        self._data_sid = stream_id
+        self._data_left = length
+        self._data_end = False
+        self._data_live = False
+        if stream_id == 0:
+            raise self._connection_error(PROTOCOL_ERROR, "DATA frame on stream 0")
+        # Every DATA frame counts against the connection window (RFC 9113 section 6.9).
+        self._recv_conn -= length
+        if self._recv_conn < 0:
+            raise self._connection_error(
+                FLOW_CONTROL_ERROR,
+                f"DATA on stream {stream_id} overran the connection window by {-self._recv_conn}",
+            )
+        stream = self._receiving(stream_id)
+        if stream is None:
+            # Not a stream we deliver to: h2 applies the stream-state rules to an empty copy of
+            # the frame (it may raise, or queue RST_STREAM); `_deliver` credits the bytes back.
+            self._to_h2.append(
+                _HEADER.pack(0, 0, _DATA, flags & hbone_frames.END_STREAM, stream_id)
+            )
+            self._feed_h2(events)
+            return False
+        stream.recv_window -= length
+        if stream.recv_window < 0:
+            # A stream error (RFC 9113 section 6.9): reset this stream, the others go on.
+            self._discard(stream_id, reset_code=FLOW_CONTROL_ERROR)
+            events.append(StreamReset(stream_id, FLOW_CONTROL_ERROR, remote=False))
+            return False
+        self._data_end = end_stream
+        self._data_live = True
+        return True
+
+    def _deliver(self, chunk: bytes, length: int, events: list[Event]) -> None:
+        """Part of the current DATA frame's payload arrived."""
+        sid = self._data_sid
+        stream = self._streams.get(sid) if self._data_live else None
+        if stream is None or stream.closed:
+            # Reset while the frame was arriving (or never delivered): free the window.
+            self._data_live = False
+            self._credit(sid, None, length)
+        else:
+            stream.unconsumed += length
+            events.append(DataReceived(sid, chunk, length))
+        if not self._data_left:
+            self._finish_data(events)
+
+    def _finish_data(self, events: list[Event]) -> None:
+        """The current DATA frame is complete: pass its END_STREAM on to h2's stream state."""
+        if self._data_end and self._data_live and self._data_sid in self._streams:
+            self._end_remote(self._data_sid, events)
+        self._data_end = self._data_live = False
+
+    def _end_remote(self, stream_id: int, events: list[Event]) -> None:
+        # h2 moves the stream to half-closed (remote) and reports StreamEnded.
+        self._to_h2.append(_HEADER.pack(0, 0, _DATA, hbone_frames.END_STREAM, stream_id))
+        self._feed_h2(events)
+
+    def _padded_data(self, stream_id: int, flags: int, frame: bytes, events: list[Event]) -> None:
+        length = len(frame) - hbone_frames.HEADER_LEN
+        data = hbone_frames.split_padding(frame[hbone_frames.HEADER_LEN :])
+        if data is None:
+            raise self._connection_error(
+                PROTOCOL_ERROR, f"DATA on stream {stream_id}: padding longer than the frame"
+            )
+        live = self._begin_data(stream_id, length, flags, events)
+        self._data_left = 0
+        stream = self._streams.get(stream_id)
+        if live and stream is not None:
+            if data:
+                stream.unconsumed += length
+                events.append(DataReceived(stream_id, data, length))
+            else:
+                # Padding alone: nothing for the application to consume, so credit it here.
+                self._credit(stream_id, stream, length)
+        else:
+            self._credit(stream_id, None, length)
+        self._finish_data(events)
+
+    def _window_update_size_error(self, length: int) -> RemoteProtocolError:
+        return self._connection_error(
+            FRAME_SIZE_ERROR, f"WINDOW_UPDATE frame of {length} bytes (must be 4)"
+        )
+
+    def _window_update(self, stream_id: int, frame: bytes, events: list[Event]) -> None:
+        if len(frame) != hbone_frames.HEADER_LEN + 4:
+            raise self._window_update_size_error(len(frame) - hbone_frames.HEADER_LEN)
+        increment = hbone_frames.parse_window_increment(frame[hbone_frames.HEADER_LEN :])
+        if stream_id == 0:
+            if increment == 0:
+                raise self._connection_error(
+                    PROTOCOL_ERROR, "connection WINDOW_UPDATE with increment 0"
+                )
+            self._send_conn += increment
+            if self._send_conn > _MAX_WINDOW:
+                raise self._connection_error(
+                    FLOW_CONTROL_ERROR, f"connection send window grew to {self._send_conn}"
+                )
+            events.append(WindowOpened(None))
+            return
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.closed:
+            # h2 knows what to do on closed and idle streams (ignore, or PROTOCOL_ERROR).
+            self._to_h2.append(frame)
+            self._feed_h2(events)
+            return
+        if increment == 0 or stream.send_window + increment > _MAX_WINDOW:
+            code = PROTOCOL_ERROR if increment == 0 else FLOW_CONTROL_ERROR
+            self._discard(stream_id, reset_code=code)
+            events.append(StreamReset(stream_id, code, remote=False))
+            return
+        stream.send_window += increment
+        if not stream.local_ended and stream.phase is _Phase.ESTABLISHED:
+            events.append(WindowOpened(stream_id))
+
+    def _credit(self, stream_id: int, stream: _Stream | None, nbytes: int) -> None:
+        """`nbytes` of received DATA are done with: reopen the windows, in half-window batches
+        (a WINDOW_UPDATE per read would cost a frame per frame)."""
+        if nbytes <= 0:
+            return
+        self._recv_conn_credit += nbytes
+        if self._recv_conn_credit >= self._conn_update_at:
+            increment, self._recv_conn_credit = self._recv_conn_credit, 0
+            self._recv_conn += increment
+            self._take_h2_output()
+            self._out.append(hbone_frames.build_window_update(0, increment))
+        if stream is None or stream.remote_ended or stream.closed:
+            return  # the peer sends nothing more on it: no stream window to reopen
+        stream.recv_credit += nbytes
+        if stream.recv_credit >= self._stream_update_at:
+            increment, stream.recv_credit = stream.recv_credit, 0
+            stream.recv_window += increment
+            self._take_h2_output()
+            self._out.append(hbone_frames.build_window_update(stream_id, increment))
+
+    def _connection_error(self, code: int, message: str) -> RemoteProtocolError:
+        """Queue GOAWAY(`code`), end the connection, return the error to raise."""
+        self._h2.close_connection(error_code=code)
+        self._die()
+        return RemoteProtocolError(f"peer violated HTTP/2: {message}", error_code=code)
 
     # -- event translation (h2 event -> our events) --
 
@@ -525,7 +837,7 @@ class HboneConnection:
             self._h2.drop_stream(sid, REFUSED_STREAM)
             return
         pseudo, headers = hbone_headers.split_header_block(ev.headers)
-        self._streams[sid] = _Stream(self._h2.streams[sid], _Phase.REQUESTED)
+        self._streams[sid] = self._new_stream(self._h2.streams[sid])
         self._open += 1
         self._last_processed = sid
         out.append(
@@ -554,21 +866,8 @@ class HboneConnection:
             out.append(TunnelRejected(sid, status, headers))
 
     def _on_data(self, ev: h2.events.DataReceived, out: list[Event]) -> None:
-        sid = ev.stream_id
-        data = ev.data
-        flow = ev.flow_controlled_length
-        stream = self._streams.get(sid)
-        if stream is None:
-            # A stream we already dropped (rejected, refused): credit the connection window.
-            if flow:
-                self._h2.acknowledge_received_data(flow, sid)
-            return
-        if data:
-            stream.unconsumed += flow
-            out.append(DataReceived(sid, data, flow))
-        elif flow:
-            # Padding alone: nothing for the application to consume, so credit it right here.
-            self._h2.acknowledge_received_data(flow, sid)
+        # h2 only ever sees the empty DATA frames the splitter hands it (module docstring).
+        pass
 
     def _on_stream_ended(self, ev: h2.events.StreamEnded, out: list[Event]) -> None:
         stream = self._streams.get(ev.stream_id)
@@ -597,9 +896,20 @@ class HboneConnection:
         streams = changed.get(codes.MAX_CONCURRENT_STREAMS)
         out.append(RemoteSettingsChanged(streams.new_value if streams is not None else None))
         window = changed.get(codes.INITIAL_WINDOW_SIZE)
-        if window is not None and window.new_value > (window.original_value or 0):
-            # Every stream's send window grew by the difference.
-            out.append(WindowOpened(None))
+        if window is not None:
+            # Every stream's send window moves by the difference (RFC 9113 section 6.9.2).
+            old = window.original_value
+            delta = window.new_value - (_DEFAULT_STREAM_WINDOW if old is None else old)
+            for stream in self._streams.values():
+                stream.send_window += delta
+                if stream.send_window > _MAX_WINDOW:
+                    raise self._connection_error(
+                        FLOW_CONTROL_ERROR,
+                        f"SETTINGS_INITIAL_WINDOW_SIZE {window.new_value} overflows the send "
+                        "window of a stream",
+                    )
+            if delta > 0:
+                out.append(WindowOpened(None))
 
     def _on_ping_ack(self, ev: h2.events.PingAckReceived, out: list[Event]) -> None:
         out.append(PingAcknowledged(bytes(ev.ping_data)))
@@ -697,7 +1007,7 @@ class HboneConnection:
                 conn.drop_stream(stream_id, reset_code)
         if stream.unconsumed:
             # The application will never consume these now: give the connection window back.
-            conn.acknowledge_received_data(stream.unconsumed, stream_id)
+            self._credit(stream_id, None, stream.unconsumed)
 
     def _die(self) -> None:
         self._dead = True
