@@ -22,7 +22,6 @@ import io as io_module
 import json
 import os
 import secrets
-import shutil
 import statistics
 import sys
 import time
@@ -142,10 +141,7 @@ def measure(repetitions: int) -> list[float]:
         assert rec.topology is not None
         return asyncio.run(_measure(opts.state_dir, list(rec.topology.nodes), repetitions))
     finally:
-        control.interrupt_supervisor(proc)
-        proc.wait(timeout=90)
-        control.stop_playground(opts.state_dir, opts.prefix)
-        shutil.rmtree(opts.state_dir, ignore_errors=True)
+        control.shut_down_launched(proc, opts.state_dir, opts.prefix)
 
 
 def run(quick: bool) -> dict[str, float]:

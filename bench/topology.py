@@ -21,7 +21,6 @@ import json
 import os
 import resource
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -126,19 +125,10 @@ class Bench:
         for proc in reversed(self._spawned):
             stop_process(proc)
         self._spawned.clear()
-        if self._supervisor is not None:
-            control.interrupt_supervisor(self._supervisor)
-            try:
-                self._supervisor.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                self._supervisor.kill()
-                self._supervisor.wait()
-            self._supervisor = None
-        if os.path.isdir(self.state_dir):
-            report = control.stop_playground(self.state_dir, self.prefix)
-            if not report.is_clean:
-                self.log(f"teardown left: {report.leftovers}")
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+        supervisor, self._supervisor = self._supervisor, None
+        report = control.shut_down_launched(supervisor, self.state_dir, self.prefix)
+        if not report.is_clean:
+            self.log(f"teardown left: {report.leftovers}")
 
     def __enter__(self) -> Bench:
         return self

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -245,6 +246,25 @@ def stop_playground(state_dir: str, prefix: str | None = None, timeout: float = 
         processes=tuple(teardown.describe(p) for p in procs_before),
         leftovers="; ".join(problems),
     )
+
+
+def shut_down_launched(
+    proc: subprocess.Popen[bytes] | None, state_dir: str, prefix: str, timeout: float = 90.0
+) -> DownReport:
+    """Stop a playground this process launched (idempotent): ask its supervisor to stop, wait
+    (SIGKILL after `timeout`), finish from the record, remove the state directory."""
+    report = DownReport(prefix, False, (), (), ())
+    if proc is not None:
+        interrupt_supervisor(proc)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if os.path.isdir(state_dir):
+        report = stop_playground(state_dir, prefix)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return report
 
 
 def interrupt_supervisor(proc: subprocess.Popen[bytes]) -> None:

@@ -20,7 +20,6 @@ import contextlib
 import io
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -95,19 +94,8 @@ class Playground:
 
     def stop(self) -> control.DownReport:
         """Stop everything (idempotent) and remove the state directory."""
-        report = control.DownReport(self.prefix, False, (), (), ())
-        if self._proc is not None:
-            control.interrupt_supervisor(self._proc)
-            try:
-                self._proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
-        if os.path.isdir(self.state_dir):
-            report = control.stop_playground(self.state_dir, self.prefix)
-            shutil.rmtree(self.state_dir, ignore_errors=True)
-        return report
+        proc, self._proc = self._proc, None
+        return control.shut_down_launched(proc, self.state_dir, self.prefix)
 
     def __enter__(self) -> Playground:
         return self
