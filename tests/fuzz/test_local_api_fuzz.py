@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.sources.local import apiserver, kinds, store, validation
+from controller.sources.local import apiserver, kinds, schemas, store, validation
 from meshcore.kube import client, errors, selectors
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -305,19 +305,19 @@ def _create_then_clean(plural: str, schema: validation.Schema, body: Any) -> Non
 @SETTINGS
 @given(pods)
 def test_posted_pods_are_stored_valid_or_refused(body: Any) -> None:
-    _create_then_clean("pods", validation.POD, body)
+    _create_then_clean("pods", schemas.POD, body)
 
 
 @SETTINGS
 @given(services)
 def test_posted_services_are_stored_valid_or_refused(body: Any) -> None:
-    _create_then_clean("services", validation.SERVICE, body)
+    _create_then_clean("services", schemas.SERVICE, body)
 
 
 @SETTINGS
 @given(json_values)
 def test_any_json_body_is_stored_valid_or_refused(body: Any) -> None:
-    _create_then_clean("pods", validation.POD, body)
+    _create_then_clean("pods", schemas.POD, body)
 
 
 @SETTINGS
@@ -360,7 +360,7 @@ def test_merge_patches_leave_a_valid_object_or_are_refused(patch: Any, status_on
     )
     hypothesis.event(f"status {status}")
     if status == 200:
-        assert_stored_and_valid(validation.POD, path, answer)
+        assert_stored_and_valid(schemas.POD, path, answer)
     else:
         assert_status_error(status, answer)
 
@@ -381,7 +381,7 @@ def test_replacing_then_deleting_a_pod_is_valid_or_refused(
     status, answer = request(path, "PUT", json.dumps(body).encode())
     hypothesis.event(f"PUT {status}")
     if status == 200:
-        assert_stored_and_valid(validation.POD, path, answer)
+        assert_stored_and_valid(schemas.POD, path, answer)
     else:
         assert_status_error(status, answer)
     options = {"kind": "DeleteOptions", "gracePeriodSeconds": grace}

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from controller.sources.local import deployments, kinds, validation
+from controller.sources.local import deployments, kinds, schemas, validation
 from meshcore.kube import objects
 
 TEMPLATE: dict[str, Any] = {
@@ -145,7 +145,7 @@ def test_pod_from_template_carries_hash_label_and_owner() -> None:
     assert pod["spec"] == TEMPLATE["spec"]
     pod["spec"]["containers"][0]["command"].append("changed")
     assert dep["spec"]["template"]["spec"]["containers"][0]["command"] == ["sleep", "infinity"]
-    assert validation.validate(validation.POD, pod) == []
+    assert validation.validate(schemas.POD, pod) == []
 
 
 @pytest.mark.parametrize(
@@ -396,13 +396,13 @@ def _valid() -> dict[str, Any]:
 def test_valid_deployment_passes_and_gets_defaults() -> None:
     dep = _valid()
     del dep["spec"]["replicas"]
-    assert validation.validate(validation.DEPLOYMENT, dep) == []
+    assert validation.validate(schemas.DEPLOYMENT, dep) == []
     kinds.default_deployment(dep)
     assert dep["spec"]["replicas"] == 1
     template_spec = dep["spec"]["template"]["spec"]
     assert template_spec["restartPolicy"] == "Always"
     assert template_spec["serviceAccountName"] == "default"
-    assert validation.validate(validation.DEPLOYMENT, dep) == []
+    assert validation.validate(schemas.DEPLOYMENT, dep) == []
 
 
 def _edit(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
@@ -478,7 +478,7 @@ def test_invalid_deployments_name_the_field(
     dep = _valid()
     dep["status"] = {}
     edit(dep)
-    found = validation.validate(validation.DEPLOYMENT, dep)
+    found = validation.validate(schemas.DEPLOYMENT, dep)
     assert [str(e) for e in found] == [message]
     error = validation.build_invalid_error("Deployment", "web", found)
     assert str(error.message) == f'Deployment "web" is invalid: {message}'
@@ -493,13 +493,13 @@ def test_only_one_controller_owner_reference() -> None:
         },
         "spec": {"containers": [{"name": "c", "command": ["x"]}]},
     }
-    found = [str(e) for e in validation.validate(validation.POD, pod)]
+    found = [str(e) for e in validation.validate(schemas.POD, pod)]
     assert found == [
         'metadata.ownerReferences: Invalid value: ["a", "b"]: Only one reference can have '
         'Controller set to true. Found "true" in references for Deployment/a, Deployment/b'
     ]
     pod["metadata"]["ownerReferences"] = [{"kind": "Deployment", "name": "a"}]
-    found = [str(e) for e in validation.validate(validation.POD, pod)]
+    found = [str(e) for e in validation.validate(schemas.POD, pod)]
     assert found == [
         "metadata.ownerReferences[0].apiVersion: Required value",
         "metadata.ownerReferences[0].uid: Required value",

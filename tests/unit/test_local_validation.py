@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from controller.sources.local import validation
+from controller.sources.local import schemas, validation
 from meshcore.kube import errors
 
 Edit = Callable[[dict[str, Any]], None]
@@ -76,18 +76,18 @@ def _set(path: str, value: Any) -> Edit:
 
 
 def test_valid_objects_pass() -> None:
-    assert validation.validate(validation.POD, _pod()) == []
-    assert validation.validate(validation.SERVICE, _service()) == []
+    assert validation.validate(schemas.POD, _pod()) == []
+    assert validation.validate(schemas.SERVICE, _service()) == []
     headless = _service()
     headless["spec"] = {"clusterIP": "None", "selector": {"app": "web"}}
-    assert validation.validate(validation.SERVICE, headless) == []
+    assert validation.validate(schemas.SERVICE, headless) == []
     node = {
         "metadata": {"name": "node-1.local"},
         "spec": {"podCIDR": "10.244.1.0/24"},
         "status": {"conditions": [{"type": "Ready", "status": "True"}]},
     }
-    assert validation.validate(validation.NODE, node) == []
-    assert validation.validate(validation.NAMESPACE, {"metadata": {"name": "shop"}}) == []
+    assert validation.validate(schemas.NODE, node) == []
+    assert validation.validate(schemas.NAMESPACE, {"metadata": {"name": "shop"}}) == []
 
 
 POD_CASES: list[tuple[str, Edit, str]] = [
@@ -327,7 +327,7 @@ POD_CASES: list[tuple[str, Edit, str]] = [
 def test_pod_rules(edit: Edit, message: str) -> None:
     pod = _pod()
     edit(pod)
-    found = [str(e) for e in validation.validate(validation.POD, pod)]
+    found = [str(e) for e in validation.validate(schemas.POD, pod)]
     assert len(found) == 1, found
     assert found[0].startswith(message), found[0]
 
@@ -399,14 +399,14 @@ SERVICE_CASES: list[tuple[str, Edit, str]] = [
 def test_service_rules(edit: Edit, message: str) -> None:
     service = _service()
     edit(service)
-    found = [str(e) for e in validation.validate(validation.SERVICE, service)]
+    found = [str(e) for e in validation.validate(schemas.SERVICE, service)]
     assert len(found) == 1, found
     assert found[0].startswith(message), found[0]
 
 
 def test_namespace_rules() -> None:
     found = validation.validate(
-        validation.NAMESPACE,
+        schemas.NAMESPACE,
         {"metadata": {"name": "Shop", "labels": {"istio.io/dataplane-mode": "a b"}}},
     )
     assert [e.path for e in found] == ["metadata.name", "metadata.labels"]
@@ -416,7 +416,7 @@ def test_every_error_is_reported_and_joined_like_kubernetes() -> None:
     pod = _pod()
     del pod["spec"]["containers"][0]["command"]
     pod["spec"]["nodeName"] = "N1"
-    found = validation.validate(validation.POD, pod)
+    found = validation.validate(schemas.POD, pod)
     error = validation.build_invalid_error("Pod", "web", found)
     assert isinstance(error, errors.InvalidError)
     assert (error.code, error.reason) == (422, "Invalid")
@@ -435,7 +435,7 @@ def test_semantic_checks_wait_for_well_typed_input() -> None:
     # The duplicate-name check must not run (or crash) on a container that is not an object.
     pod = _pod()
     pod["spec"]["containers"].append("app")
-    found = [str(e) for e in validation.validate(validation.POD, pod)]
+    found = [str(e) for e in validation.validate(schemas.POD, pod)]
     assert found == ['spec.containers[1]: Invalid value: "app": must be of type object']
 
 
@@ -446,13 +446,13 @@ def test_generic_kinds_check_metadata_only() -> None:
         "metadata": {"name": "a"},
         "spec": {"x": [1]},
     }
-    assert validation.validate(validation.GENERIC, obj) == []
+    assert validation.validate(schemas.GENERIC, obj) == []
     obj["metadata"] = {"name": "A"}
-    assert [e.path for e in validation.validate(validation.GENERIC, obj)] == ["metadata.name"]
+    assert [e.path for e in validation.validate(schemas.GENERIC, obj)] == ["metadata.name"]
 
 
 def test_validation_does_not_modify_input() -> None:
     pod = _pod()
     before = copy.deepcopy(pod)
-    validation.validate(validation.POD, pod)
+    validation.validate(schemas.POD, pod)
     assert pod == before

@@ -19,7 +19,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from controller.sources.local import policyschemas, validation
+from controller.sources.local import policyschemas, schemas, validation
 from meshcore.kube import resources
 from meshcore.policy import analysis, spec
 
@@ -35,7 +35,7 @@ STATUS_VERBS = ["get", "patch", "update"]
 @dataclasses.dataclass(frozen=True, slots=True)
 class ServedKind:
     rtype: resources.ResourceType
-    schema: validation.Schema = validation.GENERIC
+    schema: validation.Schema = schemas.GENERIC
     # Fills defaults in place into an object that passed validation; must keep it valid.
     default: Defaulter | None = None
     field_labels: frozenset[str] = frozenset()
@@ -180,17 +180,15 @@ def build_core_kinds() -> list[ServedKind]:
     return [
         ServedKind(
             resources.NAMESPACES,
-            validation.NAMESPACE,
+            schemas.NAMESPACE,
             default_namespace,
             frozenset({"status.phase"}),
             ("ns",),
         ),
-        ServedKind(
-            resources.NODES, validation.NODE, None, frozenset({"spec.unschedulable"}), ("no",)
-        ),
+        ServedKind(resources.NODES, schemas.NODE, None, frozenset({"spec.unschedulable"}), ("no",)),
         ServedKind(
             resources.PODS,
-            validation.POD,
+            schemas.POD,
             default_pod,
             frozenset(
                 {
@@ -206,7 +204,7 @@ def build_core_kinds() -> list[ServedKind]:
         ),
         ServedKind(
             resources.SERVICES,
-            validation.SERVICE,
+            schemas.SERVICE,
             default_service,
             frozenset({"spec.clusterIP", "spec.type"}),
             ("svc",),
@@ -223,7 +221,7 @@ def build_apps_kinds() -> list[ServedKind]:
     return [
         ServedKind(
             DEPLOYMENTS,
-            validation.DEPLOYMENT,
+            schemas.DEPLOYMENT,
             default_deployment,
             short_names=("deploy",),
             tracks_generation=True,

@@ -21,7 +21,7 @@ import ipaddress
 import re
 from typing import Any
 
-from controller.sources.local import validation
+from controller.sources.local import schemas, validation
 from meshcore.policy import analysis
 from meshcore.policy import errors as policy_errors
 
@@ -370,7 +370,7 @@ AUTHORIZATION_POLICY_SPEC = validation.Obj(
 # What istiod writes (IstioStatus); observedGeneration is an int64, so JSON may carry a string.
 POLICY_STATUS = validation.Obj(
     {
-        "conditions": validation.ListOf(validation.CONDITION),
+        "conditions": validation.ListOf(schemas.CONDITION),
         "observedGeneration": validation.IntOrStr(validation.Int(0), validation.Str()),
         "validationMessages": validation.ListOf(validation.AnyObject()),
     }
@@ -401,7 +401,7 @@ def _check_same_namespace(obj: dict[str, Any], path: str) -> list[validation.Fie
 
 
 AUTHORIZATION_POLICY = dataclasses.replace(
-    validation.build_object(validation.dns_subdomain, AUTHORIZATION_POLICY_SPEC, POLICY_STATUS),
+    schemas.build_object(validation.dns_subdomain, AUTHORIZATION_POLICY_SPEC, POLICY_STATUS),
     required=frozenset({"metadata"}),  # no spec: ALLOW with no rules, which denies everything
     check_obj=_check_same_namespace,
 )
@@ -446,6 +446,6 @@ PEER_AUTHENTICATION_SPEC = validation.Obj(
     check_obj=_check_peer_authentication_spec,
 )
 PEER_AUTHENTICATION = dataclasses.replace(
-    validation.build_object(validation.dns_subdomain, PEER_AUTHENTICATION_SPEC, POLICY_STATUS),
+    schemas.build_object(validation.dns_subdomain, PEER_AUTHENTICATION_SPEC, POLICY_STATUS),
     required=frozenset({"metadata"}),
 )

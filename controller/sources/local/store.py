@@ -43,6 +43,7 @@ from controller.sources.local import (
     kinds,
     persistence,
     scheduling,
+    schemas,
     validation,
     watch,
 )
@@ -593,7 +594,7 @@ class ObjectStore:
         a kubelet finishing a pod must not remove a new pod that reuses its name.
         """
         self._served(rtype)
-        limit = validation.MAX_GRACE_PERIOD_SECONDS
+        limit = schemas.MAX_GRACE_PERIOD_SECONDS
         if grace_period_seconds is not None and not 0 <= grace_period_seconds <= limit:
             raise _bad_request(f"gracePeriodSeconds must be between 0 and {limit}")
         old = self._objects[rtype].get(self._key(rtype, namespace, name))
