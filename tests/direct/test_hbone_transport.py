@@ -19,28 +19,14 @@ import pytest
 import uvloop
 
 from meshcore.identity import ca as ca_mod
-from meshcore.identity import certs, csr, spiffe, tls
+from meshcore.identity import certs, spiffe, tls
 from meshcore.wire import hbone as hbone_wire
+from tests.direct import workload_certs
 from ztunnel.proxy import hbone, relay
 
 NOW = datetime.datetime.now(datetime.UTC)
 CLIENT_ID = spiffe.SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/client")
 SERVER_ID = spiffe.SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/server")
-
-
-def _issue(
-    authority: ca_mod.CertificateAuthority, identity: spiffe.SpiffeId
-) -> certs.WorkloadCertificate:
-    key = csr.generate_key()
-    leaf = authority.sign_csr(
-        csr.build_csr(key, identity), identity=identity, ttl=datetime.timedelta(hours=1), now=NOW
-    )
-    return certs.build_workload_certificate(
-        identity,
-        key,
-        [leaf.decode(), authority.root_pem.decode()],
-        trusted_root_pem=authority.root_pem,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -209,12 +195,12 @@ def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 def test_ten_megabytes_each_way_through_one_tunnel(mesh_ca: ca_mod.CertificateAuthority) -> None:
     async def main() -> None:
-        h = Harness(_issue(mesh_ca, SERVER_ID))
+        h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
         up = _pattern(10 << 20, b"up")
         h.backend_reply = _pattern(10 << 20, b"down")
         await h.start()
         try:
-            conn = await h.connect(_issue(mesh_ca, CLIENT_ID), [SERVER_ID])
+            conn = await h.connect(workload_certs.issue(mesh_ca, CLIENT_ID), [SERVER_ID])
             assert conn.peer_identity == SERVER_ID
             status, got = await _tunnel_exchange(conn, f"127.0.0.1:{h.backend_port}", up)
             assert status == 200
@@ -229,11 +215,11 @@ def test_ten_megabytes_each_way_through_one_tunnel(mesh_ca: ca_mod.CertificateAu
 
 def test_many_concurrent_tunnels_share_one_connection(mesh_ca: ca_mod.CertificateAuthority) -> None:
     async def main() -> None:
-        h = Harness(_issue(mesh_ca, SERVER_ID))
+        h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
         h.backend_reply = b"pong"
         await h.start()
         try:
-            conn = await h.connect(_issue(mesh_ca, CLIENT_ID), [SERVER_ID])
+            conn = await h.connect(workload_certs.issue(mesh_ca, CLIENT_ID), [SERVER_ID])
             results = await asyncio.gather(
                 *(
                     _tunnel_exchange(conn, f"127.0.0.1:{h.backend_port}", b"ping" * 1000)
@@ -251,10 +237,10 @@ def test_many_concurrent_tunnels_share_one_connection(mesh_ca: ca_mod.Certificat
 
 def test_rejected_tunnel_reports_status(mesh_ca: ca_mod.CertificateAuthority) -> None:
     async def main() -> None:
-        h = Harness(_issue(mesh_ca, SERVER_ID))
+        h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
         await h.start()
         try:
-            conn = await h.connect(_issue(mesh_ca, CLIENT_ID), [SERVER_ID])
+            conn = await h.connect(workload_certs.issue(mesh_ca, CLIENT_ID), [SERVER_ID])
             status, _ = await _tunnel_exchange(conn, "127.0.0.1:1", b"x")
             assert status == 400
             assert conn.is_usable  # a rejected stream does not spoil the connection
@@ -267,12 +253,12 @@ def test_rejected_tunnel_reports_status(mesh_ca: ca_mod.CertificateAuthority) ->
 
 def test_unexpected_server_identity_is_refused(mesh_ca: ca_mod.CertificateAuthority) -> None:
     async def main() -> None:
-        h = Harness(_issue(mesh_ca, SERVER_ID))
+        h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
         await h.start()
         try:
             other = spiffe.SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/other")
             with pytest.raises(hbone.HboneConnectError) as err:
-                await h.connect(_issue(mesh_ca, CLIENT_ID), [other])
+                await h.connect(workload_certs.issue(mesh_ca, CLIENT_ID), [other])
             assert err.value.flag == "IDENTITY_ERROR"
             assert "sa/server" in str(err.value)
         finally:
@@ -283,10 +269,10 @@ def test_unexpected_server_identity_is_refused(mesh_ca: ca_mod.CertificateAuthor
 
 def test_client_from_another_ca_never_gets_a_tunnel(mesh_ca: ca_mod.CertificateAuthority) -> None:
     async def main() -> None:
-        h = Harness(_issue(mesh_ca, SERVER_ID))
+        h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
         await h.start()
         rogue_ca = ca_mod.CertificateAuthority.generate("cluster.local", now=NOW)
-        rogue = _issue(rogue_ca, CLIENT_ID)
+        rogue = workload_certs.issue(rogue_ca, CLIENT_ID)
         # The rogue client trusts our root so its own handshake completes (TLS 1.3 gotcha:
         # the refusal only shows up afterwards), and must still never get a 200.
         rogue = certs.WorkloadCertificate(
@@ -323,7 +309,7 @@ def test_client_hello_waiting_before_the_accept_is_not_lost(
     TLS: a plaintext reader that swallows them leaves the handshake hanging until timeout."""
 
     async def main() -> None:
-        h = Harness(_issue(mesh_ca, SERVER_ID))
+        h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
         await h.start()
         loop = asyncio.get_running_loop()
         # Take over accepting, so this test decides when the server sees the connection.
@@ -337,7 +323,7 @@ def test_client_hello_waiting_before_the_accept_is_not_lost(
             client = asyncio.ensure_future(
                 hbone.connect(
                     client_sock,
-                    context=tls.client_context(_issue(mesh_ca, CLIENT_ID)),
+                    context=tls.client_context(workload_certs.issue(mesh_ca, CLIENT_ID)),
                     expected=[SERVER_ID],
                     timeout=5,
                 )
@@ -383,10 +369,12 @@ async def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None
 
 def test_keepalive_pings_are_acknowledged(mesh_ca: ca_mod.CertificateAuthority) -> None:
     async def main() -> None:
-        h = Harness(_issue(mesh_ca, SERVER_ID))
+        h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
         await h.start()
         try:
-            conn = await h.connect(_issue(mesh_ca, CLIENT_ID), [SERVER_ID], keepalive=(0.02, 1.0))
+            conn = await h.connect(
+                workload_certs.issue(mesh_ca, CLIENT_ID), [SERVER_ID], keepalive=(0.02, 1.0)
+            )
             await _wait_for(lambda: conn.pings_acknowledged >= 3)
             assert conn.is_usable
             conn.close()
@@ -402,10 +390,12 @@ def test_keepalive_closes_a_connection_whose_peer_went_silent(
     """A peer node that vanished without a FIN: no PING ACK, so the pool must stop using it."""
 
     async def main() -> None:
-        h = Harness(_issue(mesh_ca, SERVER_ID))
+        h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
         await h.start()
         try:
-            conn = await h.connect(_issue(mesh_ca, CLIENT_ID), [SERVER_ID], keepalive=(0.02, 0.2))
+            conn = await h.connect(
+                workload_certs.issue(mesh_ca, CLIENT_ID), [SERVER_ID], keepalive=(0.02, 0.2)
+            )
             await asyncio.wait_for(h.accepted_event.wait(), 5)
             server = h.accepted[0]
             assert server.transport is not None

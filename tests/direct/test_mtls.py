@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from meshcore.identity import ca, certs, csr, spiffe, tls
+from tests.direct import workload_certs
 
 TTL = datetime.timedelta(hours=1)
 SERVER = spiffe.SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/db")
@@ -33,16 +34,6 @@ RUNNERS: dict[str, Callable[[Coroutine[Any, Any, None]], None]] = {
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
-
-
-def _issue(
-    authority: ca.CertificateAuthority, identity: spiffe.SpiffeId
-) -> certs.WorkloadCertificate:
-    key = csr.generate_key()
-    leaf = authority.sign_csr(csr.build_csr(key, identity), identity=identity, ttl=TTL, now=_now())
-    return certs.build_workload_certificate(
-        identity, key, [leaf, authority.root_pem], trusted_root_pem=authority.root_pem
-    )
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +102,10 @@ def _assert_no_tasks_left() -> None:
 
 @pytest.mark.parametrize("runner", sorted(RUNNERS))
 def test_mutual_tls_reads_both_identities(authority: ca.CertificateAuthority, runner: str) -> None:
-    server_cert, client_cert = _issue(authority, SERVER), _issue(authority, CLIENT)
+    server_cert, client_cert = (
+        workload_certs.issue(authority, SERVER),
+        workload_certs.issue(authority, CLIENT),
+    )
 
     async def main() -> None:
         async with serving(server_cert) as (port, accepted):
@@ -134,7 +128,10 @@ def test_mutual_tls_reads_both_identities(authority: ca.CertificateAuthority, ru
 
 def test_client_cert_from_another_ca_is_refused(authority: ca.CertificateAuthority) -> None:
     rogue = ca.CertificateAuthority.generate("cluster.local", now=_now())
-    server_cert, rogue_client = _issue(authority, SERVER), _issue(rogue, CLIENT)
+    server_cert, rogue_client = (
+        workload_certs.issue(authority, SERVER),
+        workload_certs.issue(rogue, CLIENT),
+    )
     # The rogue client trusts our root, so only the server's check can refuse it.
     rogue_client = dataclasses.replace(rogue_client, root_pem=authority.root_pem)
 
@@ -156,7 +153,7 @@ def test_client_cert_from_another_ca_is_refused(authority: ca.CertificateAuthori
 
 
 def test_client_without_certificate_is_refused(authority: ca.CertificateAuthority) -> None:
-    server_cert = _issue(authority, SERVER)
+    server_cert = workload_certs.issue(authority, SERVER)
     anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     anonymous.check_hostname = False
     anonymous.load_verify_locations(cadata=authority.root_pem.decode())
@@ -180,8 +177,10 @@ def test_client_without_certificate_is_refused(authority: ca.CertificateAuthorit
 
 def test_server_cert_from_another_ca_is_refused(authority: ca.CertificateAuthority) -> None:
     rogue = ca.CertificateAuthority.generate("cluster.local", now=_now())
-    rogue_server = dataclasses.replace(_issue(rogue, SERVER), root_pem=authority.root_pem)
-    client_cert = _issue(authority, CLIENT)
+    rogue_server = dataclasses.replace(
+        workload_certs.issue(rogue, SERVER), root_pem=authority.root_pem
+    )
+    client_cert = workload_certs.issue(authority, CLIENT)
 
     async def main() -> None:
         async with serving(rogue_server) as (port, accepted):
@@ -193,7 +192,10 @@ def test_server_cert_from_another_ca_is_refused(authority: ca.CertificateAuthori
 
 
 def test_unexpected_server_identity_is_refused(authority: ca.CertificateAuthority) -> None:
-    server_cert, client_cert = _issue(authority, SERVER), _issue(authority, CLIENT)
+    server_cert, client_cert = (
+        workload_certs.issue(authority, SERVER),
+        workload_certs.issue(authority, CLIENT),
+    )
     other = spiffe.SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/cache")
 
     async def main() -> None:
@@ -257,7 +259,7 @@ def test_other_trust_domain_from_same_ca_is_refused(tmp_path: pathlib.Path) -> N
         [leaf.public_bytes(serialization.Encoding.PEM), authority.root_pem],
         trusted_root_pem=authority.root_pem,
     )
-    server_cert = _issue(authority, SERVER)
+    server_cert = workload_certs.issue(authority, SERVER)
 
     async def main() -> None:
         async with serving(server_cert) as (port, accepted):
@@ -299,7 +301,7 @@ def _files_containing(roots: list[pathlib.Path], needle: bytes, since: float) ->
 
 def test_private_key_never_touches_disk(authority: ca.CertificateAuthority) -> None:
     since = time.time() - 1
-    cert = _issue(authority, SERVER)
+    cert = workload_certs.issue(authority, SERVER)
     before = _memfds()
     contexts = [tls.server_context(cert), tls.client_context(cert)]
     assert len(contexts) == 2

@@ -15,7 +15,6 @@ import ipaddress
 import json
 import os
 import socket
-import ssl
 import typing
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
@@ -24,10 +23,11 @@ import prometheus_client
 import pytest
 
 from meshcore.identity import ca as ca_mod
-from meshcore.identity import certs, csr, spiffe, tls
+from meshcore.identity import spiffe, tls
 from meshcore.model import ids, workload
 from meshcore.wire import proxyproto, zds
 from meshctl.demo import app
+from tests.direct import workload_certs
 from ztunnel import config as config_mod
 from ztunnel import telemetry
 from ztunnel.identity import manager
@@ -43,35 +43,9 @@ LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
 APP_PORT = 8080  # the port clients ask for; nothing listens there in these tests
 
 
-def _issue(
-    authority: ca_mod.CertificateAuthority, identity: spiffe.SpiffeId
-) -> certs.WorkloadCertificate:
-    key = csr.generate_key()
-    leaf = authority.sign_csr(
-        csr.build_csr(key, identity), identity=identity, ttl=datetime.timedelta(hours=1), now=NOW
-    )
-    return certs.build_workload_certificate(
-        identity,
-        key,
-        [leaf.decode(), authority.root_pem.decode()],
-        trusted_root_pem=authority.root_pem,
-    )
-
-
 @pytest.fixture(scope="module")
 def mesh_ca() -> ca_mod.CertificateAuthority:
     return ca_mod.CertificateAuthority.generate("cluster.local", now=NOW)
-
-
-class StaticCerts:
-    """The server pod's certificate, already issued."""
-
-    def __init__(self, cert: certs.WorkloadCertificate) -> None:
-        self._context = tls.server_context(cert)
-
-    async def fetch_server_context(self, identity: spiffe.SpiffeId) -> ssl.SSLContext:
-        assert identity == SERVER_ID
-        return self._context
 
 
 @contextlib.asynccontextmanager
@@ -102,7 +76,10 @@ async def inbound_proxy(
             connect_timeout=5,
         ),
         state=state,
-        certs=typing.cast(manager.CertManager, StaticCerts(_issue(mesh_ca, SERVER_ID))),
+        certs=typing.cast(
+            manager.CertManager,
+            workload_certs.StaticServerCerts(workload_certs.issue(mesh_ca, SERVER_ID)),
+        ),
         telemetry=telemetry.Telemetry(telemetry.Metrics(prometheus_client.CollectorRegistry())),
     )
     fd = os.open("/proc/self/ns/net", os.O_RDONLY)
@@ -141,7 +118,7 @@ async def _hbone_client(
     await loop.sock_connect(sock, ("127.0.0.1", port))
     return await hbone.connect(
         sock,
-        context=tls.client_context(_issue(mesh_ca, CLIENT_ID)),
+        context=tls.client_context(workload_certs.issue(mesh_ca, CLIENT_ID)),
         expected=[SERVER_ID],
         timeout=5,
     )

@@ -20,7 +20,6 @@ import ipaddress
 import logging
 import os
 import socket
-import ssl
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any
@@ -30,10 +29,11 @@ import pytest
 
 from meshcore import netns
 from meshcore.identity import ca as ca_mod
-from meshcore.identity import certs, csr, spiffe, tls
+from meshcore.identity import spiffe, tls
 from meshcore.model import authorization, ids, workload
 from meshcore.wire import zds
 from meshcore.xds import resources, types
+from tests.direct import workload_certs
 from tests.netns import netns_util
 from ztunnel import config as config_mod
 from ztunnel import telemetry
@@ -95,33 +95,9 @@ STRICT_SERVER = dataclasses.replace(SERVER, authorization_policies=(STRICT.key,)
 # --- plumbing ---
 
 
-def _issue(
-    authority: ca_mod.CertificateAuthority, identity: spiffe.SpiffeId
-) -> certs.WorkloadCertificate:
-    key = csr.generate_key()
-    leaf = authority.sign_csr(
-        csr.build_csr(key, identity), identity=identity, ttl=datetime.timedelta(hours=1), now=NOW
-    )
-    return certs.build_workload_certificate(
-        identity,
-        key,
-        [leaf.decode(), authority.root_pem.decode()],
-        trusted_root_pem=authority.root_pem,
-    )
-
-
 @pytest.fixture(scope="module")
 def mesh_ca() -> ca_mod.CertificateAuthority:
     return ca_mod.CertificateAuthority.generate("cluster.local", now=NOW)
-
-
-class StaticCerts:
-    def __init__(self, cert: certs.WorkloadCertificate) -> None:
-        self._context = tls.server_context(cert)
-
-    async def fetch_server_context(self, identity: spiffe.SpiffeId) -> ssl.SSLContext:
-        assert identity == SERVER_ID
-        return self._context
 
 
 class RecordingTelemetry(telemetry.Telemetry):
@@ -290,7 +266,9 @@ async def hbone_server(mesh_ca: ca_mod.CertificateAuthority) -> AsyncIterator[Se
     state = proxy_state.ProxyState()
     state.workloads.insert(SERVER)
     tel = RecordingTelemetry()
-    inputs = _inputs(state, StaticCerts(_issue(mesh_ca, SERVER_ID)), tel)
+    inputs = _inputs(
+        state, workload_certs.StaticServerCerts(workload_certs.issue(mesh_ca, SERVER_ID)), tel
+    )
     app = EchoApp()
     app_port = await app.start()
     fd = os.open("/proc/self/ns/net", os.O_RDONLY)
@@ -346,7 +324,7 @@ async def _connect(
     await loop.sock_connect(sock, ("127.0.0.1", server.port))
     return await hbone.connect(
         sock,
-        context=tls.client_context(_issue(mesh_ca, identity)),
+        context=tls.client_context(workload_certs.issue(mesh_ca, identity)),
         expected=[SERVER_ID],
         timeout=WAIT,
     )
