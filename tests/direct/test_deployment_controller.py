@@ -13,13 +13,14 @@ import copy
 import re
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from controller.sources.local import deployments, kinds, persistence, store
 from meshcore.kube import errors, objects, resources
+from tests.direct import store_harness
 
 NS = "shop"
 DEPLOYMENTS = kinds.DEPLOYMENTS
@@ -81,20 +82,10 @@ def open_store(directory: str, clock: TickingClock, *, with_node: bool = True) -
     return st
 
 
-@contextlib.asynccontextmanager
-async def running(
+def running(
     st: store.ObjectStore, controller: deployments.DeploymentController | None = None
-) -> AsyncIterator[deployments.DeploymentController]:
-    controller = controller or deployments.DeploymentController(st)
-    task = asyncio.create_task(controller.run())
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            await controller.synced.wait()
-        yield controller
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+) -> contextlib.AbstractAsyncContextManager[deployments.DeploymentController]:
+    return store_harness.running(controller or deployments.DeploymentController(st), TIMEOUT)
 
 
 def pods(st: store.ObjectStore, *, terminating: bool = False) -> list[dict[str, Any]]:
@@ -130,18 +121,13 @@ def is_settled(st: store.ObjectStore, name: str = "web") -> bool:
 
 
 async def until(st: store.ObjectStore, what: str, predicate: Callable[[], bool]) -> None:
-    """Wait for `predicate` to hold, re-checking after every store change, with a deadline."""
-    subscription = st.subscribe(None)
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            while not predicate():
-                await anext(subscription)
-    except TimeoutError:
-        raise AssertionError(
-            f"timed out waiting for {what}; pods: {names(pods(st, terminating=True))}"
-        ) from None
-    finally:
-        subscription.close()
+    await store_harness.until(
+        st,
+        what,
+        predicate,
+        describe=lambda: f"pods: {names(pods(st, terminating=True))}",
+        timeout=TIMEOUT,
+    )
 
 
 def make_ready(st: store.ObjectStore, name: str) -> None:

@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from controller.sources.local import kinds, persistence, policystatus, store
 from meshcore.kube import objects, resources
+from tests.direct import store_harness
 
 NS = "shop"
 AP = kinds.AUTHORIZATION_POLICIES
@@ -62,33 +63,14 @@ def open_store(
     return st
 
 
-@contextlib.asynccontextmanager
-async def running(
+def running(
     st: store.ObjectStore, controller: policystatus.PolicyStatusController | None = None
-) -> AsyncIterator[policystatus.PolicyStatusController]:
-    controller = controller or policystatus.PolicyStatusController(st)
-    task = asyncio.create_task(controller.run())
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            await controller.synced.wait()
-        yield controller
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+) -> contextlib.AbstractAsyncContextManager[policystatus.PolicyStatusController]:
+    return store_harness.running(controller or policystatus.PolicyStatusController(st), TIMEOUT)
 
 
 async def until(st: store.ObjectStore, what: str, predicate: Callable[[], bool]) -> None:
-    """Wait for `predicate` to hold, re-checking after every store change, with a deadline."""
-    subscription = st.subscribe(None)
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            while not predicate():
-                await anext(subscription)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-    finally:
-        subscription.close()
+    await store_harness.until(st, what, predicate, timeout=TIMEOUT)
 
 
 def condition(st: store.ObjectStore, name: str) -> dict[str, Any] | None:
