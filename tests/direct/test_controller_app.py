@@ -7,24 +7,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import pytest
 from google.protobuf import any_pb2
 
-from meshcore.identity import csr, spiffe, tokens
-from meshcore.kube import client as kube_client
+from meshcore.identity import csr, spiffe
 from meshcore.kube import resources
 from meshcore.model import workload
 from meshcore.xds import client as xds_client
 from meshcore.xds import resources as xds_resources
 from meshcore.xds import types
+from tests.direct import controller_process
 from ztunnel.identity import client as ca_client
 
 NODE = {
@@ -58,72 +55,13 @@ SERVICE = {
 }
 
 
-class Controller:
-    def __init__(self, state: str) -> None:
-        self.state = state
-        self.api_socket = os.path.join(state, "api.sock")
-        self.xds_socket = os.path.join(state, "xds.sock")
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = os.path.join(state, "controller.log")
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            "CONTROLLER_STATE_DIR": os.path.join(self.state, "controller"),
-            "LOCAL_API_SOCKET": self.api_socket,
-            "XDS_LISTEN": f"unix://{self.xds_socket}",
-        }
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "controller"], env=env, stdout=out, stderr=out
-            )
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def token(self, node: str) -> str:
-        path = os.path.join(self.state, f"{node}.token")
-        secret = tokens.load_or_create_secret(
-            os.path.join(self.state, "controller", "token-secret")
-        )
-        with open(path, "w") as f:
-            f.write(tokens.NodeTokens(secret).mint(node))
-        return path
-
-    async def wait_ready(self) -> kube_client.ApiClient:
-        api = kube_client.ApiClient(f"unix://{self.api_socket}", timeout=2)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 20
-        while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                with open(self.log) as f:
-                    pytest.fail(f"controller exited:\n{f.read()}")
-            try:
-                await api.list(resources.NAMESPACES)
-                if os.path.exists(self.xds_socket):
-                    return api
-            except Exception:
-                if loop.time() > deadline:
-                    raise
-            await asyncio.sleep(0.05)
+Controller = controller_process.Controller
 
 
 @pytest.fixture
 def controller() -> Iterator[Controller]:
-    state = tempfile.mkdtemp(prefix="mt-", dir="/tmp")
-    ctl = Controller(state)
-    try:
+    with controller_process.temporary_controller() as ctl:
         yield ctl
-    finally:
-        ctl.stop()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 class Recorder:

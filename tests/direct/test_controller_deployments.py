@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from meshcore.kube import client as kube_client
-from meshcore.kube import errors as kube_errors
 from meshcore.kube import objects, resources
+from tests.direct import controller_process
 
 DEPLOYMENTS = resources.DEPLOYMENTS
 DEPLOYMENT = {
@@ -37,67 +31,10 @@ DEPLOYMENT = {
 TIMEOUT = 20.0
 
 
-class ControllerProcess:
-    def __init__(self, state: str) -> None:
-        self.state = state
-        self.api_socket = os.path.join(state, "api.sock")
-        self.log = os.path.join(state, "controller.log")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            "CONTROLLER_STATE_DIR": os.path.join(self.state, "controller"),
-            "LOCAL_API_SOCKET": self.api_socket,
-            "XDS_LISTEN": f"unix://{os.path.join(self.state, 'xds.sock')}",
-        }
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "controller"], env=env, stdout=out, stderr=out
-            )
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def _fail(self, why: str) -> None:
-        with open(self.log) as f:
-            pytest.fail(f"{why}:\n{f.read()}")
-
-    async def connect(self) -> kube_client.ApiClient:
-        """A client once the API answers (the process creates its socket while starting)."""
-        api = kube_client.ApiClient(f"unix://{self.api_socket}", timeout=2)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + TIMEOUT
-        while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                await api.close()
-                self._fail("controller exited")
-            try:
-                await api.list(resources.NAMESPACES)
-                return api
-            except (OSError, kube_errors.KubeError):
-                if loop.time() > deadline:
-                    await api.close()
-                    self._fail("the API never answered")
-            await asyncio.sleep(0.05)
-
-
 @pytest.fixture
-def controller() -> Iterator[ControllerProcess]:
-    state = tempfile.mkdtemp(prefix="mt-", dir="/tmp")
-    ctl = ControllerProcess(state)
-    try:
+def controller() -> Iterator[controller_process.Controller]:
+    with controller_process.temporary_controller() as ctl:
         yield ctl
-    finally:
-        ctl.stop()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 async def wait_for_pods(api: kube_client.ApiClient, count: int) -> list[dict[str, Any]]:
@@ -115,11 +52,11 @@ async def wait_for_pods(api: kube_client.ApiClient, count: int) -> list[dict[str
 
 
 def test_the_controller_process_makes_and_keeps_deployment_pods(
-    controller: ControllerProcess,
+    controller: controller_process.Controller,
 ) -> None:
     async def main() -> None:
         controller.start()
-        api = await controller.connect()
+        api = await controller.wait_ready()
         try:
             await api.create(DEPLOYMENT)
             first = sorted(objects.name(p) for p in await wait_for_pods(api, 2))
@@ -129,7 +66,7 @@ def test_the_controller_process_makes_and_keeps_deployment_pods(
 
         controller.stop()
         controller.start()
-        api = await controller.connect()
+        api = await controller.wait_ready()
         try:
             # The store came back from disk; the controller's resync creates nothing more.
             deployment = await api.get(DEPLOYMENTS, "web", "default")
