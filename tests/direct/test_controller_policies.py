@@ -8,12 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pathlib
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-import pytest
 from google.protobuf import any_pb2
 
 from controller import feed as feed_mod
@@ -29,6 +26,7 @@ from meshcore.model import authorization, workload
 from meshcore.xds import client as xds_client
 from meshcore.xds import resources as xds_resources
 from meshcore.xds import types
+from tests.direct import grpc_harness
 from tests.unit import policy_fixtures as f
 
 DEADLINE = 10.0
@@ -72,24 +70,8 @@ async def _eventually(condition: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.005)
 
 
-def _run(main: Coroutine[None, None, None]) -> None:
-    async def checked() -> None:
-        await main
-        leftover = asyncio.all_tasks() - {asyncio.current_task()}
-        if leftover:
-            _, pending = await asyncio.wait(leftover, timeout=DEADLINE)
-            assert not pending, f"tasks left running: {pending}"
-
-    asyncio.run(checked())
-
-
-@pytest.fixture
-def state_dir() -> Iterator[pathlib.Path]:
-    path = pathlib.Path(tempfile.mkdtemp(prefix="mt-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+_run = grpc_harness.run
+state_dir = grpc_harness.state_dir
 
 
 def _registry(*, with_policies: bool = True) -> kinds.KindRegistry:

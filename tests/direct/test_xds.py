@@ -8,9 +8,7 @@ import dataclasses
 import ipaddress
 import logging
 import pathlib
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 import grpc.aio
@@ -24,6 +22,7 @@ from meshcore.model import authorization, ids, workload
 from meshcore.proto import discovery_pb2
 from meshcore.xds import client as xds_client
 from meshcore.xds import resources, types
+from tests.direct import grpc_harness
 
 GOOD_TOKEN = "token-for-node-1"
 NODE = "node-1"
@@ -126,28 +125,8 @@ async def _within(awaitable: Awaitable[object], what: str) -> None:
         raise AssertionError(f"timed out waiting for {what}") from None
 
 
-def _run(main: Coroutine[None, None, None]) -> None:
-    """asyncio.run, then check that no task is left running: grpc finishes its own server-side
-    tasks just after Server.stop() returns, so they get a deadline to end on their own."""
-
-    async def checked() -> None:
-        await main
-        leftover = asyncio.all_tasks() - {asyncio.current_task()}
-        if leftover:
-            _, pending = await asyncio.wait(leftover, timeout=DEADLINE)
-            assert not pending, f"tasks left running: {pending}"
-
-    asyncio.run(checked())
-
-
-@pytest.fixture
-def state_dir() -> Iterator[pathlib.Path]:
-    # Short path: Unix socket paths must stay under 108 bytes.
-    path = pathlib.Path(tempfile.mkdtemp(prefix="mt-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+_run = grpc_harness.run
+state_dir = grpc_harness.state_dir
 
 
 @contextlib.asynccontextmanager
