@@ -1,0 +1,94 @@
+"""meshcore.aio.sockets.connect: non-blocking connect on uvloop and on asyncio's own loop."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+import uvloop
+
+from meshcore.aio import sockets
+
+Runner = Callable[[Coroutine[Any, Any, None]], None]
+RUNNERS: list[Runner] = [uvloop.run, asyncio.run]
+
+
+def _client() -> socket.socket:
+    sock = socket.socket()
+    sock.setblocking(False)
+    return sock
+
+
+@pytest.mark.parametrize("run", RUNNERS, ids=["uvloop", "asyncio"])
+def test_connects_and_carries_bytes(run: Runner) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        address = server.getsockname()
+
+        async def main() -> None:
+            with _client() as sock:
+                await sockets.connect(sock, address)
+                peer, _ = server.accept()
+                with peer:
+                    assert sock.getpeername() == address
+                    await asyncio.get_running_loop().sock_sendall(sock, b"ping")
+                    assert peer.recv(4) == b"ping"
+
+        run(main())
+
+
+@pytest.mark.parametrize("run", RUNNERS, ids=["uvloop", "asyncio"])
+def test_refused_connect_raises_with_errno(run: Runner) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        address = server.getsockname()
+    # Nothing listens there any more.
+
+    async def main() -> None:
+        with _client() as sock:
+            with pytest.raises(ConnectionRefusedError) as info:
+                await sockets.connect(sock, address)
+            assert info.value.errno == errno.ECONNREFUSED
+
+    run(main())
+
+
+def test_failed_connect_stops_watching_the_socket() -> None:
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            address = server.getsockname()
+        with _client() as sock:
+            with pytest.raises(ConnectionRefusedError):
+                await sockets.connect(sock, address)
+            # asyncio's loop says whether a writer was still registered.
+            assert asyncio.get_running_loop().remove_writer(sock.fileno()) is False
+
+    asyncio.run(main())
+
+
+def test_cancelled_connect_stops_watching_the_socket() -> None:
+    async def main() -> None:
+        # A listener whose backlog is full holds the SYN: the connect stays in progress.
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen(0)
+            address = server.getsockname()
+            fillers = [_client() for _ in range(4)]
+            try:
+                for f in fillers:
+                    f.connect_ex(address)
+                with _client() as sock:
+                    task = asyncio.ensure_future(sockets.connect(sock, address))
+                    await asyncio.sleep(0)
+                    assert not task.done()  # the SYN waits: the listener's queue is full
+                    task.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await task
+                    assert asyncio.get_running_loop().remove_writer(sock.fileno()) is False
+            finally:
+                for f in fillers:
+                    f.close()
+
+    asyncio.run(main())
