@@ -37,10 +37,13 @@ class TunnelRejected:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DataReceived:
-    """Tunnel bytes; pass `flow_controlled_length` (data plus padding) to `consumed()` later."""
+    """Tunnel bytes; pass `flow_controlled_length` (data plus padding) to `consumed()` later.
+
+    `data` may be a memoryview into the bytes that were read (large payloads are not copied).
+    """
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview
     flow_controlled_length: int
 
 

@@ -712,7 +712,7 @@ def _merge_data(events: list[hbone.Event]) -> list[hbone.Event]:
         ):
             out[-1] = hbone.DataReceived(
                 event.stream_id,
-                last.data + event.data,
+                bytes(last.data) + bytes(event.data),
                 last.flow_controlled_length + event.flow_controlled_length,
             )
         elif not (isinstance(event, hbone.WindowOpened) and event == last):

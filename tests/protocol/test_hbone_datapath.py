@@ -48,7 +48,7 @@ def _merge(events: list[hbone.Event]) -> list[hbone.Event]:
         ):
             out[-1] = hbone.DataReceived(
                 event.stream_id,
-                last.data + event.data,
+                bytes(last.data) + bytes(event.data),
                 last.flow_controlled_length + event.flow_controlled_length,
             )
         else:

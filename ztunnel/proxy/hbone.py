@@ -59,7 +59,7 @@ class HboneStreamEnd:
         self.remote_ended = False
         self.finished = False
         # Held until a relay attaches.
-        self.inbox: list[tuple[bytes, int]] = []
+        self.inbox: list[tuple[bytes | memoryview, int]] = []
         self.inbox_eof = False
         self.inbox_error: str | None = None
         # Client streams: resolved with (status, headers) when the CONNECT response arrives.
@@ -80,7 +80,7 @@ class HboneStreamEnd:
             r.on_eof(side)
         self.conn.flush()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self.finished or self.local_ended:
             return
         if self.pending:
@@ -142,7 +142,7 @@ class HboneStreamEnd:
         if self.relay is not None:
             self.relay.on_resume_writing(self.side)
 
-    def deliver(self, data: bytes, length: int) -> None:
+    def deliver(self, data: bytes | memoryview, length: int) -> None:
         if self.relay is None:
             self.inbox.append((data, length))
             return

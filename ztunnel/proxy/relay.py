@@ -30,7 +30,7 @@ class End(Protocol):
     """One side of a relayed connection."""
 
     def attach(self, relay: Relay, side: int) -> None: ...
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | memoryview) -> None: ...
     def write_eof(self) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
@@ -62,7 +62,7 @@ class Relay:
 
     # Callbacks from the ends.
 
-    def on_data(self, side: int, data: bytes) -> None:
+    def on_data(self, side: int, data: bytes | memoryview) -> None:
         if self._finished:
             return
         self.received[side] += len(data)
@@ -188,7 +188,7 @@ class TcpEnd(asyncio.Protocol):
         if self.is_lost:
             relay.on_closed(side, self.lost_error or "connection closed before the relay started")
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
