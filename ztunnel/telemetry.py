@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import typing
 
 import prometheus_client
 
@@ -162,31 +163,71 @@ def _or_unknown(value: str) -> str:
     return value or UNKNOWN
 
 
+class _Counters(typing.NamedTuple):
+    """The per-connection counters of one label set (prometheus children, looked up once)."""
+
+    opened: prometheus_client.Counter
+    closed: prometheus_client.Counter
+    received: prometheus_client.Counter
+    sent: prometheus_client.Counter
+    failed: prometheus_client.Counter
+
+
+# Label sets seen recently, so each connection skips five `labels()` lookups (a tenth of a
+# connection's CPU in the profile). Children are never removed from the metrics, so a cached
+# one stays the live one; past the bound the cache starts over (the metrics keep everything).
+_COUNTER_CACHE_SIZE = 4096
+
+
 class Telemetry:
     """Records connection life cycles into metrics and writes one access-log entry each."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self._counters: dict[tuple[str, ...], _Counters] = {}
+        self._sockets_open: dict[str, prometheus_client.Gauge] = {}
+
+    def _counters_for(self, labels: tuple[str, ...]) -> _Counters:
+        found = self._counters.get(labels)
+        if found is None:
+            m = self.metrics
+            found = _Counters(
+                m.opened.labels(*labels),
+                m.closed.labels(*labels),
+                m.received.labels(*labels),
+                m.sent.labels(*labels),
+                m.failed.labels(*labels),
+            )
+            if len(self._counters) >= _COUNTER_CACHE_SIZE:
+                self._counters.clear()
+            self._counters[labels] = found
+        return found
+
+    def _sockets_gauge(self, reporter: str) -> prometheus_client.Gauge:
+        gauge = self._sockets_open.get(reporter)
+        if gauge is None:
+            gauge = self._sockets_open[reporter] = self.metrics.sockets_open.labels(reporter)
+        return gauge
 
     def opened(self, record: ConnectionRecord) -> None:
         record.is_open = True
-        self.metrics.opened.labels(*record.labels()).inc()
-        self.metrics.sockets_open.labels(record.reporter).inc()
+        self._counters_for(record.labels()).opened.inc()
+        self._sockets_gauge(record.reporter).inc()
 
     def finished(self, record: ConnectionRecord) -> None:
-        labels = record.labels()
+        counters = self._counters_for(record.labels())
         if not record.is_open:
             # Failed before it was established: count it as opened and closed at once.
-            self.metrics.opened.labels(*labels).inc()
+            counters.opened.inc()
         else:
-            self.metrics.sockets_open.labels(record.reporter).dec()
-        self.metrics.closed.labels(*labels).inc()
+            self._sockets_gauge(record.reporter).dec()
+        counters.closed.inc()
         if record.request_bytes:
-            self.metrics.received.labels(*labels).inc(record.request_bytes)
+            counters.received.inc(record.request_bytes)
         if record.response_bytes:
-            self.metrics.sent.labels(*labels).inc(record.response_bytes)
+            counters.sent.inc(record.response_bytes)
         if record.error is not None:
-            self.metrics.failed.labels(*labels).inc()
+            counters.failed.inc()
         self._access_log(record)
 
     def _access_log(self, record: ConnectionRecord) -> None:

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import ipaddress
 
+import prometheus_client
+import pytest
+
 from meshcore.identity import spiffe
 from meshcore.model import ids, workload
 from ztunnel import telemetry
@@ -75,3 +78,46 @@ def test_peer_identity_without_workload_is_still_reported() -> None:
     assert labels["source_principal"] == peer.uri
     assert labels["source_workload"] == "unknown"
     assert labels["connection_security_policy"] == "unknown"
+
+
+def test_counts_land_in_the_same_series_across_cache_resets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(telemetry, "_COUNTER_CACHE_SIZE", 2)
+    registry = prometheus_client.CollectorRegistry()
+    tel = telemetry.Telemetry(telemetry.Metrics(registry))
+    # Four different label sets (different client workloads) with a cache of two: the first
+    # one's counters are looked up again after the cache started over.
+    names = ["a", "b", "c", "a"]
+    for name in names:
+        record = telemetry.ConnectionRecord(
+            direction="outbound", src_addr="", dst_addr="", source=_wl(name, name)
+        )
+        tel.opened(record)
+        record.request_bytes = 10
+        tel.finished(record)
+
+    def value(metric: str, workload_name: str) -> float | None:
+        return registry.get_sample_value(
+            metric,
+            {
+                **dict.fromkeys(telemetry.LABEL_NAMES, "unknown"),
+                "reporter": "source",
+                "source_workload": f"{workload_name}-deploy",
+                "source_canonical_service": f"{workload_name}-app",
+                "source_canonical_revision": "v2",
+                "source_workload_namespace": "shop",
+                "source_principal": f"spiffe://cluster.local/ns/shop/sa/{workload_name}",
+                "source_app": f"{workload_name}-app",
+                "source_version": "v2",
+                "source_cluster": "Kubernetes",
+                "request_protocol": "tcp",
+                "response_flags": "-",
+            },
+        )
+
+    assert value("istio_tcp_connections_opened_total", "a") == 2
+    assert value("istio_tcp_connections_closed_total", "a") == 2
+    assert value("istio_tcp_received_bytes_total", "a") == 20
+    assert value("istio_tcp_connections_opened_total", "c") == 1
+    assert registry.get_sample_value("istio_tcp_sockets_open", {"reporter": "source"}) == 0
