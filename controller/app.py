@@ -18,7 +18,7 @@ from controller.sources.local import store as store_mod
 from controller.translate import translator as translator_mod
 from controller.xds import cache as cache_mod
 from controller.xds import server as xds_server
-from meshcore import log, rpc
+from meshcore import log, rpc_server
 from meshcore.aio import runtime
 from meshcore.identity import ca as ca_mod
 from meshcore.identity import spiffe, tokens
@@ -88,10 +88,10 @@ async def run(cfg: config_mod.Config) -> None:
     certificates = ca_service.CertificateService(
         authority, node_tokens, _NodeAuthorizer(feed), clock=_now
     )
-    grpc_server = rpc.new_server()
+    grpc_server = rpc_server.new_server()
     xds_server.register(grpc_server, ads)
     ca_service.register(grpc_server, certificates)
-    rpc.add_listener(grpc_server, cfg.xds_listen)
+    rpc_server.add_listener(grpc_server, cfg.xds_listen)
     if cfg.xds_listen.startswith("unix://"):
         # The socket only accepts node proxies of this machine; keep it private to root.
         os.chmod(cfg.xds_listen.removeprefix("unix://"), 0o600)

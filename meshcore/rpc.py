@@ -3,14 +3,18 @@
 Addresses are either ``unix:///abs/path.sock`` (the playground: reachable from every network
 namespace) or ``host:port``. Callers authenticate with a bearer token, as ztunnel does with its
 projected service-account token.
+
+Clients (ztunnel's xDS and CA calls) use `grpclib`, pure Python on `h2`: grpcio's core costs a
+per-node daemon about 20 MiB of resident memory and a set of threads. The controller's servers use
+grpcio (`meshcore.rpc_server`); both speak the same gRPC over HTTP/2.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-import grpc
-import grpc.aio
+import grpclib.client
+import grpclib.config
 
 from meshcore import errors
 
@@ -19,34 +23,38 @@ CLUSTER_ID = "clusterid"
 
 # Large pushes (a full snapshot of 10k workloads) must fit in one message.
 MAX_MESSAGE_BYTES = 64 << 20
-_OPTIONS = (
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-)
+KEEPALIVE_SECONDS = 30.0
+# A full snapshot is several MiB: large windows let it arrive without a round trip per 64 KiB.
+_WINDOW_BYTES = 16 << 20
+_UNIX_PREFIX = "unix://"
 
 
 class RpcConfigError(errors.MeshError, ValueError):
     """An address or token is unusable."""
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
-    """An insecure channel (Unix socket or loopback TCP; TLS is a later option)."""
+def open_channel(address: str) -> grpclib.client.Channel:
+    """A client channel to `address` (Unix socket or loopback TCP; TLS is a later option),
+    bound to the running event loop.
+
+    Nothing is connected until the first call; an unreachable server fails that call with
+    OSError."""
     if not address:
         raise RpcConfigError("empty gRPC address")
-    return grpc.aio.insecure_channel(address, options=_OPTIONS)
-
-
-def add_listener(server: grpc.aio.Server, address: str) -> int:
-    """Bind `server` to `address`; returns the port (0 for a Unix socket)."""
-    port = server.add_insecure_port(address)
-    if port == 0 and not address.startswith("unix:"):
-        raise RpcConfigError(f"cannot listen on {address}")
-    return port
-
-
-def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=_OPTIONS)
+    config = grpclib.config.Configuration(
+        _keepalive_time=KEEPALIVE_SECONDS,
+        http2_connection_window_size=_WINDOW_BYTES,
+        http2_stream_window_size=_WINDOW_BYTES,
+    )
+    if address.startswith(_UNIX_PREFIX):
+        path = address.removeprefix(_UNIX_PREFIX)
+        if not path.startswith("/"):
+            raise RpcConfigError(f"{address}: a Unix socket address needs an absolute path")
+        return grpclib.client.Channel(path=path, config=config)
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RpcConfigError(f"{address}: expected unix:///path or host:port")
+    return grpclib.client.Channel(host.strip("[]"), int(port), config=config)
 
 
 def read_token(path: str) -> str:

@@ -21,8 +21,9 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-import grpc
-import grpc.aio
+import grpclib.client
+import grpclib.const
+import grpclib.exceptions
 from google.protobuf import any_pb2
 
 from meshcore import log, rpc
@@ -32,8 +33,9 @@ _log = logging.getLogger("xds.client")
 
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 INVALID_ARGUMENT = 3  # google.rpc.Code, carried in DeltaDiscoveryRequest.error_detail on a NACK
+_NO_ERROR_RESET = "error_code: 0"  # how grpclib words RST_STREAM(NO_ERROR)
 
-_Call = grpc.aio.StreamStreamCall[
+_Stream = grpclib.client.Stream[
     discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse
 ]
 
@@ -103,8 +105,12 @@ class DeltaXdsClient:
             responses_before = self.responses
             try:
                 reason = await self._run_stream()
-            except grpc.aio.AioRpcError as exc:
-                reason = f"{exc.code().name}: {exc.details()}"
+            except grpclib.exceptions.GRPCError as exc:
+                reason = f"{exc.status.name}: {exc.message}"
+            except grpclib.exceptions.StreamTerminatedError as exc:
+                reason = f"stream reset by the server: {exc}"
+            except OSError as exc:  # unreachable, refused, or the connection dropped
+                reason = f"cannot reach the xDS server: {exc.strerror or exc}"
             except rpc.RpcConfigError as exc:
                 reason = str(exc)
             except Exception as exc:  # connection boundary: log, then reconnect
@@ -121,36 +127,41 @@ class DeltaXdsClient:
             delay = min(delay * 2, self._backoff_max)
 
     async def _run_stream(self) -> str:
-        """One stream, until it ends; returns why it ended (or raises AioRpcError)."""
+        """One stream, until it ends; returns why it ended (or raises GRPCError or OSError)."""
         metadata = self._call_metadata()
         responses_before = self.responses
         channel = rpc.open_channel(self._address)
         try:
-            call: _Call = channel.stream_stream(
+            stream: _Stream
+            async with channel.request(
                 ADS_METHOD,
-                request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
-                response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString,
-            )(None, metadata=metadata)
-            try:
-                # Only the first type's request goes out before the server has answered: a write
-                # racing the server's close (e.g. UNAUTHENTICATED) would replace its status with
-                # "INTERNAL: Internal error from Core" (grpc/grpc#36066).
+                grpclib.const.Cardinality.STREAM_STREAM,
+                discovery_pb2.DeltaDiscoveryRequest,
+                discovery_pb2.DeltaDiscoveryResponse,
+                metadata=metadata,
+            ) as stream:
+                # The other types' requests go out after the server's first answer, so a server
+                # that refuses the stream (UNAUTHENTICATED) is told of it by one request only.
                 first, *rest = self._type_urls
-                await call.write(self._initial_request(first))
-                async for response in call:
+                await stream.send_message(self._initial_request(first))
+                while (response := await stream.recv_message()) is not None:
                     if self.responses == responses_before:
                         _log.info("xDS connected", extra=log.fields(address=self._address))
-                    await call.write(self._handle(response))
+                    await stream.send_message(self._handle(response))
                     while rest:
-                        await call.write(self._initial_request(rest.pop(0)))
-                return "stream closed by the server"
-            except asyncio.InvalidStateError:
-                # The call had already finished when we wrote: its own status says why.
-                return f"{(await call.code()).name}: {await call.details()}"
-            finally:
-                call.cancel()
+                        await stream.send_message(self._initial_request(rest.pop(0)))
+                # The server ended its side; its status, raised here if not OK, says why.
+                await stream.end()
+                await stream.recv_trailing_metadata()
+        except grpclib.exceptions.StreamTerminatedError as exc:
+            # A server that is done resets the stream with NO_ERROR right after its trailers
+            # (RFC 9113 section 8.1); grpclib reports that reset, and had the trailers held a
+            # status other than OK, the stream's exit would have raised it as GRPCError.
+            if not str(exc).endswith(_NO_ERROR_RESET):
+                raise
         finally:
-            await channel.close(None)
+            channel.close()
+        return "stream closed by the server"
 
     def _call_metadata(self) -> tuple[tuple[str, str], ...]:
         if self._token_file is None:

@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import grpc.aio
+import grpclib.const
 import pytest
 from cryptography import x509
 
 from controller.ca import service
-from meshcore import rpc
+from meshcore import rpc, rpc_server
 from meshcore.identity import ca, certs, csr, spiffe, tokens
 from meshcore.proto import ca_pb2, ca_pb2_grpc
 from ztunnel.identity import client
@@ -90,9 +91,9 @@ async def running(
     servicer = service.CertificateService(
         authority, node_tokens, authorizer, default_ttl=default_ttl, max_ttl=max_ttl, clock=_now
     )
-    server = rpc.new_server()
+    server = rpc_server.new_server()
     address = f"unix://{directory}/ca.sock"
-    rpc.add_listener(server, address)
+    rpc_server.add_listener(server, address)
     service.register(server, servicer)
     await server.start()
     token_file = directory / "token"
@@ -116,7 +117,7 @@ async def _raw_call(
     address: str, request: ca_pb2.IstioCertificateRequest, metadata: tuple[tuple[str, str], ...]
 ) -> ca_pb2.IstioCertificateResponse:
     """A call GrpcCaClient would never make (missing token, missing metadata)."""
-    async with rpc.open_channel(address) as channel:
+    async with grpc.aio.insecure_channel(address) as channel:
         stub = ca_pb2_grpc.IstioCertificateServiceStub(channel)  # type: ignore[no-untyped-call]
         response: ca_pb2.IstioCertificateResponse = await stub.CreateCertificate(
             request, metadata=metadata, timeout=10
@@ -214,7 +215,7 @@ def test_bad_token_is_unauthenticated(
             return raised.value
 
     error = asyncio.run(main())
-    assert error.code == grpc.StatusCode.UNAUTHENTICATED
+    assert error.code is grpclib.const.Status.UNAUTHENTICATED
     assert "missing or invalid bearer token" in error.message
     [refusal] = _issuance_logs(caplog, "certificate refused")
     assert refusal["code"] == "UNAUTHENTICATED"
@@ -267,7 +268,7 @@ def test_identity_not_on_node_is_permission_denied(
             return raised.value
 
     error = asyncio.run(main())
-    assert error.code == grpc.StatusCode.PERMISSION_DENIED
+    assert error.code is grpclib.const.Status.PERMISSION_DENIED
     assert "'node-2'" in error.message
     assert WEB.uri in error.message
     [refusal] = _issuance_logs(caplog, "certificate refused")
@@ -290,7 +291,7 @@ def test_foreign_trust_domain_is_permission_denied(
             return raised.value
 
     error = asyncio.run(main())
-    assert error.code == grpc.StatusCode.PERMISSION_DENIED
+    assert error.code is grpclib.const.Status.PERMISSION_DENIED
     assert "outside trust domain 'cluster.local'" in error.message
 
 
@@ -317,7 +318,7 @@ def test_bad_csr_is_invalid_argument(
             return raised.value
 
     error = asyncio.run(main())
-    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.code is grpclib.const.Status.INVALID_ARGUMENT
     assert message in error.message
 
 

@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 
 from controller.ca import service
-from meshcore import rpc
+from meshcore import rpc_server
 from meshcore.identity import ca, certs, csr, spiffe, tokens
 from ztunnel.identity import client, manager
 
@@ -462,9 +462,9 @@ def test_against_grpc_service(short_dir: pathlib.Path) -> None:
     (short_dir / "token").write_text(node_tokens.mint("node-1"))
 
     async def main() -> None:
-        server = rpc.new_server()
+        server = rpc_server.new_server()
         address = f"unix://{short_dir}/ca.sock"
-        rpc.add_listener(server, address)
+        rpc_server.add_listener(server, address)
         service.register(
             server,
             service.CertificateService(authority, node_tokens, OnNode({WEB}), clock=now),

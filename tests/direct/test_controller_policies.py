@@ -20,7 +20,7 @@ from controller.translate import policies as policy_translate
 from controller.translate import translator as translator_mod
 from controller.xds import cache as cache_mod
 from controller.xds import server as xds_server
-from meshcore import rpc
+from meshcore import rpc_server
 from meshcore.kube import resources
 from meshcore.model import authorization, workload
 from meshcore.xds import client as xds_client
@@ -127,10 +127,10 @@ async def _controller(
         cache,
     )
     feeding = asyncio.create_task(feed.run())
-    server = rpc.new_server()
+    server = rpc_server.new_server()
     servicer = xds_server.XdsServer(cache, authenticate=lambda t: "n1" if t == TOKEN else None)
     xds_server.register(server, servicer)
-    rpc.add_listener(server, f"unix://{socket}")
+    rpc_server.add_listener(server, f"unix://{socket}")
     try:
         await asyncio.wait_for(feed.synced.wait(), DEADLINE)
         await server.start()

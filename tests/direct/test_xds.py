@@ -17,7 +17,7 @@ from google.protobuf import any_pb2
 
 from controller.xds import cache as xds_cache
 from controller.xds import server as xds_server
-from meshcore import rpc
+from meshcore import rpc, rpc_server
 from meshcore.model import authorization, ids, workload
 from meshcore.proto import discovery_pb2
 from meshcore.xds import client as xds_client
@@ -133,10 +133,10 @@ state_dir = grpc_harness.state_dir
 async def _serving(
     cache: xds_cache.ResourceCache, socket: pathlib.Path
 ) -> AsyncIterator[xds_server.XdsServer]:
-    server = rpc.new_server()
+    server = rpc_server.new_server()
     servicer = xds_server.XdsServer(cache, authenticate=_authenticate)
     xds_server.register(server, servicer)
-    rpc.add_listener(server, f"unix://{socket}")
+    rpc_server.add_listener(server, f"unix://{socket}")
     await server.start()
     try:
         yield servicer
@@ -326,6 +326,26 @@ def test_unreadable_token_file_is_retried(state_dir: pathlib.Path) -> None:
     _run(main())
 
 
+def test_client_started_before_the_server_connects_once_it_listens(
+    state_dir: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        handler = RecordingHandler()
+        client = _client(state_dir, handler)
+        with caplog.at_level(logging.WARNING, logger="xds.client"):
+            async with _running(client) as task:
+                await _eventually(lambda: client.connect_attempts >= 2, "two attempts")
+                assert (client.last_error or "").startswith("cannot reach the xDS server")
+                assert not task.done()
+                async with _serving(_seeded_cache(), state_dir / "xds.sock"):
+                    await _within(client.wait_synced(), "sync once the server listens")
+                    assert len(handler.held[types.ADDRESS]) == 3
+        # An unreachable server is an expected condition: a warning, not a traceback.
+        assert not any(r.exc_info for r in caplog.records)
+
+    _run(main())
+
+
 def test_reconnect_sends_only_what_changed_meanwhile(state_dir: pathlib.Path) -> None:
     async def main() -> None:
         cache = _seeded_cache()
@@ -440,7 +460,7 @@ async def _raw_stream(
         discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse
     ],
 ]:
-    channel = rpc.open_channel(f"unix://{socket}")
+    channel = grpc.aio.insecure_channel(f"unix://{socket}")
     call = channel.stream_stream(
         xds_client.ADS_METHOD,
         request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
@@ -551,7 +571,7 @@ def test_missing_token_is_rejected(state_dir: pathlib.Path) -> None:
     async def main() -> None:
         socket = state_dir / "xds.sock"
         async with _serving(xds_cache.ResourceCache(), socket) as server:
-            channel = rpc.open_channel(f"unix://{socket}")
+            channel = grpc.aio.insecure_channel(f"unix://{socket}")
             try:
                 call = channel.stream_stream(
                     xds_client.ADS_METHOD,

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import grpc
-import grpc.aio
+import grpclib.client
+import grpclib.const
+import grpclib.exceptions
 
 from meshcore import errors, rpc
 from meshcore.identity import spiffe
-from meshcore.proto import ca_pb2, ca_pb2_grpc
+from meshcore.proto import ca_pb2
 
 IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
+CREATE_CERTIFICATE = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
 # A CA call is one signature; anything slower than this is a stuck connection.
 REQUEST_TIMEOUT_SECONDS = 10.0
 
@@ -24,7 +26,7 @@ REQUEST_TIMEOUT_SECONDS = 10.0
 class CaRequestError(errors.MeshError):
     """The CA did not return a certificate; `code` is the gRPC status, None if none was reached."""
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, message: str, code: grpclib.const.Status | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
@@ -46,7 +48,7 @@ class GrpcCaClient:
         self._token_file = token_file
         self._cluster_id = cluster_id
         # Opened on first use, so that it binds to the running event loop.
-        self._channel: grpc.aio.Channel | None = None
+        self._channel: grpclib.client.Channel | None = None
 
     async def fetch_certificate(
         self, identity: spiffe.SpiffeId, csr_pem: bytes, ttl_seconds: int
@@ -66,18 +68,25 @@ class GrpcCaClient:
                 self._channel = rpc.open_channel(self._address)
             except rpc.RpcConfigError as exc:
                 raise CaRequestError(str(exc)) from exc
-        stub = ca_pb2_grpc.IstioCertificateServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        create = grpclib.client.UnaryUnaryMethod(
+            self._channel,
+            CREATE_CERTIFICATE,
+            ca_pb2.IstioCertificateRequest,
+            ca_pb2.IstioCertificateResponse,
+        )
         try:
-            response: ca_pb2.IstioCertificateResponse = await stub.CreateCertificate(
+            response = await create(
                 request,
                 metadata=rpc.call_metadata(token, self._cluster_id),
                 timeout=REQUEST_TIMEOUT_SECONDS,
             )
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
+        except grpclib.exceptions.GRPCError as exc:
             raise CaRequestError(
-                f"CA refused a certificate for {identity}: {code.name}: {exc.details()}", code
+                f"CA refused a certificate for {identity}: {exc.status.name}: {exc.message}",
+                exc.status,
             ) from exc
+        except (OSError, TimeoutError, grpclib.exceptions.StreamTerminatedError) as exc:
+            raise CaRequestError(f"CA unreachable at {self._address}: {exc}") from exc
         chain = list(response.cert_chain)
         if not chain:
             raise CaRequestError(f"CA returned an empty certificate chain for {identity}")
@@ -86,4 +95,4 @@ class GrpcCaClient:
     async def close(self) -> None:
         channel, self._channel = self._channel, None
         if channel is not None:
-            await channel.close(None)
+            channel.close()
