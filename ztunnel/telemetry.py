@@ -82,7 +82,7 @@ class Metrics:
         )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class ConnectionRecord:
     """One proxied connection, as both the metrics and the access log see it."""
 

@@ -16,7 +16,6 @@ a relay attaches is held (and not acknowledged) until it does.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import socket
 import ssl
@@ -46,12 +45,32 @@ class HboneConnectError(Exception):
 class HboneStreamEnd:
     """One CONNECT stream as a relay end."""
 
+    # Slotted: one per proxied connection on each side, 10,000 of them in the memory benchmark.
+    __slots__ = (
+        "conn",
+        "eof_pending",
+        "finished",
+        "inbox",
+        "inbox_eof",
+        "inbox_error",
+        "local_ended",
+        "pending",
+        "reading_paused",
+        "relay",
+        "remote_ended",
+        "response",
+        "side",
+        "stream_id",
+        "unacked",
+    )
+
     def __init__(self, conn: HboneProtocol, stream_id: int) -> None:
         self.conn = conn
         self.stream_id = stream_id
         self.relay: relay.Relay | None = None
         self.side = 0
-        self.pending: collections.deque[memoryview] = collections.deque()
+        # A list, not a deque: it is almost always empty, and an empty deque is 600 bytes.
+        self.pending: list[memoryview] = []
         self.eof_pending = False
         self.reading_paused = False
         self.unacked = 0
@@ -135,7 +154,7 @@ class HboneStreamEnd:
             if taken < len(chunk):
                 self.pending[0] = chunk[taken:]
                 return
-            self.pending.popleft()
+            del self.pending[0]
         if self.eof_pending:
             self.eof_pending = False
             self._end_local()

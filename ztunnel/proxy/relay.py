@@ -41,6 +41,8 @@ class End(Protocol):
 class Relay:
     """Joins ends 0 and 1. `received[i]` counts bytes read from end i (then written to 1 - i)."""
 
+    __slots__ = ("_ends", "_eof", "_finished", "done", "error", "received")
+
     def __init__(self) -> None:
         self._ends: list[End] = []
         self.received = [0, 0]
@@ -120,6 +122,19 @@ class TcpEnd(asyncio.Protocol):
     `on_connected` runs once the transport exists; listeners use it to start planning the
     connection they just accepted.
     """
+
+    __slots__ = (
+        "_closed_early",
+        "_early",
+        "_early_eof",
+        "_on_connected",
+        "_reading_paused",
+        "_relay",
+        "_side",
+        "is_lost",
+        "lost_error",
+        "transport",
+    )
 
     def __init__(self, on_connected: Callable[[TcpEnd], object] | None = None) -> None:
         self._on_connected = on_connected
