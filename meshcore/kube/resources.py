@@ -75,6 +75,13 @@ AUTHORIZATION_POLICIES = ResourceType(
 PEER_AUTHENTICATIONS = ResourceType(
     "security.istio.io", "v1", "PeerAuthentication", "peerauthentications", namespaced=True
 )
+# Istio's traffic kinds (also served as v1beta1 and v1alpha3).
+VIRTUAL_SERVICES = ResourceType(
+    "networking.istio.io", "v1", "VirtualService", "virtualservices", namespaced=True
+)
+DESTINATION_RULES = ResourceType(
+    "networking.istio.io", "v1", "DestinationRule", "destinationrules", namespaced=True
+)
 
 WELL_KNOWN: tuple[ResourceType, ...] = (NAMESPACES, NODES, PODS, SERVICES)
 

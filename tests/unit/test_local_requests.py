@@ -97,7 +97,12 @@ def test_an_added_group_is_discovered_without_server_changes() -> None:
     groups = apiserver.build_route(registry, "/apis")
     assert isinstance(groups, dict)
     by_name = {g["name"]: g for g in groups["groups"]}
-    assert set(by_name) == {"apps", "security.istio.io", "gateway.networking.k8s.io"}
+    assert set(by_name) == {
+        "apps",
+        "security.istio.io",
+        "networking.istio.io",
+        "gateway.networking.k8s.io",
+    }
     gateway_group = by_name["gateway.networking.k8s.io"]
     assert gateway_group["preferredVersion"]["groupVersion"] == "gateway.networking.k8s.io/v1"
     route = apiserver.build_route(

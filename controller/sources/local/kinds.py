@@ -19,7 +19,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from controller.sources.local import policyschemas, schemas, validation
+from controller.sources.local import policyschemas, schemas, trafficschemas, validation
 from meshcore.kube import resources
 from meshcore.policy import analysis, spec
 
@@ -279,6 +279,36 @@ def build_security_kinds(
     ]
 
 
+# Istio's traffic kinds: stored as v1, also served in the older versions Istio still serves.
+NETWORKING_GROUP = "networking.istio.io"
+VIRTUAL_SERVICES = resources.VIRTUAL_SERVICES
+DESTINATION_RULES = resources.DESTINATION_RULES
+NETWORKING_EXTRA_VERSIONS = ("v1beta1", "v1alpha3")
+
+
+def build_traffic_kinds() -> list[ServedKind]:
+    """networking.istio.io: VirtualService and DestinationRule, validated and stored; each write
+    is answered with what the mesh does not act on."""
+    return [
+        ServedKind(
+            VIRTUAL_SERVICES,
+            trafficschemas.VIRTUAL_SERVICE,
+            short_names=("vs",),
+            tracks_generation=True,
+            extra_versions=NETWORKING_EXTRA_VERSIONS,
+            find_warnings=trafficschemas.find_unenforced,
+        ),
+        ServedKind(
+            DESTINATION_RULES,
+            trafficschemas.DESTINATION_RULE,
+            short_names=("dr",),
+            tracks_generation=True,
+            extra_versions=NETWORKING_EXTRA_VERSIONS,
+            find_warnings=trafficschemas.find_unenforced,
+        ),
+    ]
+
+
 def build_registry(
     extra: Iterable[ServedKind] = (),
     *,
@@ -290,6 +320,7 @@ def build_registry(
             *build_core_kinds(),
             *build_apps_kinds(),
             *build_security_kinds(root_namespace, dry_run_enabled=dry_run_enabled),
+            *build_traffic_kinds(),
             *extra,
         ]
     )

@@ -317,6 +317,21 @@ class Int:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Number:
+    """A JSON number, integer or not (a percentage such as ``0.5``), within a range."""
+
+    minimum: float
+    maximum: float
+
+    def check(self, value: Any, path: str) -> list[FieldError]:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return [_type_error(path, value, "number")]
+        if not self.minimum <= value <= self.maximum:
+            return [invalid(path, value, f"must be between {self.minimum:g} and {self.maximum:g}")]
+        return []
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Bool:
     def check(self, value: Any, path: str) -> list[FieldError]:
         return [] if isinstance(value, bool) else [_type_error(path, value, "boolean")]
