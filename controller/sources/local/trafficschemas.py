@@ -243,6 +243,21 @@ REWRITE = V.Obj(
     }
 )
 
+REDIRECT = V.Obj(
+    {
+        "uri": V.Str(),
+        "authority": V.Str(),
+        "scheme": V.Str(enum=("http", "https")),
+        "port": V.Int(1, 65535),
+        "derivePort": V.Str(enum=("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT")),
+        "redirectCode": V.Int(300, 399),
+    }
+)
+DIRECT_RESPONSE = V.Obj(
+    {"status": V.Int(200, 599), "body": V.Obj({"string": V.Str(), "bytes": V.Str()})},
+    required=frozenset({"status"}),
+)
+
 
 def _check_http_route(route: dict[str, Any], path: str) -> list[V.FieldError]:
     actions = [a for a in ("route", "redirect", "directResponse") if a in route]
@@ -258,8 +273,8 @@ HTTP_ROUTE = V.Obj(
         "name": V.Str(),
         "match": V.ListOf(HTTP_MATCH),
         "route": V.ListOf(HTTP_ROUTE_DESTINATION, non_empty=True, check_list=_check_weights),
-        "redirect": V.AnyObject(),
-        "directResponse": V.AnyObject(),
+        "redirect": REDIRECT,
+        "directResponse": DIRECT_RESPONSE,
         "delegate": V.AnyObject(),
         "rewrite": REWRITE,
         "timeout": _DURATION,
