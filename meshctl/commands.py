@@ -63,9 +63,14 @@ def print_warnings(warnings: Sequence[str], io: Streams) -> None:
         print(f"Warning: {text}", file=io.err)
 
 
+# Applied after everything else in the same file: a route is judged against the subsets the
+# DestinationRules define, so those must exist first.
+_APPLIED_LAST = frozenset({(kinds.VIRTUAL_SERVICES.group, kinds.VIRTUAL_SERVICES.kind)})
+
+
 async def apply(api: kube_client.ApiClient, items: Sequence[manifest.Resolved], io: Streams) -> int:
     code = 0
-    for item in items:
+    for item in sorted(items, key=lambda i: (i.rtype.group, i.rtype.kind) in _APPLIED_LAST):
         with api.collect_warnings() as warnings:
             try:
                 _, result = await api.apply(item.obj)

@@ -8,12 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import io
 import os
 import shutil
 import tempfile
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -21,8 +19,7 @@ import yaml
 
 from controller.sources.local import apiserver, kinds, store
 from meshcore.kube import client, errors, objects, resources
-from meshctl import cli
-from meshctl.playground import paths
+from tests.direct import meshctl_harness
 
 DEADLINE = 10.0
 AP_V1 = kinds.AUTHORIZATION_POLICIES
@@ -335,44 +332,7 @@ def test_apply_reports_warnings_again_only_when_it_writes() -> None:
 # -- meshctl ---------------------------------------------------------------------------------
 
 
-class Playground:
-    """The API server on a background loop where meshctl expects it (meshctl runs its own)."""
-
-    def __init__(self) -> None:
-        self.state_dir = tempfile.mkdtemp(prefix="pol-ctl-")
-        where = paths.Paths(self.state_dir)
-        os.makedirs(where.controller_dir)
-        # As the controller builds it: the root namespace exists, as an Istio install makes it.
-        self.store = store.ObjectStore(
-            kinds.build_registry(), system_namespaces=(kinds.DEFAULT_ROOT_NAMESPACE,)
-        )
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self.server = apiserver.LocalApiServer(self.store)
-        start = self.server.start(where.api_socket)
-        asyncio.run_coroutine_threadsafe(start, self._loop).result(DEADLINE)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.close(), self._loop).result(DEADLINE)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(DEADLINE)
-        self._loop.close()
-        shutil.rmtree(self.state_dir, ignore_errors=True)
-
-    def meshctl(self, *argv: str, stdin: str = "") -> tuple[int, str, str]:
-        out, err = io.StringIO(), io.StringIO()
-        code = cli.run(["--state-dir", self.state_dir, *argv], {}, out, err, io.StringIO(stdin))
-        return code, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture
-def playground() -> Iterator[Playground]:
-    p = Playground()
-    try:
-        yield p
-    finally:
-        p.close()
+playground = meshctl_harness.playground
 
 
 SEED = """\
@@ -400,7 +360,7 @@ spec:
 """
 
 
-def test_the_seed_examples_apply_cleanly(playground: Playground) -> None:
+def test_the_seed_examples_apply_cleanly(playground: meshctl_harness.Playground) -> None:
     code, out, err = playground.meshctl("apply", "-f", "-", stdin=SEED)
     assert (code, err) == (0, "")
     assert out.splitlines() == [
@@ -429,7 +389,9 @@ def test_the_seed_examples_apply_cleanly(playground: Playground) -> None:
     assert playground.store.find(AP_V1, "allow-frontend", "default") is None
 
 
-def test_apply_prints_warnings_on_stderr_and_succeeds(playground: Playground) -> None:
+def test_apply_prints_warnings_on_stderr_and_succeeds(
+    playground: meshctl_harness.Playground,
+) -> None:
     playground.meshctl(
         "apply", "-f", "-", stdin="apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n"
     )
@@ -451,7 +413,7 @@ def test_apply_prints_warnings_on_stderr_and_succeeds(playground: Playground) ->
     assert err.startswith("Warning: spec.rules[0].to[0].operation.paths: HTTP attribute")
 
 
-def test_apply_refuses_audit_with_istios_words(playground: Playground) -> None:
+def test_apply_refuses_audit_with_istios_words(playground: meshctl_harness.Playground) -> None:
     playground.meshctl(
         "apply", "-f", "-", stdin="apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n"
     )
@@ -481,7 +443,9 @@ spec:
 """
 
 
-def test_port_level_mtls_from_yaml_applies_and_reapplies_unchanged(playground: Playground) -> None:
+def test_port_level_mtls_from_yaml_applies_and_reapplies_unchanged(
+    playground: meshctl_harness.Playground,
+) -> None:
     code, out, err = playground.meshctl("apply", "-f", "-", stdin=PORT_LEVEL)
     assert (code, err) == (0, "")
     assert out == "peerauthentication.security.istio.io/db created\n"
@@ -491,7 +455,7 @@ def test_port_level_mtls_from_yaml_applies_and_reapplies_unchanged(playground: P
     assert (code, out) == (0, "peerauthentication.security.istio.io/db unchanged\n")
 
 
-def test_the_root_namespace_always_exists(playground: Playground) -> None:
+def test_the_root_namespace_always_exists(playground: meshctl_harness.Playground) -> None:
     code, _, err = playground.meshctl("delete", "namespace", "istio-system")
     assert code == 1
     assert err == (

@@ -259,10 +259,52 @@ def test_the_store_refuses_a_bad_virtual_service_whole_and_keeps_a_good_one() ->
     assert "spec.http[3].route" in str(raised.value)
     assert objects.list(resources.VIRTUAL_SERVICES, "shop").items == []
 
-    created = objects.create(resources.VIRTUAL_SERVICES, copy.deepcopy(CANARY_VS), "shop")
-    assert created["metadata"]["generation"] == 1
     stored = objects.create(resources.DESTINATION_RULES, copy.deepcopy(REVIEWS_DR), "shop")
     assert stored["spec"]["subsets"][2]["name"] == "premium"
+    created = objects.create(resources.VIRTUAL_SERVICES, copy.deepcopy(CANARY_VS), "shop")
+    assert created["metadata"]["generation"] == 1
+
+
+def _route_to(host: str, subset: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "r", "namespace": "shop"},
+        "spec": {
+            "hosts": [host],
+            "http": [{"route": [{"destination": {"host": host, "subset": subset}}]}],
+        },
+    }
+
+
+def _rule(namespace: str, host: str, *subsets: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "d", "namespace": namespace},
+        "spec": {"host": host, "subsets": [{"name": s} for s in subsets]},
+    }
+
+
+@pytest.mark.parametrize(
+    ("rules", "host", "subset", "defined"),
+    [
+        ([_rule("shop", "reviews", "v1")], "reviews", "v1", True),
+        ([_rule("shop", "reviews", "v1")], "reviews", "v2", False),
+        ([_rule("shop", "ratings", "v2")], "reviews", "v2", False),  # another host's subsets
+        # The host's own namespace, and the root namespace, are looked in as Istio does.
+        ([_rule("other", "ratings", "v2")], "ratings.other.svc.cluster.local", "v2", True),
+        ([_rule("istio-system", "*.svc.cluster.local", "v2")], "reviews", "v2", True),
+        ([_rule("elsewhere", "reviews.shop.svc.cluster.local", "v2")], "reviews", "v2", False),
+    ],
+)
+def test_subsets_are_looked_up_where_istio_looks(
+    rules: list[dict[str, Any]], host: str, subset: str, defined: bool
+) -> None:
+    def lookup(rtype: resources.ResourceType, namespace: str) -> list[dict[str, Any]]:
+        assert rtype == resources.DESTINATION_RULES
+        return [r for r in rules if r["metadata"]["namespace"] == namespace]
+
+    found = trafficschemas.check_subsets(_route_to(host, subset), lookup)
+    assert (found == []) is defined, found
+    if not defined:
+        assert [e.path for e in found] == ["spec.http[0].route[0].destination.subset"]
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ so converting is only rewriting `apiVersion` (done by the API server).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from controller.sources.local import policyschemas, schemas, trafficschemas, validation
@@ -26,6 +26,11 @@ from meshcore.policy import analysis, spec
 Defaulter = Callable[[dict[str, Any]], None]
 # The non-fatal warnings for a stored object (each one a `Warning: 299` header of the answer).
 WarningFinder = Callable[[dict[str, Any]], list[str]]
+# The stored objects of a type in a namespace, for checks that look across objects.
+Lookup = Callable[[resources.ResourceType, str], Sequence[dict[str, Any]]]
+# Errors in what an object refers to (a subset no DestinationRule defines), judged against the
+# objects stored when it is written; run only once the object passed its schema.
+ReferenceChecker = Callable[[dict[str, Any], Lookup], list[validation.FieldError]]
 
 BASE_FIELD_LABELS = frozenset({"metadata.name", "metadata.namespace"})
 VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
@@ -47,6 +52,7 @@ class ServedKind:
     # Versions the same stored objects are also served in, after `rtype.version`.
     extra_versions: tuple[str, ...] = ()
     find_warnings: WarningFinder | None = None
+    check_references: ReferenceChecker | None = None
 
     @property
     def supported_field_labels(self) -> frozenset[str]:
@@ -297,6 +303,7 @@ def build_traffic_kinds() -> list[ServedKind]:
             tracks_generation=True,
             extra_versions=NETWORKING_EXTRA_VERSIONS,
             find_warnings=trafficschemas.find_unenforced,
+            check_references=trafficschemas.check_subsets,
         ),
         ServedKind(
             DESTINATION_RULES,

@@ -35,7 +35,7 @@ import secrets
 import string
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from controller.sources.local import (
@@ -347,9 +347,14 @@ class ObjectStore:
 
     def _validate(self, served: kinds.ServedKind, obj: dict[str, Any]) -> None:
         found = validation.validate(served.schema, obj)
+        if not found and served.check_references is not None:
+            found = served.check_references(obj, self._stored_in)
         if found:
             name = objects.name(obj)
             raise validation.build_invalid_error(served.rtype.kind, name, found)
+
+    def _stored_in(self, rtype: resources.ResourceType, namespace: str) -> Sequence[dict[str, Any]]:
+        return [obj for (ns, _), obj in self._objects.get(rtype, {}).items() if ns == namespace]
 
     def _check_namespace(self, namespace: str) -> None:
         if resources.NAMESPACES not in self._objects:

@@ -16,10 +16,14 @@ TCP routes, locality load balancing ...) are accepted with their type checked an
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from controller.sources.local import policyschemas, schemas, validation
 from meshcore import durations
+from meshcore.kube import resources
+from meshcore.policy import spec as policy_spec
+from meshcore.traffic import routes
 
 V = validation
 
@@ -435,6 +439,63 @@ DESTINATION_RULE_SPEC = V.Obj(
 DESTINATION_RULE = schemas.build_object(
     V.dns_subdomain, DESTINATION_RULE_SPEC, policyschemas.POLICY_STATUS
 )
+
+
+# -- references across objects ----------------------------------------------------------------
+
+Lookup = Callable[[resources.ResourceType, str], Sequence[dict[str, Any]]]
+
+
+def _covers(rule_host: str, host: str) -> bool:
+    if rule_host.startswith("*"):
+        return host.endswith(rule_host[1:])
+    return rule_host == host
+
+
+def _rule_namespaces(vs_namespace: str, host: str) -> list[str]:
+    """Where Istio looks for a host's DestinationRule: the route's namespace, the host's own
+    (for a Service FQDN) and the root namespace."""
+    found = [vs_namespace]
+    parts = host.split(".")
+    if len(parts) > 2 and parts[2] == "svc":
+        found.append(parts[1])
+    found.append(policy_spec.DEFAULT_ROOT_NAMESPACE)
+    return list(dict.fromkeys(found))
+
+
+def check_subsets(obj: dict[str, Any], lookup: Lookup) -> list[V.FieldError]:
+    """Every subset a VirtualService routes to is defined by a DestinationRule for its host.
+
+    Judged when the VirtualService is written: a DestinationRule applied in the same file comes
+    first (`meshctl apply` orders them so); one deleted later leaves the route answering 503."""
+    namespace = obj["metadata"].get("namespace") or "default"
+    spec = obj.get("spec") or {}
+    found = []
+    for section in ("http", "tcp"):
+        for i, route in enumerate(spec.get(section) or ()):
+            for j, entry in enumerate(route.get("route") or ()):
+                destination = entry["destination"]
+                subset = destination.get("subset")
+                if not subset:
+                    continue
+                host = routes.qualify(destination["host"], namespace)
+                defined: set[str] = set()
+                for ns in _rule_namespaces(namespace, host):
+                    for rule in lookup(resources.DESTINATION_RULES, ns):
+                        rule_spec = rule.get("spec") or {}
+                        if _covers(routes.qualify(rule_spec.get("host", ""), ns), host):
+                            defined.update(s["name"] for s in rule_spec.get("subsets") or ())
+                if subset not in defined:
+                    known = ", ".join(sorted(defined)) or "none"
+                    found.append(
+                        V.invalid(
+                            f"spec.{section}[{i}].route[{j}].destination.subset",
+                            subset,
+                            f"no DestinationRule for host {host} defines this subset "
+                            f"(subsets defined: {known})",
+                        )
+                    )
+    return found
 
 
 # -- what is accepted but not acted on --------------------------------------------------------
