@@ -1,0 +1,387 @@
+"""The waypoint's HTTP/1.1 engine on 127.0.0.1, with real sockets: requests routed by a
+VirtualService (headers, cookies, prefixes, weights), rewritten, retried, timed out, faulted,
+streamed both ways, kept alive and pipelined. Upstreams are h11 servers; the client is h11."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import h11
+
+from meshcore.traffic import routes
+from tests.direct import http_upstreams
+from waypoint import downstream, exchange, routing, upstream
+
+T = TypeVar("T")
+DEADLINE = 10.0
+SERVICE_PORT = 9080
+HOST = "reviews.shop.svc.cluster.local"
+
+
+def _table(http: list[dict[str, Any]]) -> routes.RouteTable:
+    return routes.build_route_table(
+        {
+            "metadata": {"name": "reviews", "namespace": "shop"},
+            "spec": {"hosts": ["reviews"], "http": http},
+        }
+    )
+
+
+class StaticTables:
+    def __init__(self, table: routes.RouteTable) -> None:
+        self.table = table
+
+    def find_route_table(self, host: str, port: int) -> routes.RouteTable | None:
+        return self.table if routes.qualify(host, "shop") in self.table.hosts else None
+
+
+class StaticEndpoints:
+    def __init__(self, by_subset: Mapping[str, Sequence[upstream.Endpoint]]) -> None:
+        self.by_subset = by_subset
+
+    def find_endpoints(
+        self, host: str, subset: str | None, port: int | None
+    ) -> Sequence[upstream.Endpoint]:
+        return self.by_subset.get(subset or "", ()) if host == HOST else ()
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> dict[str, Any]:
+        data = json.loads(self.body)
+        assert isinstance(data, dict)
+        return data
+
+
+class Client:
+    """One keep-alive client connection (h11), request after request."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.conn = h11.Connection(h11.CLIENT)
+
+    async def request(
+        self,
+        method: str = "GET",
+        path: str = "/",
+        headers: Sequence[tuple[str, str]] = (),
+        body: bytes | None = None,
+        *,
+        chunked: bool = False,
+    ) -> Response:
+        has_host = any(name == "host" for name, _ in headers)
+        fields = [*([] if has_host else [("host", "reviews")]), *headers]
+        if body is not None:
+            fields.append(
+                ("transfer-encoding", "chunked") if chunked else ("content-length", str(len(body)))
+            )
+        self.writer.write(self.conn.send(h11.Request(method=method, target=path, headers=fields)))
+        if body:
+            for i in range(0, len(body), 100_000):
+                self.writer.write(self.conn.send(h11.Data(data=body[i : i + 100_000])))
+                await self.writer.drain()
+        self.writer.write(self.conn.send(h11.EndOfMessage()))
+        response = None
+        data = bytearray()
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await self.reader.read(65536))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                data += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionError("closed before the response ended")
+        assert response is not None
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+        answered = {k.decode(): v.decode() for k, v in response.headers}
+        return Response(response.status_code, answered, bytes(data))
+
+
+class Waypoint:
+    def __init__(self, engine: downstream.Engine, server: asyncio.Server) -> None:
+        self.engine = engine
+        self.server = server
+        self.port = server.sockets[0].getsockname()[1]
+        self.outcomes: list[exchange.Outcome] = []
+
+    def last_flag(self) -> routing.Flag | None:
+        return self.outcomes[-1].flag
+
+    async def client(self) -> Client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        return Client(reader, writer)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    table: routes.RouteTable, endpoints: Mapping[str, Sequence[upstream.Endpoint]]
+) -> AsyncIterator[Waypoint]:
+    pool = upstream.UpstreamPool()
+    engine = downstream.Engine(
+        StaticTables(table), StaticEndpoints(endpoints), pool, random.Random(7)
+    )
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: downstream.DownstreamProtocol(engine, SERVICE_PORT), "127.0.0.1", 0
+    )
+    waypoint = Waypoint(engine, server)
+    engine.on_done = lambda head, outcome: waypoint.outcomes.append(outcome)
+    try:
+        yield waypoint
+    finally:
+        server.close()
+        pool.close()
+
+
+def _run(coro: Awaitable[T]) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, DEADLINE * 3)
+
+    return asyncio.run(bounded())
+
+
+def _dest(subset: str, weight: int | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"destination": {"host": "reviews", "subset": subset}}
+    if weight is not None:
+        entry["weight"] = weight
+    return entry
+
+
+CANARY = _table(
+    [
+        {"match": [{"headers": {"x-canary": {"exact": "true"}}}], "route": [_dest("v2")]},
+        {
+            "match": [{"headers": {"cookie": {"regex": "^(.*?;)?(user=premium)(;.*)?$"}}}],
+            "route": [_dest("premium")],
+        },
+        {
+            "match": [{"uri": {"prefix": "/v2/"}}],
+            "rewrite": {"uri": "/"},
+            "headers": {
+                "request": {"set": {"x-mesh": "waypoint"}},
+                "response": {"add": {"x-routed": "v2-prefix"}, "remove": ["x-server"]},
+            },
+            "route": [_dest("v2")],
+        },
+        {"route": [_dest("v1")]},
+    ]
+)
+
+
+def test_headers_cookies_and_prefixes_pick_the_subset_and_rewrites_apply() -> None:
+    async def main() -> None:
+        ups = (
+            http_upstreams.Upstream("v1"),
+            http_upstreams.Upstream("v2"),
+            http_upstreams.Upstream("premium"),
+        )
+        async with http_upstreams.serving(*ups) as (v1, v2, premium):
+            endpoints = {"v1": [v1.endpoint], "v2": [v2.endpoint], "premium": [premium.endpoint]}
+            async with running(CANARY, endpoints) as waypoint:
+                client = await waypoint.client()
+                assert (await client.request(headers=[("x-canary", "true")])).json()[
+                    "server"
+                ] == "v2"
+                assert (await client.request(headers=[("x-canary", "no")])).json()["server"] == "v1"
+                premium_cookie = [("cookie", "user=premium; theme=dark")]
+                assert (await client.request(headers=premium_cookie)).json()["server"] == "premium"
+                response = await client.request(path="/v2/items?page=3")
+                seen = response.json()
+                assert (seen["server"], seen["path"]) == ("v2", "/items?page=3")
+                assert seen["headers"]["x-mesh"] == "waypoint"
+                assert response.headers["x-routed"] == "v2-prefix"
+                assert "x-server" not in response.headers
+                # Every request above went over one client connection and one upstream
+                # connection per endpoint.
+                assert waypoint.engine.pool.opened == 3
+                assert (v1.connections, v2.connections, premium.connections) == (1, 1, 1)
+
+    _run(main())
+
+
+def test_a_ninety_ten_split_over_a_thousand_requests_lands_within_five_points() -> None:
+    table = _table([{"route": [_dest("v1", 90), _dest("v2", 10)]}])
+
+    async def main() -> None:
+        ups = http_upstreams.Upstream("v1"), http_upstreams.Upstream("v2")
+        async with (
+            http_upstreams.serving(*ups) as (v1, v2),
+            running(table, {"v1": [v1.endpoint], "v2": [v2.endpoint]}) as waypoint,
+        ):
+            client = await waypoint.client()
+            counts = collections.Counter(
+                [(await client.request()).json()["server"] for _ in range(1000)]
+            )
+            assert abs(counts["v1"] / 1000 - 0.9) <= 0.05, counts
+            assert v1.requests + v2.requests == 1000
+
+    _run(main())
+
+
+def test_retries_turn_an_endpoint_failing_every_other_request_into_full_success() -> None:
+    retrying = _table([{"route": [_dest("v1")], "retries": {"attempts": 3, "retryOn": "5xx"}}])
+    no_retries = _table([{"route": [_dest("v1")], "retries": {"attempts": 0}}])
+
+    async def main() -> None:
+        async with http_upstreams.serving(http_upstreams.Upstream("v1", fail_every=2)) as (v1,):
+            async with running(retrying, {"v1": [v1.endpoint]}) as waypoint:
+                client = await waypoint.client()
+                statuses = [(await client.request()).status for _ in range(20)]
+                assert statuses == [200] * 20
+                assert v1.requests == 40  # every request needed a second try
+                assert {o.attempts for o in waypoint.outcomes} == {2}
+            v1.requests = 0
+            async with running(no_retries, {"v1": [v1.endpoint]}) as waypoint:
+                client = await waypoint.client()
+                statuses = [(await client.request()).status for _ in range(4)]
+                assert statuses == [503, 200, 503, 200]
+
+    _run(main())
+
+
+def test_a_route_timeout_answers_504_without_waiting_for_the_upstream() -> None:
+    table = _table([{"route": [_dest("v1")], "timeout": "200ms"}])
+
+    async def main() -> None:
+        async with (
+            http_upstreams.serving(http_upstreams.Upstream("slow", delay=5.0)) as (slow,),
+            running(table, {"v1": [slow.endpoint]}) as waypoint,
+        ):
+            client = await waypoint.client()
+            started = time.monotonic()
+            response = await client.request()
+            elapsed = time.monotonic() - started
+            assert response.status == 504
+            assert response.body == b"upstream request timeout"
+            assert elapsed < slow.delay  # answered by the timeout, not by the upstream
+            assert waypoint.last_flag() is routing.Flag.UPSTREAM_TIMEOUT
+
+    _run(main())
+
+
+def test_fault_abort_and_delay_behave_as_configured() -> None:
+    aborting = _table(
+        [
+            {
+                "route": [_dest("v1")],
+                "fault": {"abort": {"percentage": {"value": 100}, "httpStatus": 418}},
+            }
+        ]
+    )
+    delaying = _table(
+        [
+            {
+                "route": [_dest("v1")],
+                "fault": {"delay": {"percentage": {"value": 100}, "fixedDelay": "300ms"}},
+            }
+        ]
+    )
+
+    async def main() -> None:
+        async with http_upstreams.serving(http_upstreams.Upstream("v1")) as (v1,):
+            async with running(aborting, {"v1": [v1.endpoint]}) as waypoint:
+                response = await (await waypoint.client()).request()
+                assert (response.status, response.body) == (418, b"fault filter abort")
+                assert v1.requests == 0
+                assert waypoint.last_flag() is routing.Flag.FAULT_ABORT
+            async with running(delaying, {"v1": [v1.endpoint]}) as waypoint:
+                started = time.monotonic()
+                response = await (await waypoint.client()).request()
+                assert response.status == 200
+                assert time.monotonic() - started >= 0.3  # held back for the configured delay
+                assert waypoint.last_flag() is routing.Flag.FAULT_DELAY
+
+    _run(main())
+
+
+def test_bodies_stream_both_ways_byte_for_byte() -> None:
+    table = _table([{"route": [_dest("v1")]}])
+    payload = random.Random(3).randbytes(5_000_000)
+
+    async def main() -> None:
+        async with (
+            http_upstreams.serving(http_upstreams.Upstream("v1")) as (v1,),
+            running(table, {"v1": [v1.endpoint]}) as waypoint,
+        ):
+            client = await waypoint.client()
+            for chunked in (False, True):
+                response = await client.request("POST", "/upload", body=payload, chunked=chunked)
+                assert response.status == 200
+                assert hashlib.sha256(response.body).digest() == hashlib.sha256(payload).digest()
+            assert v1.seen[-1]["body_length"] == len(payload)
+            # HEAD has no body even though the upstream says how long the GET would be.
+            head = await client.request("HEAD", "/")
+            assert (head.status, head.body) == (200, b"")
+            assert (await client.request()).json()["method"] == "GET"
+
+    _run(main())
+
+
+def test_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
+    table = _table([{"route": [_dest("v1")]}])
+
+    async def main() -> None:
+        async with (
+            http_upstreams.serving(http_upstreams.Upstream("v1")) as (v1,),
+            running(table, {"v1": [v1.endpoint]}) as waypoint,
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", waypoint.port)
+            writer.write(
+                b"GET /one HTTP/1.1\r\nhost: reviews\r\n\r\n"
+                b"POST /two HTTP/1.1\r\nhost: reviews\r\ncontent-length: 3\r\n\r\nabc"
+                b"GET /three HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n"
+            )
+            data = await asyncio.wait_for(reader.read(), DEADLINE)  # until the close
+            writer.close()
+            assert data.count(b"HTTP/1.1 200 OK") == 3
+            assert data.index(b'"/one"') < data.index(b"abc") < data.index(b'"/three"')
+            assert [s["path"] for s in v1.seen] == ["/one", "/two", "/three"]
+
+    _run(main())
+
+
+def test_bad_requests_unknown_hosts_and_dead_endpoints_get_clear_answers() -> None:
+    table = _table([{"route": [_dest("v1")]}])
+
+    async def main() -> None:
+        # A port nobody listens on: bind, note it, close.
+        probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        dead = ("127.0.0.1", probe.sockets[0].getsockname()[1])
+        probe.close()
+        await probe.wait_closed()
+        async with running(table, {"v1": [dead]}) as waypoint:
+            client = await waypoint.client()
+            response = await client.request()
+            assert response.status == 503
+            assert response.body.startswith(b"upstream connect error or disconnect/reset")
+            assert waypoint.last_flag() is routing.Flag.UPSTREAM_RETRY_LIMIT_EXCEEDED
+            assert waypoint.outcomes[-1].attempts == 3  # Istio's default: two more tries
+            other = await client.request(headers=[("host", "ratings")])
+            assert other.status == 404
+            assert waypoint.last_flag() is routing.Flag.NO_ROUTE
+
+            reader, writer = await asyncio.open_connection("127.0.0.1", waypoint.port)
+            writer.write(b"GET / HTTP/1.1\r\nhost reviews\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), DEADLINE)  # closed after it
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+            assert b"connection: close" in answer
+
+    _run(main())

@@ -1,0 +1,265 @@
+"""The client side of the waypoint's HTTP/1.1 engine: an `asyncio.Protocol` that parses requests
+with httptools and runs them as `Exchange`s, one at a time and in order.
+
+Keep-alive and pipelining: requests parsed while one is in flight wait in `_exchanges` (their
+bodies buffered) and start, in order, when the one before has been answered and fully read.
+Reading pauses while more than `MAX_QUEUED` requests or `MAX_BUFFERED` body bytes wait, and
+while the upstream connection cannot take more; upstream reading pauses while the client
+cannot take more (explicit backpressure both ways).
+
+A malformed request gets 400 and the connection closes: after a framing error nothing that
+follows on the connection can be trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import random
+import typing
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import httptools
+
+from meshcore import log
+from meshcore.traffic import routes
+from waypoint import exchange, http1, routing, upstream
+
+logger = logging.getLogger("waypoint.http")
+
+MAX_QUEUED = 16
+MAX_BUFFERED = 1 << 20
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class RouteTables(Protocol):
+    def find_route_table(self, host: str, port: int) -> routes.RouteTable | None:
+        """The routes for requests to `host` (as the client wrote it) on service `port`."""
+        ...
+
+
+@dataclasses.dataclass(slots=True)
+class Engine:
+    """What every client connection of one listener shares."""
+
+    tables: RouteTables
+    endpoints: exchange.Endpoints
+    pool: upstream.UpstreamPool
+    rng: random.Random = dataclasses.field(default_factory=random.Random)
+    on_done: Callable[[http1.RequestHead, exchange.Outcome], None] | None = None
+    _next: dict[tuple[upstream.Endpoint, ...], int] = dataclasses.field(default_factory=dict)
+
+    def rolls(self) -> routing.Rolls:
+        rng = self.rng
+        return routing.Rolls(rng.randrange(100), rng.random() * 100, rng.random() * 100)
+
+    def pick(
+        self, found: Sequence[upstream.Endpoint], failed: set[upstream.Endpoint]
+    ) -> upstream.Endpoint:
+        """Round robin over `found`, skipping endpoints that already failed this request."""
+        key = tuple(found)
+        candidates = [e for e in found if e not in failed] or list(found)
+        index = self._next.get(key, 0)
+        self._next[key] = index + 1
+        return candidates[index % len(candidates)]
+
+
+class DownstreamProtocol(asyncio.Protocol):
+    def __init__(self, engine: Engine, port: int) -> None:
+        self._engine = engine
+        self._port = port  # the service port the client called
+        self._parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self._exchanges: collections.deque[exchange.Exchange] = collections.deque()
+        self._parsing: exchange.Exchange | None = None
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._head_bytes = 0
+        self._task: asyncio.Task[None] | None = None
+        self._paused_for: set[str] = set()
+        self._is_writable = True
+        self.is_closed = False
+
+    # -- asyncio.Protocol --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(501, "protocol upgrades are not supported by the waypoint")
+        except httptools.HttpParserError as exc:
+            self._fail(400, f"bad request: {exc}")
+
+    def eof_received(self) -> bool | None:
+        # The client is done sending; answer what is in flight, then close.
+        if not self._exchanges:
+            return None
+        for ex in self._exchanges:
+            ex.closes_connection = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.is_closed = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def pause_writing(self) -> None:
+        self._is_writable = False
+        self._set_upstream_reading(False)
+
+    def resume_writing(self) -> None:
+        self._is_writable = True
+        self._set_upstream_reading(True)
+
+    # -- exchange.Downstream --
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def set_upstream_paused(self, paused: bool) -> None:
+        self._pause("upstream", paused)
+
+    # -- httptools callbacks --
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        self._count(len(name) + len(value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        length = None
+        is_chunked = False
+        for name, value in self._headers:
+            if name == "content-length":
+                length = int(value)  # llhttp has checked it is a number
+            elif name == "transfer-encoding" and "chunked" in value.lower():
+                is_chunked = True
+        expects_continue = any(
+            n == "expect" and v.lower() == "100-continue" for n, v in self._headers
+        )
+        head = http1.RequestHead(
+            method=parser.get_method().decode("latin-1"),
+            target=self._url.decode("latin-1"),
+            version=parser.get_http_version(),
+            headers=[(n, v) for n, v in self._headers if n != "expect"],
+            keep_alive=parser.should_keep_alive(),
+            content_length=length,
+            is_chunked=is_chunked,
+        )
+        ex = exchange.Exchange(head, self)
+        self._parsing = ex
+        self._exchanges.append(ex)
+        if expects_continue:
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # as Envoy does, not the upstream
+        if len(self._exchanges) == 1:
+            self._start(ex)
+        self._check_buffers()
+
+    def on_body(self, body: bytes) -> None:
+        if self._parsing is not None:
+            self._parsing.request_body(body)
+            self._check_buffers()
+
+    def on_message_complete(self) -> None:
+        ex, self._parsing = self._parsing, None
+        if ex is not None:
+            ex.request_end()
+            if ex is self._exchanges[0] and self._task is None:
+                self._finish(ex)
+
+    # -- running exchanges --
+
+    def _start(self, ex: exchange.Exchange) -> None:
+        engine = self._engine
+        table = engine.tables.find_route_table(ex.head.authority, self._port)
+        plan = routing.build_plan(table, ex.head, self._port, engine.rolls())
+        self._task = asyncio.get_running_loop().create_task(self._run(ex, plan))
+
+    async def _run(
+        self, ex: exchange.Exchange, plan: routing.ForwardPlan | routing.LocalReply
+    ) -> None:
+        engine = self._engine
+        try:
+            await ex.run(plan, engine.endpoints, engine.pool, engine.pick)
+        except asyncio.CancelledError:
+            ex.outcome.flag = routing.Flag.DOWNSTREAM_CONNECTION_TERMINATION
+            raise
+        except Exception:  # one request's bug must not take the listener down
+            logger.exception("waypoint exchange failed", extra=log.fields(path=ex.head.target))
+            ex.closes_connection = True
+        finally:
+            self._task = None
+            if engine.on_done is not None:
+                engine.on_done(ex.head, ex.outcome)
+        if ex.is_body_done:
+            self._finish(ex)
+        # else: the answer went out before the body was read; on_message_complete finishes.
+
+    def _finish(self, ex: exchange.Exchange) -> None:
+        """`ex` is answered and its request fully read: go on with the next, or close."""
+        self._exchanges.popleft()
+        if ex.closes_connection or self.is_closed:
+            self._exchanges.clear()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._check_buffers()
+        if self._exchanges:
+            # Its head is parsed; its body may still be arriving, and streams on from here.
+            self._start(self._exchanges[0])
+
+    def _fail(self, status: int, reason: str) -> None:
+        logger.info("waypoint refused a request", extra=log.fields(status=status, reason=reason))
+        if self._task is None:
+            self.write(http1.local_response(status, reason, close=True))
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- backpressure --
+
+    def _count(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise httptools.HttpParserError("request head larger than 64 KiB")
+
+    def check_buffers(self) -> None:
+        self._check_buffers()
+
+    def _check_buffers(self) -> None:
+        buffered = sum(ex.buffered for ex in self._exchanges)
+        self._pause("queue", len(self._exchanges) > MAX_QUEUED or buffered > MAX_BUFFERED)
+
+    def _pause(self, reason: str, paused: bool) -> None:
+        before = bool(self._paused_for)
+        if paused:
+            self._paused_for.add(reason)
+        else:
+            self._paused_for.discard(reason)
+        after = bool(self._paused_for)
+        if self.transport is None or before == after:
+            return
+        if after:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def _set_upstream_reading(self, on: bool) -> None:
+        current = self._exchanges[0] if self._exchanges else None
+        if current is not None:
+            current.set_upstream_reading(on)
