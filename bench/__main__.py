@@ -4,7 +4,8 @@
   an nginx stream mTLS pair and HAProxy in TCP mode (see `bench.measure`);
 - ``controller``: the control plane: the controller figures (`bench.controller`) and the time
   from `meshctl apply` of a policy to its enforcement on 3 nodes (`bench.policy`);
-- ``all``: both.
+- ``l7``: the waypoint's HTTP/1.1 engine against HAProxy in HTTP mode, with wrk (`bench.l7`);
+- ``all``: all three.
 
 Prints the table of figures (median over repetitions of ratios taken inside one repetition) and
 writes ``bench/results/<UTC timestamp>.json`` with a top-level ``figures`` object. ``--quick``
@@ -30,7 +31,7 @@ DEFAULT_REPETITIONS = 3
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=("all", "dataplane", "controller"))
+    parser.add_argument("suite", choices=("all", "dataplane", "controller", "l7"))
     parser.add_argument("--quick", action="store_true", help="one short repetition (smoke check)")
     parser.add_argument(
         "--repetitions",
@@ -81,6 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         results += report.build_results(reps)
     if args.suite in ("all", "controller"):
         results += run_control_plane(args.quick)
+    if args.suite in ("all", "l7"):
+        from bench import l7
+
+        try:
+            results += l7.run(args.quick)
+        except BenchError as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 1
     print(report.build_table(results))
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     os.makedirs(args.out_dir, exist_ok=True)

@@ -67,8 +67,9 @@ class ResponseHead:
 
 
 def end_to_end(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """`headers` without the hop-by-hop fields, nor those the Connection field names."""
-    named: set[str] = set()
+    """The fields forwarded as they are: not the hop-by-hop ones, nor those the Connection
+    field names, nor Content-Length (each side's framing is written by the proxy)."""
+    named: set[str] = {"content-length"}
     for name, value in headers:
         if name == "connection":
             named.update(token.strip().lower() for token in value.split(","))
