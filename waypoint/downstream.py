@@ -25,8 +25,8 @@ from typing import Protocol
 import httptools
 
 from meshcore import log
-from meshcore.traffic import routes
-from waypoint import exchange, http1, routing, upstream
+from meshcore.traffic import destinations, routes
+from waypoint import cluster, exchange, http1, routing, upstream
 
 logger = logging.getLogger("waypoint.http")
 
@@ -41,30 +41,54 @@ class RouteTables(Protocol):
         ...
 
 
+class DestinationRules(Protocol):
+    def find_destination_rule(self, host: str) -> destinations.DestinationRule | None:
+        """The DestinationRule for `host` (qualified), if one applies."""
+        ...
+
+
+class NoDestinationRules:
+    def find_destination_rule(self, host: str) -> destinations.DestinationRule | None:
+        return None
+
+
 @dataclasses.dataclass(slots=True)
 class Engine:
-    """What every client connection of one listener shares."""
+    """What every client connection of one listener shares (the `exchange.Upstreams`)."""
 
     tables: RouteTables
     endpoints: exchange.Endpoints
     pool: upstream.UpstreamPool
     rng: random.Random = dataclasses.field(default_factory=random.Random)
+    rules: DestinationRules = dataclasses.field(default_factory=NoDestinationRules)
     on_done: Callable[[http1.RequestHead, exchange.Outcome], None] | None = None
-    _next: dict[tuple[upstream.Endpoint, ...], int] = dataclasses.field(default_factory=dict)
+    clusters: dict[tuple[str, str | None], cluster.Cluster] = dataclasses.field(
+        default_factory=dict
+    )
 
     def rolls(self) -> routing.Rolls:
         rng = self.rng
         return routing.Rolls(rng.randrange(100), rng.random() * 100, rng.random() * 100)
 
-    def pick(
-        self, found: Sequence[upstream.Endpoint], failed: set[upstream.Endpoint]
-    ) -> upstream.Endpoint:
-        """Round robin over `found`, skipping endpoints that already failed this request."""
-        key = tuple(found)
-        candidates = [e for e in found if e not in failed] or list(found)
-        index = self._next.get(key, 0)
-        self._next[key] = index + 1
-        return candidates[index % len(candidates)]
+    def find_endpoints(
+        self, host: str, subset: str | None, port: int | None
+    ) -> Sequence[upstream.Endpoint]:
+        return self.endpoints.find_endpoints(host, subset, port)
+
+    def find_cluster(self, destination: routes.Destination) -> cluster.Cluster:
+        """The destination's balancing state, under its DestinationRule's current policy."""
+        rule = self.rules.find_destination_rule(destination.host)
+        policy = (
+            rule.policy_for(destination.subset)
+            if rule is not None
+            else destinations.TrafficPolicy()
+        )
+        key = (destination.host, destination.subset)
+        found = self.clusters.get(key)
+        if found is None:
+            found = self.clusters[key] = cluster.Cluster(policy, rng=self.rng)
+        found.policy = policy  # a changed rule applies from the next request on
+        return found
 
 
 class DownstreamProtocol(asyncio.Protocol):
@@ -82,11 +106,14 @@ class DownstreamProtocol(asyncio.Protocol):
         self._paused_for: set[str] = set()
         self._is_writable = True
         self.is_closed = False
+        self._peer_ip = ""
 
     # -- asyncio.Protocol --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self._peer_ip = peer[0] if isinstance(peer, tuple) else ""
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -162,7 +189,7 @@ class DownstreamProtocol(asyncio.Protocol):
             content_length=length,
             is_chunked=is_chunked,
         )
-        ex = exchange.Exchange(head, self)
+        ex = exchange.Exchange(head, self, self._peer_ip)
         self._parsing = ex
         self._exchanges.append(ex)
         if expects_continue:
@@ -196,7 +223,7 @@ class DownstreamProtocol(asyncio.Protocol):
     ) -> None:
         engine = self._engine
         try:
-            await ex.run(plan, engine.endpoints, engine.pool, engine.pick)
+            await ex.run(plan, engine)
         except asyncio.CancelledError:
             ex.outcome.flag = routing.Flag.DOWNSTREAM_CONNECTION_TERMINATION
             raise

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from meshcore.traffic import routes
-from waypoint import http1, routing, upstream
+from waypoint import cluster, http1, routing, upstream
 
 REPLAY_LIMIT = 64 * 1024
 # Istio's mesh default when a route sets no retries: two more tries on connect failures,
@@ -39,6 +39,15 @@ class Endpoints(Protocol):
     ) -> Sequence[upstream.Endpoint]:
         """Where `host` (qualified) is served, for `subset` and service `port`."""
         ...
+
+
+class Upstreams(Endpoints, Protocol):
+    """Everything an exchange needs to reach a destination."""
+
+    @property
+    def pool(self) -> upstream.UpstreamPool: ...
+
+    def find_cluster(self, destination: routes.Destination) -> cluster.Cluster: ...
 
 
 class Downstream(Protocol):
@@ -113,9 +122,10 @@ class _Attempt:
 
 
 class Exchange:
-    def __init__(self, head: http1.RequestHead, downstream: Downstream) -> None:
+    def __init__(self, head: http1.RequestHead, downstream: Downstream, source_ip: str) -> None:
         self.head = head
         self.downstream = downstream
+        self.source_ip = source_ip
         self.outcome = Outcome()
         self._body: list[bytes] = []
         self._body_size = 0
@@ -167,11 +177,7 @@ class Exchange:
     # -- running it --
 
     async def run(
-        self,
-        plan: routing.ForwardPlan | routing.LocalReply,
-        endpoints: Endpoints,
-        pool: upstream.UpstreamPool,
-        pick: Callable[[Sequence[upstream.Endpoint], set[upstream.Endpoint]], upstream.Endpoint],
+        self, plan: routing.ForwardPlan | routing.LocalReply, upstreams: Upstreams
     ) -> Outcome:
         if plan.delay is not None:
             await asyncio.sleep(plan.delay)
@@ -181,9 +187,19 @@ class Exchange:
             return self.outcome
         route = plan.route
         destination = plan.destination
-        found = endpoints.find_endpoints(destination.host, destination.subset, destination.port)
+        found = upstreams.find_endpoints(destination.host, destination.subset, destination.port)
         if not found:
             self._reply(503, "no healthy upstream", routing.Flag.NO_HEALTHY_UPSTREAM)
+            return self.outcome
+        target = upstreams.find_cluster(destination)
+        try:
+            await target.admit()
+        except cluster.PoolOverflowError:
+            self._reply(
+                503,
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                routing.Flag.UPSTREAM_OVERFLOW,
+            )
             return self.outcome
         retries = route.retries if route.retries is not None else DEFAULT_RETRIES
         self._retry_on = retries.retry_on
@@ -191,7 +207,7 @@ class Exchange:
         self._response_ops = plan.response_ops
         try:
             async with asyncio.timeout(route.timeout):
-                await self._forward(plan, found, pool, pick, retries.per_try_timeout)
+                await self._forward(plan, found, target, upstreams.pool, retries.per_try_timeout)
         except TimeoutError:
             self._cut_attempt(close=True)
             if not self._response_started:
@@ -199,31 +215,42 @@ class Exchange:
             else:
                 self.outcome.flag = routing.Flag.UPSTREAM_TIMEOUT
                 self.closes_connection = True  # a half-sent response cannot be finished
+        finally:
+            target.release()
         return self.outcome
 
     async def _forward(
         self,
         plan: routing.ForwardPlan,
         found: Sequence[upstream.Endpoint],
+        target: cluster.Cluster,
         pool: upstream.UpstreamPool,
-        pick: Callable[[Sequence[upstream.Endpoint], set[upstream.Endpoint]], upstream.Endpoint],
         per_try: float | None,
     ) -> None:
         failed: set[upstream.Endpoint] = set()
         while True:
-            endpoint = pick(found, failed)
+            endpoint = target.pick(found, failed, self.head, self.source_ip)
+            if endpoint is None:
+                self._reply(503, "no healthy upstream", routing.Flag.NO_HEALTHY_UPSTREAM)
+                return
             self.outcome.attempts += 1
             self.outcome.endpoint = endpoint
+            target.started(endpoint)
             try:
                 async with asyncio.timeout(per_try):
-                    result = await self._try(plan, endpoint, pool)
+                    result = await self._try(plan, endpoint, pool, target)
             except TimeoutError:
                 if self._response_started or per_try is None:
+                    target.record(endpoint, failed=True, all_=found)
                     raise
                 self._cut_attempt(close=True)
                 result = "timeout"
             except OSError as exc:
                 result = f"connect: {exc.strerror or exc}"
+            finally:
+                target.finished(endpoint)
+            is_error = result != "done" or self.outcome.status >= 500
+            target.record(endpoint, failed=is_error, all_=found)
             if result == "done":
                 return
             failed.add(endpoint)
@@ -255,7 +282,11 @@ class Exchange:
             self._tries_left -= 1
 
     async def _try(
-        self, plan: routing.ForwardPlan, endpoint: upstream.Endpoint, pool: upstream.UpstreamPool
+        self,
+        plan: routing.ForwardPlan,
+        endpoint: upstream.Endpoint,
+        pool: upstream.UpstreamPool,
+        target: cluster.Cluster,
     ) -> str:
         conn = await pool.fetch(endpoint)
         attempt = _Attempt(self, conn)
@@ -276,7 +307,7 @@ class Exchange:
         result = await attempt.result
         if result == "done":
             self._attempt = None
-            pool.release(conn)
+            pool.release(conn, target.policy.connection_pool.max_requests_per_connection)
         else:
             self._cut_attempt(close=True)
         return result

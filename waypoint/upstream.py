@@ -52,6 +52,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_response = False
         self._close_delimited = False
         self.is_reusable = False
+        self.requests = 0  # exchanges started on this connection
 
     # -- driven by the exchange --
 
@@ -60,6 +61,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = sink
         self._no_body = no_body
         self.is_reusable = False
+        self.requests += 1
         self.write(data)
 
     def write(self, data: bytes) -> None:
@@ -196,12 +198,14 @@ class UpstreamPool:
         self.opened += 1
         return proto
 
-    def release(self, conn: UpstreamConnection) -> None:
-        """Back to the pool after a complete exchange, or closed if it cannot be reused."""
+    def release(self, conn: UpstreamConnection, max_requests: int = 0) -> None:
+        """Back to the pool after a complete exchange, or closed if it cannot be reused (or has
+        served `max_requests`, when that is not 0)."""
         idle = self._idle.setdefault(conn.endpoint, [])
         transport = conn.transport
         is_open = transport is not None and not transport.is_closing()
-        if conn.is_reusable and is_open and len(idle) < MAX_IDLE_PER_ENDPOINT:
+        worn = max_requests > 0 and conn.requests >= max_requests
+        if conn.is_reusable and is_open and not worn and len(idle) < MAX_IDLE_PER_ENDPOINT:
             conn.sink = None
             idle.append(conn)
         else:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import h11
 
-from meshcore.traffic import routes
+from meshcore.traffic import destinations, routes
 from tests.direct import http_upstreams
 from waypoint import downstream, exchange, routing, upstream
 
@@ -129,13 +129,37 @@ class Waypoint:
         return Client(reader, writer)
 
 
+class StaticRules:
+    def __init__(self, rule: destinations.DestinationRule | None) -> None:
+        self.rule = rule
+
+    def find_destination_rule(self, host: str) -> destinations.DestinationRule | None:
+        return self.rule if self.rule is not None and self.rule.host == host else None
+
+
+def _rule(spec: dict[str, Any]) -> destinations.DestinationRule:
+    subsets = [{"name": name} for name in ("v1", "v2", "premium")]
+    return destinations.build_destination_rule(
+        {
+            "metadata": {"name": "reviews", "namespace": "shop"},
+            "spec": {"host": "reviews", "subsets": subsets, **spec},
+        }
+    )
+
+
 @contextlib.asynccontextmanager
 async def running(
-    table: routes.RouteTable, endpoints: Mapping[str, Sequence[upstream.Endpoint]]
+    table: routes.RouteTable,
+    endpoints: Mapping[str, Sequence[upstream.Endpoint]],
+    rule: destinations.DestinationRule | None = None,
 ) -> AsyncIterator[Waypoint]:
     pool = upstream.UpstreamPool()
     engine = downstream.Engine(
-        StaticTables(table), StaticEndpoints(endpoints), pool, random.Random(7)
+        StaticTables(table),
+        StaticEndpoints(endpoints),
+        pool,
+        random.Random(7),
+        rules=StaticRules(rule),
     )
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
@@ -383,5 +407,119 @@ def test_bad_requests_unknown_hosts_and_dead_endpoints_get_clear_answers() -> No
             writer.close()
             assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
             assert b"connection: close" in answer
+
+    _run(main())
+
+
+def test_circuit_breaking_refuses_a_burst_beyond_one_connection_and_one_pending() -> None:
+    table = _table([{"route": [_dest("v1")], "retries": {"attempts": 0}}])
+    rule = _rule(
+        {
+            "trafficPolicy": {
+                "connectionPool": {
+                    "tcp": {"maxConnections": 1},
+                    "http": {"http1MaxPendingRequests": 1},
+                }
+            }
+        }
+    )
+
+    async def main() -> None:
+        slow = http_upstreams.Upstream("v1", delay=0.5)
+        async with (
+            http_upstreams.serving(slow) as (v1,),
+            running(table, {"v1": [v1.endpoint]}, rule) as waypoint,
+        ):
+            clients = [await waypoint.client() for _ in range(6)]
+            responses = await asyncio.gather(*(c.request() for c in clients))
+            statuses = collections.Counter(r.status for r in responses)
+            assert statuses == {200: 2, 503: 4}  # one in flight, one waiting: the rest refused
+            flags = collections.Counter(o.flag for o in waypoint.outcomes)
+            assert flags[routing.Flag.UPSTREAM_OVERFLOW] == 4
+            assert v1.requests == 2
+
+    _run(main())
+
+
+def test_outlier_detection_ejects_a_failing_endpoint_and_brings_it_back() -> None:
+    table = _table([{"route": [_dest("v1")], "retries": {"attempts": 0}}])
+    rule = _rule(
+        {
+            "trafficPolicy": {
+                "loadBalancer": {"simple": "ROUND_ROBIN"},
+                "outlierDetection": {
+                    "consecutive5xxErrors": 5,
+                    "interval": "1s",
+                    "baseEjectionTime": "300ms",
+                    "maxEjectionPercent": 100,
+                },
+            }
+        }
+    )
+
+    async def main() -> None:
+        good, bad = http_upstreams.Upstream("good"), http_upstreams.Upstream("bad", fail_every=1)
+        async with http_upstreams.serving(good, bad) as (good, bad):
+            endpoints = {"v1": [good.endpoint, bad.endpoint]}
+            async with running(table, endpoints, rule) as waypoint:
+                client = await waypoint.client()
+                while bad.requests < 5:  # round robin: every other request reaches it
+                    await client.request()
+                target = waypoint.engine.clusters[(HOST, "v1")]
+                assert target.is_ejected(bad.endpoint)
+                statuses = [(await client.request()).status for _ in range(10)]
+                assert statuses == [200] * 10
+                assert bad.requests == 5  # ejected: not asked again
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + DEADLINE
+                while target.is_ejected(bad.endpoint):  # the ejection runs out by itself
+                    assert loop.time() < deadline
+                    await asyncio.sleep(0.02)
+                statuses = [(await client.request()).status for _ in range(4)]
+                assert 503 in statuses  # back in the rotation
+                assert bad.requests > 5
+
+    _run(main())
+
+
+def test_consistent_hashing_on_a_cookie_keeps_each_user_on_one_endpoint() -> None:
+    table = _table([{"route": [_dest("v1")]}])
+    rule = _rule(
+        {
+            "trafficPolicy": {
+                "loadBalancer": {"consistentHash": {"httpCookie": {"name": "user", "ttl": "0s"}}}
+            }
+        }
+    )
+
+    async def main() -> None:
+        ups = tuple(http_upstreams.Upstream(f"e{i}") for i in range(3))
+        async with http_upstreams.serving(*ups) as servers:
+            endpoints = {"v1": [s.endpoint for s in servers]}
+            async with running(table, endpoints, rule) as waypoint:
+                client = await waypoint.client()
+                chosen: dict[str, set[str]] = collections.defaultdict(set)
+                for user in [f"u{i}" for i in range(12)] * 3:
+                    response = await client.request(headers=[("cookie", f"theme=x; user={user}")])
+                    chosen[user].add(response.json()["server"])
+                assert all(len(servers_seen) == 1 for servers_seen in chosen.values())
+                assert len(set().union(*chosen.values())) >= 2  # users are spread
+
+    _run(main())
+
+
+def test_max_requests_per_connection_opens_new_upstream_connections() -> None:
+    table = _table([{"route": [_dest("v1")]}])
+    rule = _rule({"trafficPolicy": {"connectionPool": {"http": {"maxRequestsPerConnection": 2}}}})
+
+    async def main() -> None:
+        async with (
+            http_upstreams.serving(http_upstreams.Upstream("v1")) as (v1,),
+            running(table, {"v1": [v1.endpoint]}, rule) as waypoint,
+        ):
+            client = await waypoint.client()
+            for _ in range(6):
+                assert (await client.request()).status == 200
+            assert v1.connections == 3
 
     _run(main())
