@@ -82,6 +82,11 @@ VIRTUAL_SERVICES = ResourceType(
 DESTINATION_RULES = ResourceType(
     "networking.istio.io", "v1", "DestinationRule", "destinationrules", namespaced=True
 )
+# Gateway API (a waypoint is a Gateway of class istio-waypoint; HTTPRoutes bind to Services).
+GATEWAYS = ResourceType("gateway.networking.k8s.io", "v1", "Gateway", "gateways", namespaced=True)
+HTTP_ROUTES = ResourceType(
+    "gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes", namespaced=True
+)
 
 WELL_KNOWN: tuple[ResourceType, ...] = (NAMESPACES, NODES, PODS, SERVICES)
 

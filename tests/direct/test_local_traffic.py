@@ -81,3 +81,54 @@ def test_both_kinds_in_one_file_apply_in_any_order_with_a_warning_each(
     stored = playground.store.find(kinds.VIRTUAL_SERVICES, "reviews", "shop")
     assert stored is not None
     assert stored["spec"]["http"][1]["route"][0]["destination"]["subset"] == "v1"
+
+
+WAYPOINT = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: waypoint
+  namespace: shop
+spec:
+  gatewayClassName: istio-waypoint
+  listeners:
+  - name: mesh
+    port: 15008
+    protocol: HBONE
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: reviews
+  namespace: shop
+spec:
+  parentRefs:
+  - {group: "", kind: Service, name: reviews, port: 9080}
+  rules:
+  - matches:
+    - headers: [{name: x-canary, value: "true"}]
+    backendRefs: [{name: reviews-v2, port: 9080}]
+  - backendRefs:
+    - {name: reviews-v1, port: 9080, weight: 90}
+    - {name: reviews-v2, port: 9080, weight: 10}
+"""
+
+
+def test_a_waypoint_gateway_and_an_http_route_apply_as_istio_writes_them(
+    playground: meshctl_harness.Playground,
+) -> None:
+    playground.meshctl("apply", "-f", "-", stdin=NAMESPACE)
+    code, out, err = playground.meshctl("apply", "-f", "-", stdin=WAYPOINT)
+    assert code == 0, err
+    assert out.splitlines() == [
+        "gateway.gateway.networking.k8s.io/waypoint created",
+        "httproute.gateway.networking.k8s.io/reviews created",
+    ]
+    assert "Warning: stored and validated, not enforced yet" in err
+    assert playground.store.find(kinds.GATEWAYS, "waypoint", "shop") is not None
+
+    broken = WAYPOINT.split("---")[0].replace("protocol: HBONE", "protocol: HTTP")
+    code, _, err = playground.meshctl("apply", "-f", "-", stdin=broken)
+    assert code == 1
+    assert "spec.listeners" in err
+    assert "needs a listener with protocol HBONE on port 15008" in err

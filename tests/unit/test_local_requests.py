@@ -90,10 +90,8 @@ def test_discovery_lists_kinds_and_status_subresources() -> None:
 
 
 def test_an_added_group_is_discovered_without_server_changes() -> None:
-    gateways = resources.ResourceType(
-        "gateway.networking.k8s.io", "v1", "Gateway", "gateways", True
-    )
-    registry = kinds.build_registry([kinds.ServedKind(gateways)])
+    widgets = resources.ResourceType("example.com", "v1", "Widget", "widgets", True)
+    registry = kinds.build_registry([kinds.ServedKind(widgets)])
     groups = apiserver.build_route(registry, "/apis")
     assert isinstance(groups, dict)
     by_name = {g["name"]: g for g in groups["groups"]}
@@ -102,14 +100,13 @@ def test_an_added_group_is_discovered_without_server_changes() -> None:
         "security.istio.io",
         "networking.istio.io",
         "gateway.networking.k8s.io",
+        "example.com",
     }
-    gateway_group = by_name["gateway.networking.k8s.io"]
-    assert gateway_group["preferredVersion"]["groupVersion"] == "gateway.networking.k8s.io/v1"
-    route = apiserver.build_route(
-        registry, "/apis/gateway.networking.k8s.io/v1/namespaces/a/gateways/w"
-    )
+    widget_group = by_name["example.com"]
+    assert widget_group["preferredVersion"]["groupVersion"] == "example.com/v1"
+    route = apiserver.build_route(registry, "/apis/example.com/v1/namespaces/a/widgets/w")
     assert isinstance(route, apiserver.ResourceRoute)
-    assert route.served.rtype == gateways
+    assert route.served.rtype == widgets
 
 
 @pytest.mark.parametrize(

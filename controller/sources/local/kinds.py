@@ -19,7 +19,13 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from controller.sources.local import policyschemas, schemas, trafficschemas, validation
+from controller.sources.local import (
+    gatewayschemas,
+    policyschemas,
+    schemas,
+    trafficschemas,
+    validation,
+)
 from meshcore.kube import resources
 from meshcore.policy import analysis, spec
 
@@ -316,6 +322,34 @@ def build_traffic_kinds() -> list[ServedKind]:
     ]
 
 
+# Gateway API: stored as v1, also served as v1beta1 (the same schema for these two kinds).
+GATEWAYS = resources.GATEWAYS
+HTTP_ROUTES = resources.HTTP_ROUTES
+GATEWAY_EXTRA_VERSIONS = ("v1beta1",)
+
+
+def build_gateway_kinds() -> list[ServedKind]:
+    """gateway.networking.k8s.io: Gateway (a waypoint is one of class istio-waypoint) and
+    HTTPRoute, validated and stored; each write says what the mesh does not act on."""
+    return [
+        ServedKind(
+            GATEWAYS,
+            gatewayschemas.GATEWAY,
+            short_names=("gtw",),
+            tracks_generation=True,
+            extra_versions=GATEWAY_EXTRA_VERSIONS,
+            find_warnings=gatewayschemas.find_unenforced,
+        ),
+        ServedKind(
+            HTTP_ROUTES,
+            gatewayschemas.HTTP_ROUTE,
+            tracks_generation=True,
+            extra_versions=GATEWAY_EXTRA_VERSIONS,
+            find_warnings=gatewayschemas.find_unenforced,
+        ),
+    ]
+
+
 def build_registry(
     extra: Iterable[ServedKind] = (),
     *,
@@ -328,6 +362,7 @@ def build_registry(
             *build_apps_kinds(),
             *build_security_kinds(root_namespace, dry_run_enabled=dry_run_enabled),
             *build_traffic_kinds(),
+            *build_gateway_kinds(),
             *extra,
         ]
     )
