@@ -201,6 +201,7 @@ def serve(listen_port: int, upstream_port: int) -> None:
     from meshcore.aio import runtime
     from meshcore.traffic import routes
     from waypoint import downstream, upstream
+    from waypoint import engine as waypoint_engine
 
     table = routes.build_route_table(
         {
@@ -220,7 +221,7 @@ def serve(listen_port: int, upstream_port: int) -> None:
             return [("127.0.0.1", upstream_port)]
 
     async def main() -> None:
-        engine = downstream.Engine(Tables(), Endpoints(), upstream.UpstreamPool())
+        engine = waypoint_engine.Engine(Tables(), Endpoints(), upstream.UpstreamPool())
         server = await asyncio.get_running_loop().create_server(
             lambda: downstream.DownstreamProtocol(engine, listen_port), "127.0.0.1", listen_port
         )

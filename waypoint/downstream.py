@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
-import random
+import time
 import typing
-from collections.abc import Callable, Sequence
-from typing import Protocol
 
 import httptools
 
 from meshcore import log
-from meshcore.traffic import destinations, routes
-from waypoint import cluster, exchange, http1, routing, upstream
+from waypoint import engine as engine_mod
+from waypoint import exchange, http1, routing
 
 logger = logging.getLogger("waypoint.http")
 
@@ -35,66 +32,13 @@ MAX_BUFFERED = 1 << 20
 MAX_HEAD_BYTES = 64 * 1024
 
 
-class RouteTables(Protocol):
-    def find_route_table(self, host: str, port: int) -> routes.RouteTable | None:
-        """The routes for requests to `host` (as the client wrote it) on service `port`."""
-        ...
-
-
-class DestinationRules(Protocol):
-    def find_destination_rule(self, host: str) -> destinations.DestinationRule | None:
-        """The DestinationRule for `host` (qualified), if one applies."""
-        ...
-
-
-class NoDestinationRules:
-    def find_destination_rule(self, host: str) -> destinations.DestinationRule | None:
-        return None
-
-
-@dataclasses.dataclass(slots=True)
-class Engine:
-    """What every client connection of one listener shares (the `exchange.Upstreams`)."""
-
-    tables: RouteTables
-    endpoints: exchange.Endpoints
-    pool: upstream.UpstreamPool
-    rng: random.Random = dataclasses.field(default_factory=random.Random)
-    rules: DestinationRules = dataclasses.field(default_factory=NoDestinationRules)
-    on_done: Callable[[http1.RequestHead, exchange.Outcome], None] | None = None
-    clusters: dict[tuple[str, str | None], cluster.Cluster] = dataclasses.field(
-        default_factory=dict
-    )
-
-    def rolls(self) -> routing.Rolls:
-        rng = self.rng
-        return routing.Rolls(rng.randrange(100), rng.random() * 100, rng.random() * 100)
-
-    def find_endpoints(
-        self, host: str, subset: str | None, port: int | None
-    ) -> Sequence[upstream.Endpoint]:
-        return self.endpoints.find_endpoints(host, subset, port)
-
-    def find_cluster(self, destination: routes.Destination) -> cluster.Cluster:
-        """The destination's balancing state, under its DestinationRule's current policy."""
-        rule = self.rules.find_destination_rule(destination.host)
-        policy = (
-            rule.policy_for(destination.subset)
-            if rule is not None
-            else destinations.TrafficPolicy()
-        )
-        key = (destination.host, destination.subset)
-        found = self.clusters.get(key)
-        if found is None:
-            found = self.clusters[key] = cluster.Cluster(policy, rng=self.rng)
-        found.policy = policy  # a changed rule applies from the next request on
-        return found
-
-
 class DownstreamProtocol(asyncio.Protocol):
-    def __init__(self, engine: Engine, port: int) -> None:
+    def __init__(
+        self, engine: engine_mod.Engine, port: int, caller: engine_mod.Caller | None = None
+    ) -> None:
         self._engine = engine
         self._port = port  # the service port the client called
+        self._caller = caller  # None: learned from the socket in connection_made
         self._parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self._exchanges: collections.deque[exchange.Exchange] = collections.deque()
@@ -114,6 +58,12 @@ class DownstreamProtocol(asyncio.Protocol):
         self.transport = typing.cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self._peer_ip = peer[0] if isinstance(peer, tuple) else ""
+        if self._caller is None:
+            local = transport.get_extra_info("sockname")
+            self._caller = engine_mod.Caller(
+                address=(self._peer_ip, peer[1] if isinstance(peer, tuple) else 0),
+                destination=(local[0] if isinstance(local, tuple) else "", self._port),
+            )
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -214,8 +164,14 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _start(self, ex: exchange.Exchange) -> None:
         engine = self._engine
-        table = engine.tables.find_route_table(ex.head.authority, self._port)
-        plan = routing.build_plan(table, ex.head, self._port, engine.rolls())
+        assert self._caller is not None  # set in connection_made
+        plan: routing.ForwardPlan | routing.LocalReply
+        denial = engine.authorize(self._caller, ex.head)  # the RBAC filter runs before routing
+        if denial is not None:
+            plan = denial
+        else:
+            table = engine.tables.find_route_table(ex.head.authority, self._port)
+            plan = routing.build_plan(table, ex.head, self._port, engine.rolls())
         self._task = asyncio.get_running_loop().create_task(self._run(ex, plan))
 
     async def _run(
@@ -232,8 +188,9 @@ class DownstreamProtocol(asyncio.Protocol):
             ex.closes_connection = True
         finally:
             self._task = None
-            if engine.on_done is not None:
-                engine.on_done(ex.head, ex.outcome)
+            ex.outcome.duration_ms = (time.monotonic() - ex.started) * 1000
+            if self._caller is not None:
+                engine.finish(self._caller, ex.head, ex.outcome)
         if ex.is_body_done:
             self._finish(ex)
         # else: the answer went out before the body was read; on_message_complete finishes.

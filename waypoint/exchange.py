@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -70,6 +71,8 @@ class Outcome:
     endpoint: upstream.Endpoint | None = None
     upstream_bytes: int = 0  # response body bytes relayed
     request_bytes: int = 0
+    destination_host: str = ""  # the service the route chose
+    duration_ms: float = 0.0  # from the request head to the end of the answer
 
 
 def _retriable_status(status: int, retry_on: tuple[str, ...]) -> bool:
@@ -126,6 +129,7 @@ class Exchange:
         self.head = head
         self.downstream = downstream
         self.source_ip = source_ip
+        self.started = time.monotonic()
         self.outcome = Outcome()
         self._body: list[bytes] = []
         self._body_size = 0
@@ -187,6 +191,7 @@ class Exchange:
             return self.outcome
         route = plan.route
         destination = plan.destination
+        self.outcome.destination_host = destination.host
         found = upstreams.find_endpoints(destination.host, destination.subset, destination.port)
         if not found:
             self._reply(503, "no healthy upstream", routing.Flag.NO_HEALTHY_UPSTREAM)

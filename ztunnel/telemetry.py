@@ -13,7 +13,7 @@ import typing
 
 import prometheus_client
 
-from meshcore import log
+from meshcore import istio_labels, log
 from meshcore.identity import spiffe
 from meshcore.model import workload
 
@@ -44,7 +44,7 @@ LABEL_NAMES = (
     "response_flags",
     "connection_security_policy",
 )
-UNKNOWN = "unknown"
+UNKNOWN = istio_labels.UNKNOWN
 
 
 class Metrics:
@@ -111,44 +111,15 @@ class ConnectionRecord:
         svc = self.service
         return (
             self.reporter,
-            *_workload_labels(self.source, self.source_identity),
-            _or_unknown(svc.hostname if svc else ""),
-            _or_unknown(svc.namespace if svc else ""),
-            _or_unknown(svc.name if svc else ""),
-            *_workload_labels(self.destination, self.destination_identity),
+            *istio_labels.workload_labels(self.source, self.source_identity),
+            istio_labels.or_unknown(svc.hostname if svc else ""),
+            istio_labels.or_unknown(svc.namespace if svc else ""),
+            istio_labels.or_unknown(svc.name if svc else ""),
+            *istio_labels.workload_labels(self.destination, self.destination_identity),
             "tcp",
             self.flag,
             "mutual_tls" if self.mutual_tls else UNKNOWN,
         )
-
-
-def _workload_labels(
-    wl: workload.Workload | None, identity: spiffe.SpiffeId | None
-) -> tuple[str, ...]:
-    """workload, canonical service and revision, namespace, principal, app, version, cluster:
-    the same eight labels, in the same order, for the source and the destination side."""
-    principal = identity or (wl.identity if wl else None)
-    if wl is None:
-        return (
-            UNKNOWN,
-            UNKNOWN,
-            UNKNOWN,
-            UNKNOWN,
-            _or_unknown(principal.uri if principal else ""),
-            UNKNOWN,
-            UNKNOWN,
-            UNKNOWN,
-        )
-    return (
-        _or_unknown(wl.workload_name or wl.name),
-        _or_unknown(wl.canonical_name),
-        _or_unknown(wl.canonical_revision),
-        _or_unknown(wl.namespace),
-        _or_unknown(principal.uri if principal else ""),
-        _or_unknown(wl.canonical_name),  # app
-        _or_unknown(wl.canonical_revision),  # version
-        _or_unknown(wl.cluster_id),
-    )
 
 
 def format_addr(address: tuple[str, int] | None) -> str:
@@ -157,10 +128,6 @@ def format_addr(address: tuple[str, int] | None) -> str:
         return ""
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _or_unknown(value: str) -> str:
-    return value or UNKNOWN
 
 
 class _Counters(typing.NamedTuple):

@@ -9,16 +9,21 @@ import collections
 import contextlib
 import hashlib
 import json
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import h11
+import prometheus_client
+import pytest
 
+from meshcore.policy import spec as policy_spec
 from meshcore.traffic import destinations, routes
 from tests.direct import http_upstreams
-from waypoint import downstream, exchange, routing, upstream
+from waypoint import downstream, exchange, routing, telemetry, upstream
+from waypoint import engine as waypoint_engine
 
 T = TypeVar("T")
 DEADLINE = 10.0
@@ -115,7 +120,7 @@ class Client:
 
 
 class Waypoint:
-    def __init__(self, engine: downstream.Engine, server: asyncio.Server) -> None:
+    def __init__(self, engine: waypoint_engine.Engine, server: asyncio.Server) -> None:
         self.engine = engine
         self.server = server
         self.port = server.sockets[0].getsockname()[1]
@@ -127,6 +132,14 @@ class Waypoint:
     async def client(self) -> Client:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         return Client(reader, writer)
+
+
+class StaticPolicies:
+    def __init__(self, policies: Sequence[policy_spec.PolicySpec]) -> None:
+        self.policies = policies
+
+    def find_policies(self, host: str, port: int) -> Sequence[policy_spec.PolicySpec]:
+        return self.policies if routes.qualify(host, "shop") == HOST else ()
 
 
 class StaticRules:
@@ -152,18 +165,24 @@ async def running(
     table: routes.RouteTable,
     endpoints: Mapping[str, Sequence[upstream.Endpoint]],
     rule: destinations.DestinationRule | None = None,
+    *,
+    policies: Sequence[policy_spec.PolicySpec] = (),
+    caller: waypoint_engine.Caller | None = None,
+    metrics: telemetry.Metrics | None = None,
 ) -> AsyncIterator[Waypoint]:
     pool = upstream.UpstreamPool()
-    engine = downstream.Engine(
+    engine = waypoint_engine.Engine(
         StaticTables(table),
         StaticEndpoints(endpoints),
         pool,
         random.Random(7),
         rules=StaticRules(rule),
+        policies=StaticPolicies(policies),
+        telemetry=telemetry.Telemetry(metrics) if metrics is not None else None,
     )
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: downstream.DownstreamProtocol(engine, SERVICE_PORT), "127.0.0.1", 0
+        lambda: downstream.DownstreamProtocol(engine, SERVICE_PORT, caller), "127.0.0.1", 0
     )
     waypoint = Waypoint(engine, server)
     engine.on_done = lambda head, outcome: waypoint.outcomes.append(outcome)
@@ -523,3 +542,100 @@ def test_max_requests_per_connection_opens_new_upstream_connections() -> None:
             assert v1.connections == 3
 
     _run(main())
+
+
+FRONTEND = "cluster.local/ns/shop/sa/frontend"
+API_READERS = policy_spec.parse_authorization_policy(
+    {
+        "metadata": {"name": "api-readers", "namespace": "shop"},
+        "spec": {
+            "targetRefs": [{"kind": "Service", "group": "", "name": "reviews"}],
+            "rules": [
+                {
+                    "from": [{"source": {"principals": [FRONTEND]}}],
+                    "to": [{"operation": {"methods": ["GET"], "paths": ["/api/*"]}}],
+                }
+            ],
+        },
+    }
+)
+
+
+def _caller(principal: str) -> waypoint_engine.Caller:
+    return waypoint_engine.Caller(("10.244.1.5", 40000), ("10.96.0.20", SERVICE_PORT), principal)
+
+
+def test_l7_policy_lets_get_api_from_frontend_through_and_denies_the_rest_with_403() -> None:
+    table = _table([{"route": [_dest("v1")]}])
+
+    async def main() -> None:
+        async with http_upstreams.serving(http_upstreams.Upstream("v1")) as (v1,):
+            endpoints = {"v1": [v1.endpoint]}
+            async with running(
+                table, endpoints, policies=[API_READERS], caller=_caller(FRONTEND)
+            ) as waypoint:
+                client = await waypoint.client()
+                assert (await client.request(path="/api/items")).status == 200
+                denied = await client.request("POST", "/api/items", body=b"{}")
+                assert (denied.status, denied.body) == (403, b"RBAC: access denied")
+                assert waypoint.last_flag() is routing.Flag.DENIED
+                assert (await client.request(path="/admin")).status == 403
+            other = _caller("cluster.local/ns/shop/sa/backend")
+            async with running(table, endpoints, policies=[API_READERS], caller=other) as waypoint:
+                client = await waypoint.client()
+                assert (await client.request(path="/api/items")).status == 403
+            assert [s["path"] for s in v1.seen] == ["/api/items"]  # denials never went upstream
+
+    _run(main())
+
+
+def test_each_request_is_counted_with_istios_names_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    table = _table([{"route": [_dest("v1")]}])
+    registry = prometheus_client.CollectorRegistry()
+
+    async def main() -> None:
+        async with (
+            http_upstreams.serving(http_upstreams.Upstream("v1", fail_every=3)) as (v1,),
+            running(
+                table,
+                {"v1": [v1.endpoint]},
+                caller=_caller(FRONTEND),
+                metrics=telemetry.Metrics(registry),
+            ) as waypoint,
+        ):
+            client = await waypoint.client()
+            for _ in range(3):
+                assert (await client.request(path="/p")).status == 200
+
+    with caplog.at_level(logging.INFO, logger="access"):
+        _run(main())
+    labels = {
+        "reporter": "waypoint",
+        "destination_service": HOST,
+        "destination_service_name": "reviews",
+        "destination_service_namespace": "shop",
+        "request_protocol": "http",
+        "response_code": "200",
+        "response_flags": "-",
+    }
+    [requests] = [
+        sample
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == "istio_requests_total"
+    ]
+    assert requests.value == 3.0
+    assert {k: requests.labels[k] for k in labels} == labels
+    assert requests.labels["source_principal"] == f"spiffe://{FRONTEND}"
+    for histogram in ("istio_request_duration_milliseconds", "istio_response_bytes"):
+        assert registry.get_sample_value(f"{histogram}_count", requests.labels) == 3.0
+    records = [r for r in caplog.records if r.getMessage() == "request complete"]
+    assert len(records) == 3
+    fields = getattr(records[0], "fields", {})
+    assert fields["response_code"] == 200
+    assert fields["path"] == "/p"
+    assert fields["dst.service"] == HOST
+    assert fields["attempts"] == 2  # the first try met the 503 and was retried
+    assert fields["upstream"].startswith("127.0.0.1:")
