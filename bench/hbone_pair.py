@@ -19,10 +19,10 @@ import typing
 
 import uvloop
 
+from meshcore.aio import hbone, relay
 from meshcore.identity import ca as ca_mod
 from meshcore.identity import certs, csr, spiffe, tls
 from meshcore.wire import hbone as hbone_wire
-from ztunnel.proxy import hbone, relay
 
 CHUNK = 256 << 10
 CLIENT_ID = spiffe.SpiffeId.parse("spiffe://cluster.local/ns/bench/sa/client")

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 import uvloop
 
+from meshcore.aio import hbone, relay
 from meshcore.identity import ca as ca_mod
 from meshcore.identity import certs, spiffe, tls
 from meshcore.wire import hbone as hbone_wire
 from tests.direct import workload_certs
-from ztunnel.proxy import hbone, relay
 
 NOW = datetime.datetime.now(datetime.UTC)
 CLIENT_ID = spiffe.SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/client")

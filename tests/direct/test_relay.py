@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from ztunnel.proxy import relay
+from meshcore.aio import relay
 
 LOOPS: dict[str, Callable[[Coroutine[Any, Any, None]], None]] = {
     "asyncio": asyncio.run,

@@ -22,6 +22,7 @@ from typing import Any
 import prometheus_client
 import pytest
 
+from meshcore.aio import hbone, relay
 from meshcore.identity import ca as ca_mod
 from meshcore.identity import spiffe, tls
 from meshcore.model import ids, workload
@@ -32,7 +33,7 @@ from ztunnel import config as config_mod
 from ztunnel import telemetry
 from ztunnel.identity import manager
 from ztunnel.inpod import pod_network
-from ztunnel.proxy import hbone, inbound, relay
+from ztunnel.proxy import inbound
 from ztunnel.proxy.inputs import PodContext, ProxyInputs
 from ztunnel.state import proxy_state
 

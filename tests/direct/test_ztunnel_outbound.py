@@ -10,13 +10,14 @@ import typing
 import prometheus_client
 import pytest
 
+from meshcore.aio import hbone
 from meshcore.identity import spiffe
 from meshcore.wire import zds
 from ztunnel import config as config_mod
 from ztunnel import telemetry
 from ztunnel.identity import manager
 from ztunnel.inpod import pod_network
-from ztunnel.proxy import hbone, outbound, pool
+from ztunnel.proxy import outbound, pool
 from ztunnel.proxy.inputs import PodContext, ProxyInputs
 from ztunnel.state import proxy_state
 

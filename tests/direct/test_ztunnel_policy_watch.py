@@ -28,6 +28,7 @@ import prometheus_client
 import pytest
 
 from meshcore import netns
+from meshcore.aio import hbone, relay
 from meshcore.identity import ca as ca_mod
 from meshcore.identity import spiffe, tls
 from meshcore.model import authorization, ids, workload
@@ -39,7 +40,7 @@ from ztunnel import config as config_mod
 from ztunnel import telemetry
 from ztunnel.identity import manager
 from ztunnel.inpod import pod_network
-from ztunnel.proxy import connection_manager, hbone, inbound, relay
+from ztunnel.proxy import connection_manager, inbound
 from ztunnel.proxy.inputs import PodContext, ProxyInputs
 from ztunnel.state import proxy_state
 

@@ -28,12 +28,12 @@ import logging
 import socket
 
 from meshcore import log
-from meshcore.aio import tasks
+from meshcore.aio import hbone, relay, tasks
 from meshcore.model import workload
 from meshcore.wire import hbone as hbone_wire
 from ztunnel import telemetry
 from ztunnel.inpod import pod_network
-from ztunnel.proxy import hbone, relay, routing, session
+from ztunnel.proxy import routing, session
 from ztunnel.proxy.inputs import PodContext, ProxyInputs
 
 logger = logging.getLogger("ztunnel.inbound")

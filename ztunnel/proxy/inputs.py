@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from meshcore.aio import relay
 from meshcore.identity import spiffe
 from meshcore.model import ids, workload
 from meshcore.wire import zds
@@ -11,7 +12,7 @@ from ztunnel import config as config_mod
 from ztunnel import telemetry
 from ztunnel.identity import manager
 from ztunnel.inpod import pod_network
-from ztunnel.proxy import connection_manager, relay
+from ztunnel.proxy import connection_manager
 from ztunnel.state import proxy_state
 
 

@@ -12,13 +12,13 @@ import asyncio
 import logging
 
 from meshcore import log
-from meshcore.aio import tasks
+from meshcore.aio import hbone, relay, tasks
 from meshcore.model import workload
 from meshcore.wire import hbone as hbone_wire
 from ztunnel import telemetry
 from ztunnel.identity import manager
 from ztunnel.inpod import pod_network
-from ztunnel.proxy import hbone, pool, relay, routing, session
+from ztunnel.proxy import pool, routing, session
 from ztunnel.proxy.inputs import PodContext, ProxyInputs
 
 logger = logging.getLogger("ztunnel.outbound")

@@ -19,8 +19,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from meshcore import log
+from meshcore.aio import hbone
 from meshcore.identity import spiffe
-from ztunnel.proxy import hbone
 
 logger = logging.getLogger("ztunnel.pool")
 

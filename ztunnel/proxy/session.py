@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from meshcore.aio import relay
 from ztunnel import telemetry
-from ztunnel.proxy import connection_manager, relay, routing
+from ztunnel.proxy import connection_manager, routing
 from ztunnel.proxy.inputs import PodContext, ProxyInputs
 
 

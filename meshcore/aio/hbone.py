@@ -1,4 +1,5 @@
 """HBONE connections on asyncio: the sans-I/O codec (meshcore.wire.hbone) driven by a Protocol.
+Shared by ztunnel (node to node) and the waypoint (terminating and re-originating tunnels).
 
 One TLS connection carries many CONNECT streams; each stream is a relay end (`HboneStreamEnd`)
 joined to a plain TCP connection. Backpressure uses HTTP/2 flow control:
@@ -23,13 +24,17 @@ import typing
 from collections.abc import Callable, Collection, Sequence
 
 from meshcore import log
+from meshcore.aio import relay
 from meshcore.identity import certs, spiffe, tls
 from meshcore.wire import hbone
-from ztunnel.proxy import relay, routing
 
-logger = logging.getLogger("ztunnel.hbone")
+logger = logging.getLogger("hbone")
 
 CANCEL = 0x8
+# Response flags (ztunnel's words, also the access log's) for tunnels that failed here.
+FLAG_CONNECT = "CONNECT"
+FLAG_TLS_FAILURE = "TLS_FAILURE"
+FLAG_IDENTITY_ERROR = "IDENTITY_ERROR"
 Headers = tuple[tuple[str, str], ...]
 
 
@@ -67,7 +72,7 @@ class HboneStreamEnd:
     def __init__(self, conn: HboneProtocol, stream_id: int) -> None:
         self.conn = conn
         self.stream_id = stream_id
-        self.relay: relay.Relay | None = None
+        self.relay: relay.Sink | None = None
         self.side = 0
         # A list, not a deque: it is almost always empty, and an empty deque is 600 bytes.
         self.pending: list[memoryview] = []
@@ -86,7 +91,7 @@ class HboneStreamEnd:
 
     # relay.End
 
-    def attach(self, r: relay.Relay, side: int) -> None:
+    def attach(self, r: relay.Sink, side: int) -> None:
         self.relay = r
         self.side = side
         for data, length in self.inbox:
@@ -185,7 +190,7 @@ class HboneStreamEnd:
     def fail(self, error: str) -> None:
         self.finished = True
         if self.response is not None and not self.response.done():
-            self.response.set_exception(HboneConnectError(error, routing.Flag.CONNECT.value))
+            self.response.set_exception(HboneConnectError(error, FLAG_CONNECT))
         if self.relay is None:
             self.inbox_error = error
         else:
@@ -490,14 +495,12 @@ class HboneServerProtocol(HboneProtocol):
         ssl_object = transport.get_extra_info("ssl_object")
         try:
             if not tls.alpn_ok(ssl_object):
-                raise HboneConnectError(
-                    "peer did not negotiate ALPN h2", routing.Flag.TLS_FAILURE.value
-                )
+                raise HboneConnectError("peer did not negotiate ALPN h2", FLAG_TLS_FAILURE)
             self.peer_identity = tls.check_peer_trust_domain(ssl_object, self._trust_domain)
         except HboneConnectError as exc:
             self.refusal = exc
         except certs.IdentityError as exc:
-            self.refusal = HboneConnectError(str(exc), routing.Flag.IDENTITY_ERROR.value)
+            self.refusal = HboneConnectError(str(exc), FLAG_IDENTITY_ERROR)
         if self.refusal is not None:
             transport.abort()
             return
@@ -557,15 +560,11 @@ async def connect(
             ssl_handshake_timeout=timeout,
         )
     except (ssl.SSLError, OSError, TimeoutError) as exc:
-        raise HboneConnectError(
-            f"TLS handshake failed: {exc}", routing.Flag.TLS_FAILURE.value
-        ) from exc
+        raise HboneConnectError(f"TLS handshake failed: {exc}", FLAG_TLS_FAILURE) from exc
     ssl_object = transport.get_extra_info("ssl_object")
     try:
         if not tls.alpn_ok(ssl_object):
-            raise HboneConnectError(
-                "server did not negotiate ALPN h2", routing.Flag.TLS_FAILURE.value
-            )
+            raise HboneConnectError("server did not negotiate ALPN h2", FLAG_TLS_FAILURE)
         proto.peer_identity = tls.check_server_identity(ssl_object, expected)
         if keepalive is not None:
             proto.start_keepalive(*keepalive)
@@ -574,7 +573,7 @@ async def connect(
         raise
     except certs.IdentityError as exc:
         transport.abort()
-        raise HboneConnectError(str(exc), routing.Flag.IDENTITY_ERROR.value) from exc
+        raise HboneConnectError(str(exc), FLAG_IDENTITY_ERROR) from exc
     return proto
 
 
@@ -606,7 +605,7 @@ async def accept(
     except (ssl.SSLError, OSError, TimeoutError) as exc:
         sock.close()
         raise HboneConnectError(
-            f"TLS handshake failed: {exc or type(exc).__name__}", routing.Flag.TLS_FAILURE.value
+            f"TLS handshake failed: {exc or type(exc).__name__}", FLAG_TLS_FAILURE
         ) from exc
     except BaseException:
         sock.close()

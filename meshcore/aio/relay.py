@@ -26,6 +26,17 @@ WRITE_HIGH_WATER = 1 << 20
 WRITE_LOW_WATER = 256 << 10
 
 
+class Sink(Protocol):
+    """What an end reports to: a `Relay`, or anything else that consumes one end (the waypoint
+    puts an HTTP engine on an HBONE stream this way)."""
+
+    def on_data(self, side: int, data: bytes | memoryview) -> None: ...
+    def on_eof(self, side: int) -> None: ...
+    def on_closed(self, side: int, error: str | None) -> None: ...
+    def on_pause_writing(self, side: int) -> None: ...
+    def on_resume_writing(self, side: int) -> None: ...
+
+
 class End(Protocol):
     """One side of a relayed connection."""
 
