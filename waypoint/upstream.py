@@ -17,7 +17,7 @@ from typing import Protocol
 
 import httptools
 
-from waypoint import http1
+from waypoint import http1, origin
 
 # Idle connections kept per endpoint; beyond this they are closed rather than pooled.
 MAX_IDLE_PER_ENDPOINT = 64
@@ -179,9 +179,12 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Idle keep-alive connections per endpoint; new ones are opened on demand."""
 
-    def __init__(self, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self, connect_timeout: float = 10.0, connector: origin.Connector | None = None
+    ) -> None:
         self._idle: dict[Endpoint, list[UpstreamConnection]] = {}
         self._connect_timeout = connect_timeout
+        self._connector = connector if connector is not None else origin.TcpConnector()
         self.opened = 0  # connections ever opened (tests look at reuse)
 
     async def fetch(self, endpoint: Endpoint, timeout: float | None = None) -> UpstreamConnection:
@@ -190,12 +193,12 @@ class UpstreamPool:
             conn = idle.pop()
             if conn.transport is not None and not conn.transport.is_closing():
                 return conn
-        loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout if timeout is not None else self._connect_timeout):
-            _, proto = await loop.create_connection(
-                lambda: UpstreamConnection(self, endpoint), endpoint[0], endpoint[1]
+            proto = await self._connector.connect(
+                endpoint, lambda: UpstreamConnection(self, endpoint)
             )
         self.opened += 1
+        assert isinstance(proto, UpstreamConnection)
         return proto
 
     def release(self, conn: UpstreamConnection, max_requests: int = 0) -> None:

@@ -1,5 +1,5 @@
-"""Small HTTP/1.1 servers on 127.0.0.1 for the waypoint's tests, built on h11: each answers with
-who it is and what it received, and can be told to fail, stall or echo."""
+"""HTTP/1.1 on h11 for the waypoint's tests: small servers on 127.0.0.1 that answer with who they
+are and what they received (and can be told to fail, stall or echo), and a keep-alive client."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import h11
 
@@ -126,3 +127,64 @@ async def serving(*upstreams: Upstream) -> AsyncIterator[tuple[Upstream, ...]]:
         for server in servers:
             server.close()
             await server.wait_closed()
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> dict[str, Any]:
+        data = json.loads(self.body)
+        assert isinstance(data, dict)
+        return data
+
+
+class Client:
+    """One keep-alive client connection (h11), request after request."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.conn = h11.Connection(h11.CLIENT)
+
+    async def request(
+        self,
+        method: str = "GET",
+        path: str = "/",
+        headers: Sequence[tuple[str, str]] = (),
+        body: bytes | None = None,
+        *,
+        chunked: bool = False,
+    ) -> Response:
+        has_host = any(name == "host" for name, _ in headers)
+        fields = [*([] if has_host else [("host", "reviews")]), *headers]
+        if body is not None:
+            fields.append(
+                ("transfer-encoding", "chunked") if chunked else ("content-length", str(len(body)))
+            )
+        self.writer.write(self.conn.send(h11.Request(method=method, target=path, headers=fields)))
+        if body:
+            for i in range(0, len(body), 100_000):
+                self.writer.write(self.conn.send(h11.Data(data=body[i : i + 100_000])))
+                await self.writer.drain()
+        self.writer.write(self.conn.send(h11.EndOfMessage()))
+        response = None
+        data = bytearray()
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await self.reader.read(65536))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                data += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionError("closed before the response ended")
+        assert response is not None
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+        answered = {k.decode(): v.decode() for k, v in response.headers}
+        return Response(response.status_code, answered, bytes(data))

@@ -8,14 +8,12 @@ import asyncio
 import collections
 import contextlib
 import hashlib
-import json
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
-import h11
 import prometheus_client
 import pytest
 
@@ -58,67 +56,6 @@ class StaticEndpoints:
         return self.by_subset.get(subset or "", ()) if host == HOST else ()
 
 
-class Response:
-    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def json(self) -> dict[str, Any]:
-        data = json.loads(self.body)
-        assert isinstance(data, dict)
-        return data
-
-
-class Client:
-    """One keep-alive client connection (h11), request after request."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.conn = h11.Connection(h11.CLIENT)
-
-    async def request(
-        self,
-        method: str = "GET",
-        path: str = "/",
-        headers: Sequence[tuple[str, str]] = (),
-        body: bytes | None = None,
-        *,
-        chunked: bool = False,
-    ) -> Response:
-        has_host = any(name == "host" for name, _ in headers)
-        fields = [*([] if has_host else [("host", "reviews")]), *headers]
-        if body is not None:
-            fields.append(
-                ("transfer-encoding", "chunked") if chunked else ("content-length", str(len(body)))
-            )
-        self.writer.write(self.conn.send(h11.Request(method=method, target=path, headers=fields)))
-        if body:
-            for i in range(0, len(body), 100_000):
-                self.writer.write(self.conn.send(h11.Data(data=body[i : i + 100_000])))
-                await self.writer.drain()
-        self.writer.write(self.conn.send(h11.EndOfMessage()))
-        response = None
-        data = bytearray()
-        while True:
-            event = self.conn.next_event()
-            if event is h11.NEED_DATA:
-                self.conn.receive_data(await self.reader.read(65536))
-            elif isinstance(event, h11.Response):
-                response = event
-            elif isinstance(event, h11.Data):
-                data += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            elif isinstance(event, h11.ConnectionClosed):
-                raise ConnectionError("closed before the response ended")
-        assert response is not None
-        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-            self.conn.start_next_cycle()
-        answered = {k.decode(): v.decode() for k, v in response.headers}
-        return Response(response.status_code, answered, bytes(data))
-
-
 class Waypoint:
     def __init__(self, engine: waypoint_engine.Engine, server: asyncio.Server) -> None:
         self.engine = engine
@@ -129,9 +66,9 @@ class Waypoint:
     def last_flag(self) -> routing.Flag | None:
         return self.outcomes[-1].flag
 
-    async def client(self) -> Client:
+    async def client(self) -> http_upstreams.Client:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        return Client(reader, writer)
+        return http_upstreams.Client(reader, writer)
 
 
 class StaticPolicies:
