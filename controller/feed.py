@@ -23,7 +23,7 @@ from meshcore import log
 from meshcore.kube import objects, resources
 from meshcore.model import workload
 from meshcore.xds import resources as xds_resources
-from meshcore.xds import types
+from meshcore.xds import traffic, types
 
 logger = logging.getLogger("controller.feed")
 
@@ -35,6 +35,13 @@ TRANSLATED_KINDS = (
     policy_translate.AUTHORIZATION_POLICIES,
     policy_translate.PEER_AUTHENTICATIONS,
     resources.PODS,
+)
+# The kinds waypoints get as they are (`meshcore.xds.traffic`), besides the translated ones.
+TRAFFIC_KINDS = (
+    resources.VIRTUAL_SERVICES,
+    resources.DESTINATION_RULES,
+    resources.HTTP_ROUTES,
+    policy_translate.AUTHORIZATION_POLICIES,
 )
 
 
@@ -81,6 +88,16 @@ class Feed:
             types.ADDRESS,
             _addresses(everything.workloads, everything.services),
         )
+        self._cache.replace(
+            types.TRAFFIC,
+            dict(
+                traffic.traffic_resource(obj)
+                for rtype in TRAFFIC_KINDS
+                if self._store.registry.find(rtype) is not None
+                for obj in self._store.list(rtype).items
+                if traffic.is_for_waypoints(obj)
+            ),
+        )
         logger.info(
             "controller state synced",
             extra=log.fields(
@@ -91,6 +108,8 @@ class Feed:
         )
 
     def _apply(self, event_type: str, obj: dict[str, Any]) -> None:
+        if obj.get("kind") in traffic.KINDS:
+            self._apply_traffic(event_type, obj)
         changes = self.translator.apply(event_type, obj, kind=obj.get("kind"))
         for error in changes.errors:
             logger.warning("object not translated", extra=log.fields(error=str(error)))
@@ -115,6 +134,17 @@ class Feed:
             )
         if changes.removed_policies:
             self._cache.update(types.AUTHORIZATION, {}, list(changes.removed_policies))
+
+    def _apply_traffic(self, event_type: str, obj: dict[str, Any]) -> None:
+        """Waypoints get the object as it is now, or its removal (also when an
+        AuthorizationPolicy stops being bound by targetRefs)."""
+        if event_type != objects.DELETED and traffic.is_for_waypoints(obj):
+            self._cache.update(types.TRAFFIC, dict([traffic.traffic_resource(obj)]))
+        else:
+            name = traffic.resource_name(
+                str(obj.get("kind")), objects.namespace(obj), objects.name(obj)
+            )
+            self._cache.update(types.TRAFFIC, {}, [name])
 
 
 def _addresses(

@@ -8,3 +8,6 @@ ADDRESS = "type.googleapis.com/istio.workload.Address"
 AUTHORIZATION = "type.googleapis.com/istio.security.Authorization"
 # Bare workloads (istiod serves them to waypoints and other consumers).
 WORKLOAD = "type.googleapis.com/istio.workload.Workload"
+# Traffic objects for waypoints (VirtualService, DestinationRule, HTTPRoute, AuthorizationPolicy
+# with targetRefs), this mesh's own type (meshcore/proto/traffic.proto).
+TRAFFIC = "type.googleapis.com/ambient.mesh.traffic.TrafficObject"

@@ -23,8 +23,10 @@ from controller.xds import server as xds_server
 from meshcore import rpc_server
 from meshcore.kube import resources
 from meshcore.model import authorization, workload
+from meshcore.traffic import routes as traffic_routes
 from meshcore.xds import client as xds_client
 from meshcore.xds import resources as xds_resources
+from meshcore.xds import traffic as xds_traffic
 from meshcore.xds import types
 from tests.direct import grpc_harness
 from tests.unit import policy_fixtures as f
@@ -240,6 +242,111 @@ def test_store_without_istio_kinds_still_syncs(state_dir: pathlib.Path) -> None:
         async with _controller(store, state_dir / "xds.sock") as feed, _ztunnel(state_dir) as zt:
             await _eventually(lambda: UID in zt.held, "the workload")
             assert feed.translator.snapshot().policies == ()
+        store.close()
+
+    _run(main())
+
+
+class TrafficRecorder:
+    """What a waypoint holds of the traffic objects, decoded for real."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, dict[str, Any]] = {}
+
+    def apply(
+        self, type_url: str, updated: Sequence[tuple[str, any_pb2.Any]], removed: Sequence[str]
+    ) -> Sequence[str]:
+        assert type_url == types.TRAFFIC
+        for name, value in updated:
+            self.held[name] = xds_traffic.decode_traffic_object(name, value)
+        for name in removed:
+            self.held.pop(name, None)
+        return ()
+
+
+@contextlib.asynccontextmanager
+async def _waypoint(state_dir: pathlib.Path) -> AsyncIterator[TrafficRecorder]:
+    recorder = TrafficRecorder()
+    token_file = state_dir / "token"
+    token_file.write_text(TOKEN)
+    client = xds_client.DeltaXdsClient(
+        f"unix://{state_dir / 'xds.sock'}",
+        node_id="waypoint~10.244.1.9~waypoint.shop~shop.svc.cluster.local",
+        node_metadata={"NODE_NAME": "n1"},
+        token_file=str(token_file),
+        cluster_id="Kubernetes",
+        type_urls=[types.TRAFFIC],
+        handler=recorder,
+        backoff_min=0.01,
+        backoff_max=0.1,
+    )
+    task = asyncio.create_task(client.run())
+    try:
+        yield recorder
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+
+
+REVIEWS_RULE = {
+    "apiVersion": "networking.istio.io/v1",
+    "kind": "DestinationRule",
+    "metadata": {"name": "reviews", "namespace": "shop"},
+    "spec": {"host": "reviews", "subsets": [{"name": "v1", "labels": {"version": "v1"}}]},
+}
+REVIEWS_ROUTE = {
+    "apiVersion": "networking.istio.io/v1",
+    "kind": "VirtualService",
+    "metadata": {"name": "reviews", "namespace": "shop"},
+    "spec": {
+        "hosts": ["reviews"],
+        "http": [{"route": [{"destination": {"host": "reviews", "subset": "v1"}}]}],
+    },
+}
+VS = "VirtualService/shop/reviews"
+DR = "DestinationRule/shop/reviews"
+BOUND = "AuthorizationPolicy/shop/api-readers"
+
+
+def test_traffic_objects_reach_waypoints_as_they_change(state_dir: pathlib.Path) -> None:
+    async def main() -> None:
+        store = store_mod.ObjectStore(kinds.build_registry())
+        _seed(store)
+        store.create(resources.DESTINATION_RULES, REVIEWS_RULE, "shop")  # in the first sync
+        async with _controller(store, state_dir / "xds.sock"), _waypoint(state_dir) as wp:
+            await _eventually(lambda: DR in wp.held, "the DestinationRule")
+            store.create(resources.VIRTUAL_SERVICES, REVIEWS_ROUTE, "shop")
+            await _eventually(lambda: VS in wp.held, "the VirtualService")
+            table = traffic_routes.build_route_table(wp.held[VS])  # the waypoint's translation
+            assert table.routes[0].destinations[0].host == "reviews.shop.svc.cluster.local"
+            assert "status" not in wp.held[VS]
+
+            # Only policies bound by targetRefs are the waypoint's.
+            store.create(
+                policy_translate.AUTHORIZATION_POLICIES,
+                f.ap("selected", selector={"app": "web"}, rules=[{}]),
+            )
+            store.create(
+                policy_translate.AUTHORIZATION_POLICIES,
+                f.ap(
+                    "api-readers",
+                    rules=[{}],
+                    targetRefs=[{"kind": "Service", "group": "", "name": "reviews"}],
+                ),
+            )
+            await _eventually(lambda: BOUND in wp.held, "the bound policy")
+            assert "AuthorizationPolicy/shop/selected" not in wp.held
+            store.patch(
+                policy_translate.AUTHORIZATION_POLICIES,
+                "api-readers",
+                "shop",
+                {"spec": {"targetRefs": None, "selector": {"matchLabels": {"app": "web"}}}},
+            )
+            await _eventually(lambda: BOUND not in wp.held, "the policy no longer bound")
+
+            store.delete(resources.VIRTUAL_SERVICES, "reviews", "shop")
+            await _eventually(lambda: VS not in wp.held, "the VirtualService withdrawn")
+            assert DR in wp.held
         store.close()
 
     _run(main())
