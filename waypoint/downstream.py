@@ -170,7 +170,10 @@ class DownstreamProtocol(asyncio.Protocol):
         if denial is not None:
             plan = denial
         else:
-            table = engine.tables.find_route_table(ex.head.authority, self._port)
+            # The service the tunnel named decides, as in Istio's waypoint; the Host field only
+            # when the connection did not come through a tunnel (tests, benchmarks).
+            host = self._caller.service or ex.head.authority
+            table = engine.tables.find_route_table(host, self._port)
             plan = routing.build_plan(table, ex.head, self._port, engine.rolls())
         self._task = asyncio.get_running_loop().create_task(self._run(ex, plan))
 

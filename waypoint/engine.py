@@ -43,7 +43,8 @@ class Caller:
 
 class RouteTables(Protocol):
     def find_route_table(self, host: str, port: int) -> routes.RouteTable | None:
-        """The routes for requests to `host` (as the client wrote it) on service `port`."""
+        """The routes for requests to service `host` (qualified, from the tunnel; or the Host
+        field as the client wrote it, without a tunnel) on service `port`."""
         ...
 
 

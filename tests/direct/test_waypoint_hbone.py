@@ -131,7 +131,8 @@ class Endpoints:
 
 class Tables:
     def find_route_table(self, host: str, port: int) -> routes.RouteTable | None:
-        return TABLE
+        # Only the qualified name the tunnel's VIP resolves to: the client's Host is "reviews".
+        return TABLE if (host, port) == (HOST, SERVICE_PORT) else None
 
 
 class Policies:
