@@ -33,22 +33,12 @@ RST_STREAM, PING and GOAWAY; this module owns DATA, WINDOW_UPDATE and all flow c
   connection window and are credited back at once.
 - Outgoing DATA is a 9-byte header plus payload in one bytes object (one TLS record batch);
   h2's own output is always moved into our queue before we append, so frames keep their order.
-
-Deviations from plain h2 (each one a documented h2 behaviour that breaks HBONE), all confined
-to `_H2Connection`:
-- h2 moves the whole connection to CLOSED on sending or receiving any GOAWAY, and clears the
-  unsent output on receiving one (python-hyper/h2#1181). HBONE drains gracefully: after
-  GOAWAY(NO_ERROR) streams up to its last-stream-id run to completion, so GOAWAY only stops new
-  streams here; an error GOAWAY still kills the connection.
-- h2 drops closed streams as a side effect of counting open ones, possibly in the middle of a
-  read whose events still name them; we drop each one ourselves once its events are handled.
-- h2 remembers 65,536 closed streams; per-stream memory must not grow with the tunnels carried.
+The h2 layer underneath (settings, h2's fixes for HBONE, per-stream state) is
+`meshcore.wire.hbone_h2`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeAlias
@@ -60,11 +50,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import h2.stream
-import hpack.exceptions
-import hyperframe.exceptions
-import hyperframe.frame
 
-from meshcore.wire import hbone_frames, hbone_headers
+from meshcore.wire import hbone_frames, hbone_h2, hbone_headers
 from meshcore.wire.hbone_events import ConnectionTerminated as ConnectionTerminated
 from meshcore.wire.hbone_events import DataReceived as DataReceived
 from meshcore.wire.hbone_events import Event as Event
@@ -74,10 +61,11 @@ from meshcore.wire.hbone_events import StreamEnded as StreamEnded
 from meshcore.wire.hbone_events import StreamReset as StreamReset
 from meshcore.wire.hbone_events import TunnelEstablished as TunnelEstablished
 from meshcore.wire.hbone_events import TunnelRejected as TunnelRejected
-
-# The events are part of this module's public surface.
 from meshcore.wire.hbone_events import TunnelRequested as TunnelRequested
 from meshcore.wire.hbone_events import WindowOpened as WindowOpened
+
+# The settings and events are part of this module's public surface.
+from meshcore.wire.hbone_h2 import HboneSettings as HboneSettings
 
 # The errors and header helpers are part of this module's public surface.
 from meshcore.wire.hbone_headers import HboneError as HboneError
@@ -122,161 +110,6 @@ _HEADER_BLOCK_TYPES: Final = frozenset(
     (hbone_frames.HEADERS, hbone_frames.PUSH_PROMISE, hbone_frames.CONTINUATION)
 )
 
-# --- settings --------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class HboneSettings:
-    """What we advertise to the peer (and, for a client, our own stream cap).
-
-    Defaults are ztunnel's client settings; `server()` gives its server settings (the
-    default for a server-side connection).
-    """
-
-    stream_window: int = 4 << 20  # initial stream receive window we advertise
-    connection_window: int = 16 << 20  # connection receive window we advertise
-    max_frame_size: int = 1 << 20  # SETTINGS_MAX_FRAME_SIZE we advertise
-    max_concurrent_streams: int = 100  # client: our cap on streams we open; server: advertised
-    max_header_list_size: int = 16 << 10  # client 16 KiB, server 64 KiB
-
-    def __post_init__(self) -> None:
-        limits = {
-            "stream_window": (1, _MAX_WINDOW),
-            "connection_window": (_DEFAULT_CONNECTION_WINDOW, _MAX_WINDOW),
-            "max_frame_size": (1 << 14, (1 << 24) - 1),
-            "max_concurrent_streams": (1, 2**32 - 1),
-            "max_header_list_size": (1, 2**32 - 1),
-        }
-        for name, (low, high) in limits.items():
-            value = getattr(self, name)
-            if not low <= value <= high:
-                raise InvalidSettingsError(f"HboneSettings.{name}={value} is outside {low}..{high}")
-
-    @classmethod
-    def server(cls) -> HboneSettings:
-        return cls(max_concurrent_streams=200, max_header_list_size=64 << 10)
-
-
-# --- h2 with graceful GOAWAY -----------------------------------------------------------------
-
-_CS = h2.connection.ConnectionState
-_CI = h2.connection.ConnectionInputs
-
-
-# h2's transitions, except that GOAWAY leaves an open connection open. HboneConnection enforces
-# what GOAWAY means and forces CLOSED itself after an error GOAWAY or a protocol error.
-_GRACEFUL_TRANSITIONS = {
-    **h2.connection.H2ConnectionStateMachine._transitions,
-    **{
-        (state, goaway): (None, state)
-        for state in (_CS.IDLE, _CS.CLIENT_OPEN, _CS.SERVER_OPEN)
-        for goaway in (_CI.SEND_GOAWAY, _CI.RECV_GOAWAY)
-    },
-}
-
-
-class _H2Connection(h2.connection.H2Connection):
-    """`h2.H2Connection` with the fixes listed in the module docstring."""
-
-    # Closed streams remembered so that late frames on them are handled as stream errors.
-    # Frames in flight refer to streams closed within about one round trip; 1024 stream
-    # closures per round trip is far beyond what one connection carries.
-    MAX_CLOSED_STREAMS = 1024
-
-    def __init__(self, config: h2.config.H2Configuration) -> None:
-        super().__init__(config)
-        self.state_machine._transitions = _GRACEFUL_TRANSITIONS
-        self.terminated = False  # h2 queued a GOAWAY for a protocol error
-
-    def _terminate_connection(self, error_code: h2.errors.ErrorCodes) -> None:
-        self.terminated = True
-        super()._terminate_connection(error_code)
-
-    def _open_streams(self, remainder: int) -> int:
-        # Count only; h2 also deletes closed streams here (see the module docstring).
-        return sum(1 for sid, s in self.streams.items() if sid % 2 == remainder and s.open)
-
-    def forget_stream(self, stream_id: int) -> None:
-        """Drop a closed stream (h2 would keep it until its next O(streams) scan)."""
-        stream = self.streams.pop(stream_id, None)
-        if stream is not None:
-            self._closed_streams[stream_id] = stream.closed_by
-
-    def drop_stream(self, stream_id: int, error_code: int) -> None:
-        """Reset a stream unless a frame later in this read already closed it, and forget it."""
-        stream = self.streams.get(stream_id)
-        if stream is not None and not stream.closed:
-            self.reset_stream(stream_id, error_code)
-        self.forget_stream(stream_id)
-
-    def _receive_goaway_frame(
-        self, frame: hyperframe.frame.GoAwayFrame
-    ) -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
-        events = self.state_machine.process_input(_CI.RECV_GOAWAY)
-        terminated = h2.events.ConnectionTerminated()
-        terminated.error_code = frame.error_code
-        terminated.last_stream_id = frame.last_stream_id
-        terminated.additional_data = frame.additional_data or None
-        return [], [*events, terminated]
-
-
-# Everything the h2 stack raises while parsing hostile input.
-_H2_ERRORS = (
-    h2.exceptions.H2Error,
-    hpack.exceptions.HPACKError,
-    hyperframe.exceptions.HyperframeError,
-)
-
-
-# --- per-stream state ------------------------------------------------------------------------
-
-
-class _Phase(enum.Enum):
-    REQUESTED = "requested"  # CONNECT sent (client) or received (server), no response yet
-    ESTABLISHED = "established"  # 2xx sent or received: bytes flow
-
-
-class _Op(enum.Enum):
-    ACCEPT = "accept_tunnel"
-    REJECT = "reject_tunnel"
-    SEND = "send_data"
-    END = "end_stream"
-
-
-# The one transition table: which local operations each (side, phase) allows, and the phase
-# they lead to. Rejection, resets and full closure remove the stream instead of moving it.
-_TRANSITIONS: Final[dict[tuple[bool, _Phase, _Op], _Phase]] = {
-    # (client_side, phase, op) -> next phase
-    (True, _Phase.ESTABLISHED, _Op.SEND): _Phase.ESTABLISHED,
-    (True, _Phase.ESTABLISHED, _Op.END): _Phase.ESTABLISHED,
-    (False, _Phase.REQUESTED, _Op.ACCEPT): _Phase.ESTABLISHED,
-    (False, _Phase.REQUESTED, _Op.REJECT): _Phase.REQUESTED,
-    (False, _Phase.ESTABLISHED, _Op.SEND): _Phase.ESTABLISHED,
-    (False, _Phase.ESTABLISHED, _Op.END): _Phase.ESTABLISHED,
-}
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class _Stream:
-    h2_stream: h2.stream.H2Stream
-    phase: _Phase
-    local_ended: bool = False
-    remote_ended: bool = False
-    closed: bool = False  # closed in HTTP/2 terms; kept only until unconsumed reaches 0
-    unconsumed: int = 0  # flow-controlled bytes delivered in DataReceived, not yet consumed()
-    send_window: int = 0  # what the peer lets us send on this stream (may go negative)
-    recv_window: int = 0  # what we let the peer send; below 0 is a flow-control violation
-    recv_credit: int = 0  # consumed, not yet announced in a WINDOW_UPDATE
-
-
-def _check_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    for name, value in headers:
-        problem = hbone_headers.find_field_problem(name, value)
-        if problem is not None:
-            raise LocalProtocolError(f"header {name!r}: {value!r}: {problem}")
-    return list(headers)
-
-
 # --- the connection --------------------------------------------------------------------------
 
 
@@ -288,10 +121,10 @@ class HboneConnection:
         if settings is None:
             settings = HboneSettings() if client_side else HboneSettings.server()
         self._settings = settings
-        self._h2 = _H2Connection(
+        self._h2 = hbone_h2.GracefulH2Connection(
             h2.config.H2Configuration(client_side=client_side, header_encoding=None)
         )
-        self._streams: dict[int, _Stream] = {}
+        self._streams: dict[int, hbone_h2.StreamState] = {}
         self._open = 0
         self._initiated = False
         self._dead = False  # error GOAWAY sent/received or protocol error: nothing more flows
@@ -449,7 +282,11 @@ class HboneConnection:
             raise TooManyStreamsError(f"no new tunnel: {self._open}/{limit} open, GOAWAY={goaway}")
         if not authority or any(c in authority for c in " \t\r\n\x00"):
             raise LocalProtocolError(f"invalid :authority {authority!r}")
-        fields = [(":method", "CONNECT"), (":authority", authority), *_check_headers(headers)]
+        fields = [
+            (":method", "CONNECT"),
+            (":authority", authority),
+            *hbone_h2.check_headers(headers),
+        ]
         conn = self._h2
         stream_id = conn.get_next_available_stream_id()
         try:
@@ -464,9 +301,9 @@ class HboneConnection:
 
     def accept_tunnel(self, stream_id: int, headers: Sequence[tuple[str, str]] = ()) -> None:
         """Answer ``:status 200``: the tunnel is established."""
-        stream = self._transition(stream_id, _Op.ACCEPT)
-        self._send_headers(stream_id, [(":status", "200"), *_check_headers(headers)], False)
-        stream.phase = _Phase.ESTABLISHED
+        stream = self._transition(stream_id, hbone_h2.Op.ACCEPT)
+        self._send_headers(stream_id, [(":status", "200"), *hbone_h2.check_headers(headers)], False)
+        stream.phase = hbone_h2.Phase.ESTABLISHED
 
     def reject_tunnel(
         self, stream_id: int, status: int, headers: Sequence[tuple[str, str]] = ()
@@ -476,8 +313,10 @@ class HboneConnection:
         """
         if not 100 <= status <= 999 or 200 <= status <= 299:
             raise LocalProtocolError(f"reject_tunnel status {status} must be a non-2xx status")
-        self._transition(stream_id, _Op.REJECT)
-        self._send_headers(stream_id, [(":status", str(status)), *_check_headers(headers)], True)
+        self._transition(stream_id, hbone_h2.Op.REJECT)
+        self._send_headers(
+            stream_id, [(":status", str(status)), *hbone_h2.check_headers(headers)], True
+        )
         self._discard(stream_id, reset_code=NO_ERROR)
 
     # -- both sides --
@@ -488,7 +327,7 @@ class HboneConnection:
         0 means the window is closed: wait for `WindowOpened`. Frames never exceed the peer's
         SETTINGS_MAX_FRAME_SIZE.
         """
-        stream = self._transition(stream_id, _Op.SEND)
+        stream = self._transition(stream_id, hbone_h2.Op.SEND)
         size = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
         window = stream.send_window if stream.send_window < self._send_conn else self._send_conn
         taken = size if size < window else window
@@ -515,13 +354,13 @@ class HboneConnection:
     def send_window(self, stream_id: int) -> int:
         """How many bytes `send_data` would take now (0 if the stream cannot send)."""
         stream = self._find_live(stream_id)
-        if stream.local_ended or stream.phase is not _Phase.ESTABLISHED:
+        if stream.local_ended or stream.phase is not hbone_h2.Phase.ESTABLISHED:
             return 0
         return max(0, min(self._send_conn, stream.send_window))
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close our side (END_STREAM): the TCP FIN of the tunnel."""
-        stream = self._transition(stream_id, _Op.END)
+        stream = self._transition(stream_id, hbone_h2.Op.END)
         try:
             self._h2.end_stream(stream_id)
         except h2.exceptions.H2Error as exc:
@@ -570,7 +409,7 @@ class HboneConnection:
             self._split(data if isinstance(data, bytes) else bytes(data), events)
             if self._to_h2 and not self._dead:
                 self._feed_h2(events)
-        except _H2_ERRORS as exc:
+        except hbone_h2.H2_ERRORS as exc:
             raise self._remote_error(exc) from exc
         return events
 
@@ -665,21 +504,21 @@ class HboneConnection:
 
     # -- the data path (DATA and WINDOW_UPDATE, see the module docstring) --
 
-    def _new_stream(self, h2_stream: h2.stream.H2Stream) -> _Stream:
+    def _new_stream(self, h2_stream: h2.stream.H2Stream) -> hbone_h2.StreamState:
         # h2 sized the stream's send window from the peer's SETTINGS; nothing was sent yet.
-        return _Stream(
+        return hbone_h2.StreamState(
             h2_stream,
-            _Phase.REQUESTED,
+            hbone_h2.Phase.REQUESTED,
             send_window=h2_stream.outbound_flow_control_window,
             recv_window=self._stream_recv_initial,
         )
 
-    def _receiving(self, stream_id: int) -> _Stream | None:
+    def _receiving(self, stream_id: int) -> hbone_h2.StreamState | None:
         """The stream if it takes DATA now (a client only after the response headers)."""
         stream = self._streams.get(stream_id)
         if stream is None or stream.remote_ended or stream.closed:
             return None
-        if self._client and stream.phase is not _Phase.ESTABLISHED:
+        if self._client and stream.phase is not hbone_h2.Phase.ESTABLISHED:
             return None
         return stream
 
@@ -801,10 +640,10 @@ class HboneConnection:
             events.append(StreamReset(stream_id, code, remote=False))
             return
         stream.send_window += increment
-        if not stream.local_ended and stream.phase is _Phase.ESTABLISHED:
+        if not stream.local_ended and stream.phase is hbone_h2.Phase.ESTABLISHED:
             events.append(WindowOpened(stream_id))
 
-    def _credit(self, stream_id: int, stream: _Stream | None, nbytes: int) -> None:
+    def _credit(self, stream_id: int, stream: hbone_h2.StreamState | None, nbytes: int) -> None:
         """`nbytes` of received DATA are done with: reopen the windows, in half-window batches
         (a WINDOW_UPDATE per read would cost a frame per frame)."""
         if nbytes <= 0:
@@ -860,7 +699,7 @@ class HboneConnection:
             return
         status = int(status_text)
         if 200 <= status <= 299:
-            stream.phase = _Phase.ESTABLISHED
+            stream.phase = hbone_h2.Phase.ESTABLISHED
             out.append(TunnelEstablished(sid, headers))
         else:
             # Terminal for the caller. Reset unless the peer's frames already closed the stream.
@@ -889,7 +728,9 @@ class HboneConnection:
     def _on_window_updated(self, ev: h2.events.WindowUpdated, out: list[Event]) -> None:
         sid = ev.stream_id
         stream = self._streams.get(sid)
-        if not sid or (stream and not stream.local_ended and stream.phase is _Phase.ESTABLISHED):
+        if not sid or (
+            stream and not stream.local_ended and stream.phase is hbone_h2.Phase.ESTABLISHED
+        ):
             out.append(WindowOpened(sid or None))
 
     def _on_remote_settings(self, ev: h2.events.RemoteSettingsChanged, out: list[Event]) -> None:
@@ -947,7 +788,7 @@ class HboneConnection:
         if self._dead:
             raise LocalProtocolError("the connection is closed")
 
-    def _find(self, stream_id: int) -> _Stream | None:
+    def _find(self, stream_id: int) -> hbone_h2.StreamState | None:
         """The stream, None if it existed and is gone; raises if it never existed."""
         stream = self._streams.get(stream_id)
         if stream is not None:
@@ -959,21 +800,21 @@ class HboneConnection:
             raise UnknownStreamError(stream_id)
         return None
 
-    def _find_live(self, stream_id: int) -> _Stream:
+    def _find_live(self, stream_id: int) -> hbone_h2.StreamState:
         self._check_live()
         stream = self._find(stream_id)
         if stream is None:
             raise StreamStateError(stream_id, "the stream was reset, rejected or closed")
         return stream
 
-    def _transition(self, stream_id: int, op: _Op) -> _Stream:
+    def _transition(self, stream_id: int, op: hbone_h2.Op) -> hbone_h2.StreamState:
         stream = self._find_live(stream_id)
-        next_phase = _TRANSITIONS.get((self._client, stream.phase, op))
+        next_phase = hbone_h2.TRANSITIONS.get((self._client, stream.phase, op))
         if next_phase is None:
             side = "client" if self._client else "server"
             phase = stream.phase.value
             raise StreamStateError(stream_id, f"{op.value} not allowed on a {side} stream {phase}")
-        if op in (_Op.SEND, _Op.END) and stream.local_ended:
+        if op in (hbone_h2.Op.SEND, hbone_h2.Op.END) and stream.local_ended:
             raise StreamStateError(stream_id, f"{op.value} after end_stream")
         return stream
 
@@ -983,7 +824,7 @@ class HboneConnection:
         except h2.exceptions.H2Error as exc:
             raise LocalProtocolError(f"stream {stream_id}: cannot send headers: {exc}") from exc
 
-    def _settle(self, stream_id: int, stream: _Stream) -> None:
+    def _settle(self, stream_id: int, stream: hbone_h2.StreamState) -> None:
         """Close the stream once both sides ended; drop it once all its data is consumed.
 
         Decided from the events translated so far, not from h2's stream state: h2 has already
@@ -1013,7 +854,7 @@ class HboneConnection:
 
     def _die(self) -> None:
         self._dead = True
-        self._h2.state_machine.state = _CS.CLOSED
+        self._h2.state_machine.state = h2.connection.ConnectionState.CLOSED
         self._streams.clear()
         self._open = 0
 
