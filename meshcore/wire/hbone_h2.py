@@ -2,7 +2,7 @@
 with the changes HBONE needs, and the per-stream state and its transition table.
 
 Deviations from plain h2 (each one a documented h2 behaviour that breaks HBONE), all confined
-to `_H2Connection`:
+to `GracefulH2Connection`:
 - h2 moves the whole connection to CLOSED on sending or receiving any GOAWAY, and clears the
   unsent output on receiving one (python-hyper/h2#1181). HBONE drains gracefully: after
   GOAWAY(NO_ERROR) streams up to its last-stream-id run to completion, so GOAWAY only stops new
