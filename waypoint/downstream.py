@@ -166,6 +166,7 @@ class DownstreamProtocol(asyncio.Protocol):
         engine = self._engine
         assert self._caller is not None  # set in connection_made
         plan: routing.ForwardPlan | routing.LocalReply
+        engine.trace(ex, self._caller.service or ex.head.authority, self._port)
         denial = engine.authorize(self._caller, ex.head)  # the RBAC filter runs before routing
         if denial is not None:
             plan = denial
@@ -192,6 +193,9 @@ class DownstreamProtocol(asyncio.Protocol):
         finally:
             self._task = None
             ex.outcome.duration_ms = (time.monotonic() - ex.started) * 1000
+            if ex.span is not None and engine.tracer is not None:
+                _describe_span(ex)
+                engine.tracer.finish(ex.span)
             if self._caller is not None:
                 engine.finish(self._caller, ex.head, ex.outcome)
         if ex.is_body_done:
@@ -250,3 +254,16 @@ class DownstreamProtocol(asyncio.Protocol):
         current = self._exchanges[0] if self._exchanges else None
         if current is not None:
             current.set_upstream_reading(on)
+
+
+def _describe_span(ex: exchange.Exchange) -> None:
+    assert ex.span is not None
+    outcome = ex.outcome
+    attributes = ex.span.attributes
+    attributes["http.method"] = ex.head.method
+    attributes["http.url"] = ex.head.target
+    attributes["http.status_code"] = outcome.status
+    attributes["response_flags"] = outcome.flag.value if outcome.flag is not None else "-"
+    if outcome.endpoint is not None:
+        attributes["upstream_address"] = f"{outcome.endpoint[0]}:{outcome.endpoint[1]}"
+    ex.span.is_error = outcome.status >= 500 or outcome.status == 0

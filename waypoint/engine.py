@@ -18,7 +18,7 @@ from meshcore import istio_labels
 from meshcore.policy import http as http_policy
 from meshcore.policy import spec as policy_spec
 from meshcore.traffic import destinations, routes
-from waypoint import cluster, exchange, http1, routing, telemetry, upstream
+from waypoint import cluster, exchange, http1, routing, telemetry, tracing, upstream
 
 DENIED_BODY = "RBAC: access denied"
 
@@ -94,6 +94,7 @@ class Engine:
     policies: Policies = dataclasses.field(default_factory=NoPolicies)
     workloads: Workloads = dataclasses.field(default_factory=NoWorkloads)
     telemetry: telemetry.Telemetry | None = None
+    tracer: tracing.Tracer | None = None
     on_done: Callable[[http1.RequestHead, exchange.Outcome], None] | None = None
     clusters: dict[tuple[str, str | None], cluster.Cluster] = dataclasses.field(
         default_factory=dict
@@ -142,6 +143,16 @@ class Engine:
         if http_policy.evaluate(policies, request).is_allowed:
             return None
         return routing.LocalReply(403, DENIED_BODY, routing.Flag.DENIED)
+
+    def trace(self, ex: exchange.Exchange, service: str, port: int) -> None:
+        """Start the request's span and send its trace context on (a no-op without a tracer)."""
+        if self.tracer is None:
+            return
+        head = ex.head
+        span = self.tracer.start(head.headers, f"{service}:{port}/*")
+        head.headers = [(n, v) for n, v in head.headers if n not in ("traceparent", "tracestate")]
+        head.headers.append(("traceparent", span.context.traceparent))
+        ex.span = span
 
     def finish(self, caller: Caller, head: http1.RequestHead, outcome: exchange.Outcome) -> None:
         """An exchange is over: count it, log it."""

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from meshcore.traffic import routes
-from waypoint import cluster, http1, routing, upstream
+from waypoint import cluster, http1, routing, tracing, upstream
 
 REPLAY_LIMIT = 64 * 1024
 # Istio's mesh default when a route sets no retries: two more tries on connect failures,
@@ -130,6 +130,7 @@ class Exchange:
         self.downstream = downstream
         self.source_ip = source_ip
         self.started = time.monotonic()
+        self.span: tracing.Span | None = None  # when the waypoint traces
         self.outcome = Outcome()
         self._body: list[bytes] = []
         self._body_size = 0

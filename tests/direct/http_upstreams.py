@@ -26,6 +26,7 @@ class Upstream:
     connections: int = 0
     port: int = 0
     seen: list[dict[str, object]] = dataclasses.field(default_factory=list)
+    bodies: list[bytes] = dataclasses.field(default_factory=list)  # of POST requests
 
     @property
     def endpoint(self) -> tuple[str, int]:
@@ -65,6 +66,8 @@ class Upstream:
             "body_length": len(body),
         }
         self.seen.append(record)
+        if request.method == b"POST":
+            self.bodies.append(body)
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.fail_every and self.requests % self.fail_every == 1 % self.fail_every:

@@ -8,6 +8,7 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import json
 import logging
 import random
 import time
@@ -20,7 +21,7 @@ import pytest
 from meshcore.policy import spec as policy_spec
 from meshcore.traffic import destinations, routes
 from tests.direct import http_upstreams
-from waypoint import downstream, exchange, routing, telemetry, upstream
+from waypoint import downstream, exchange, routing, telemetry, tracing, upstream
 from waypoint import engine as waypoint_engine
 
 T = TypeVar("T")
@@ -106,6 +107,7 @@ async def running(
     policies: Sequence[policy_spec.PolicySpec] = (),
     caller: waypoint_engine.Caller | None = None,
     metrics: telemetry.Metrics | None = None,
+    tracer: tracing.Tracer | None = None,
 ) -> AsyncIterator[Waypoint]:
     pool = upstream.UpstreamPool()
     engine = waypoint_engine.Engine(
@@ -116,6 +118,7 @@ async def running(
         rules=StaticRules(rule),
         policies=StaticPolicies(policies),
         telemetry=telemetry.Telemetry(metrics) if metrics is not None else None,
+        tracer=tracer,
     )
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
@@ -576,3 +579,89 @@ def test_each_request_is_counted_with_istios_names_and_logged(
     assert fields["dst.service"] == HOST
     assert fields["attempts"] == 2  # the first try met the 503 and was retried
     assert fields["upstream"].startswith("127.0.0.1:")
+
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def _header(seen: dict[str, object], name: str) -> str | None:
+    headers = seen["headers"]
+    assert isinstance(headers, dict)
+    value = headers.get(name)
+    return None if value is None else str(value)
+
+
+PARENT_ID = "00f067aa0ba902b7"
+
+
+def test_the_trace_id_crosses_the_waypoint_and_a_span_is_exported_over_otlp() -> None:
+    table = _table([{"route": [_dest("v1")]}])
+
+    async def main() -> None:
+        ups = http_upstreams.Upstream("v1"), http_upstreams.Upstream("collector")
+        async with http_upstreams.serving(*ups) as (v1, collector):
+            sampled = tracing.Tracer(f"http://127.0.0.1:{collector.port}", sample_percent=100)
+            async with running(table, {"v1": [v1.endpoint]}, tracer=sampled) as waypoint:
+                client = await waypoint.client()
+                incoming = f"00-{TRACE_ID}-{PARENT_ID}-01"
+                await client.request(path="/p", headers=[("traceparent", incoming)])
+                await client.request(path="/fresh", headers=[("traceparent", "garbage")])
+                await sampled.flush()
+            sent = [tracing.parse_traceparent(_header(s, "traceparent")) for s in v1.seen]
+            assert sent[0] is not None
+            assert sent[1] is not None
+            assert sent[0][0] == TRACE_ID  # the same trace upstream ...
+            assert sent[0][1] != PARENT_ID  # ... with the waypoint's span as the parent
+            assert sent[1][0] != TRACE_ID  # garbage in: a new trace
+            [export] = collector.bodies
+            assert collector.seen[0]["path"] == "/v1/traces"
+            spans = json.loads(export)["resourceSpans"][0]["scopeSpans"][0]["spans"]
+            first, second = spans
+            assert (first["traceId"], first["parentSpanId"]) == (TRACE_ID, PARENT_ID)
+            assert first["spanId"] == sent[0][1]
+            assert {"key": "http.status_code", "value": {"intValue": "200"}} in first["attributes"]
+            assert second["traceId"] == sent[1][0]
+            assert "parentSpanId" not in second
+
+            # Not sampled: the context still travels, nothing is exported.
+            unsampled = tracing.Tracer(f"http://127.0.0.1:{collector.port}", sample_percent=0)
+            async with running(table, {"v1": [v1.endpoint]}, tracer=unsampled) as waypoint:
+                await (await waypoint.client()).request()
+                await unsampled.flush()
+            last = tracing.parse_traceparent(_header(v1.seen[-1], "traceparent"))
+            assert last is not None
+            assert last[2] is False
+            assert len(collector.bodies) == 1
+
+    _run(main())
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",  # v00 has 4 fields
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",  # upper case
+        "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+    ],
+)
+def test_invalid_traceparents_are_not_continued(value: str) -> None:
+    assert tracing.parse_traceparent(value) is None
+
+
+def test_a_collector_that_is_down_loses_the_batch_not_the_waypoint() -> None:
+    async def main() -> None:
+        probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = probe.sockets[0].getsockname()[1]
+        probe.close()
+        await probe.wait_closed()
+        tracer = tracing.Tracer(f"http://127.0.0.1:{port}", sample_percent=100)
+        tracer.finish(tracer.start([], "svc:80/*"))
+        await tracer.flush()  # refused: logged, not raised
+        assert tracer.exported == 0
+        await tracer.flush()  # the batch is gone: nothing is retried forever
+        assert tracer.exported == 0
+
+    _run(main())
