@@ -105,6 +105,7 @@ def build_workload(
         authorization_policies=authorization_policies,
         cluster_id=cluster_id,
         application_tunnel=_application_tunnel(annotations, namespace, name),
+        labels=tuple(sorted(labels.items())),
     )
 
 

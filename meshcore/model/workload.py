@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Iterable
 
 from meshcore.identity import spiffe
 from meshcore.model import ids
@@ -82,6 +83,8 @@ class Workload:
     cluster_id: str = ids.DEFAULT_CLUSTER_ID
     network: str = ""
     application_tunnel: ApplicationTunnel | None = None
+    # The pod's labels, sorted: waypoints pick DestinationRule subsets by them.
+    labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def identity(self) -> spiffe.SpiffeId:
@@ -94,6 +97,11 @@ class Workload:
     @property
     def has_hbone(self) -> bool:
         return self.tunnel_protocol is TunnelProtocol.HBONE
+
+    def has_labels(self, wanted: Iterable[tuple[str, str]]) -> bool:
+        """Every (key, value) of `wanted` is among the labels (a subset's selector)."""
+        own = dict(self.labels)
+        return all(own.get(k) == v for k, v in wanted)
 
     def binding(self, service: ids.ServiceKey) -> ServiceBinding | None:
         for binding in self.services:

@@ -17,7 +17,7 @@ import hashlib
 import ipaddress
 from typing import TypeVar
 
-from google.protobuf import any_pb2, empty_pb2, message
+from google.protobuf import any_pb2, empty_pb2, message, struct_pb2
 
 from meshcore import errors
 from meshcore.identity import spiffe
@@ -29,6 +29,8 @@ _TYPE_PREFIX = "type.googleapis.com/"
 _M = TypeVar("_M", bound=message.Message)
 _E = TypeVar("_E")
 _MAX_PORT = 65535
+# This mesh's Workload extension carrying the pod's labels (a google.protobuf.Struct of strings).
+LABELS_EXTENSION = "ambient-mesh.io/labels"
 
 
 class ResourceError(errors.MeshError, ValueError):
@@ -112,6 +114,14 @@ def workload_to_proto(wl: workload.Workload) -> workload_pb2.Workload:
         pb.application_tunnel.SetInParent()  # present even when every field is a default
         pb.application_tunnel.protocol = _APP_TUNNEL_TO_PB[wl.application_tunnel.protocol]
         pb.application_tunnel.port = wl.application_tunnel.port or 0  # 0: the client's port
+    if wl.labels:
+        # Istio's Workload has no labels; they travel as an extension, which ztunnels that
+        # do not know it ignore.
+        fields = struct_pb2.Struct()
+        fields.update(dict(wl.labels))
+        config = any_pb2.Any()
+        config.Pack(fields)
+        pb.extensions.add(name=LABELS_EXTENSION, config=config)
     for binding in wl.services:
         port_list = pb.services[binding.service]
         for mapping in binding.ports:
@@ -160,7 +170,24 @@ def workload_from_proto(pb: workload_pb2.Workload) -> workload.Workload:
         cluster_id=pb.cluster_id,
         network=pb.network,
         application_tunnel=_application_tunnel(name, pb),
+        labels=_labels(name, pb),
     )
+
+
+def _labels(name: str, pb: workload_pb2.Workload) -> tuple[tuple[str, str], ...]:
+    for i, extension in enumerate(pb.extensions):
+        if extension.name != LABELS_EXTENSION:
+            continue  # extensions this mesh does not know are skipped, as ztunnel skips them
+        fields = struct_pb2.Struct()
+        if not extension.config.Unpack(fields):
+            raise ResourceError(name, f"extensions[{i}].config", "labels must be a Struct")
+        labels = []
+        for key, value in fields.fields.items():
+            if value.WhichOneof("kind") != "string_value":
+                raise ResourceError(name, f"extensions[{i}].config[{key!r}]", "not a string")
+            labels.append((key, value.string_value))
+        return tuple(sorted(labels))
+    return ()
 
 
 def _application_tunnel(name: str, pb: workload_pb2.Workload) -> workload.ApplicationTunnel | None:

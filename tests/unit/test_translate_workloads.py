@@ -56,6 +56,7 @@ def test_full_translation() -> None:
         services=(workload.ServiceBinding(SVC_WEB, (workload.PortMapping(80, 8080),)),),
         status=workload.WorkloadStatus.HEALTHY,
         cluster_id="east",
+        labels=(("app", "web"), ("pod-template-hash", "7d4b9c5f6"), ("version", "v2")),
     )
 
 

@@ -7,7 +7,7 @@ import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 
 import pytest
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, struct_pb2
 
 from meshcore.model import authorization as az
 from meshcore.model import ids, workload
@@ -74,6 +74,7 @@ def _full_workload() -> workload.Workload:
         cluster_id="east",
         network="net-1",
         application_tunnel=workload.ApplicationTunnel(workload.AppTunnelProtocol.PROXY, 15088),
+        labels=(("app", "web"), ("version", "v2")),
     )
 
 
@@ -654,3 +655,22 @@ def test_policy_port_zero_is_accepted_and_matches_no_connection() -> None:
     match = authorization_pb2.Match(destination_ports=[0])
     policy = resources.decode_authorization(_pol(match))
     assert policy.rules[0].clauses[0].matches[0].destination_ports == (0,)
+
+
+def test_labels_travel_as_an_extension_and_unknown_extensions_are_skipped() -> None:
+    pb = resources.workload_to_proto(_full_workload())
+    [labels_extension] = pb.extensions
+    assert labels_extension.name == resources.LABELS_EXTENSION
+    pb.extensions.add(name="example.com/unknown")  # another producer's: ignored, as ztunnel does
+    assert resources.workload_from_proto(pb).labels == (("app", "web"), ("version", "v2"))
+    assert resources.workload_from_proto(pb).has_labels([("version", "v2")])
+    assert not resources.workload_from_proto(pb).has_labels([("version", "v1")])
+
+
+def test_labels_that_are_not_strings_are_refused_naming_the_field() -> None:
+    pb = resources.workload_to_proto(_full_workload())
+    bad = struct_pb2.Struct()
+    bad.update({"replicas": 3})
+    pb.extensions[0].config.Pack(bad)
+    with pytest.raises(resources.ResourceError, match=r"extensions\[0\]\.config\['replicas'\]"):
+        resources.workload_from_proto(pb)
