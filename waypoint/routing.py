@@ -91,6 +91,8 @@ def build_plan(
     if route.redirect is not None:
         return _redirect(route.redirect, head, delay)
     destination = matching.choose(route, rolls.split)
+    if destination.port is None:  # Istio: the port the request came in on
+        destination = dataclasses.replace(destination, port=port)
     headers = http1.end_to_end(head.headers)
     rewrite = route.rewrite
     if rewrite is not None and rewrite.authority is not None:

@@ -1,0 +1,160 @@
+"""waypoint.state: services, workloads and traffic objects from xDS, as the engine reads them:
+VIPs to services, default routes, subsets by pod labels, bound policies, all-or-nothing batches."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from meshcore.model import ids, workload
+from meshcore.xds import resources, traffic, types
+from waypoint import state as state_mod
+
+HOST = "reviews.shop.svc.cluster.local"
+KEY = ids.service_key("shop", HOST)
+VIP = ipaddress.ip_address("10.96.0.20")
+
+REVIEWS = workload.Service(
+    name="reviews",
+    namespace="shop",
+    hostname=HOST,
+    addresses=(VIP,),
+    ports=(workload.PortMapping(9080, 8080),),
+)
+
+
+def _pod(name: str, ip: str, version: str, *, healthy: bool = True) -> workload.Workload:
+    return workload.Workload(
+        uid=ids.pod_uid("shop", name),
+        name=name,
+        namespace="shop",
+        addresses=(ipaddress.ip_address(ip),),
+        node="n1",
+        service_account="reviews",
+        canonical_name="reviews",
+        canonical_revision=version,
+        services=(workload.ServiceBinding(KEY, (workload.PortMapping(9080, 8080),)),),
+        status=workload.WorkloadStatus.HEALTHY if healthy else workload.WorkloadStatus.UNHEALTHY,
+        labels=(("app", "reviews"), ("version", version)),
+    )
+
+
+PODS = [
+    _pod("reviews-v1", "10.244.1.5", "v1"),
+    _pod("reviews-v2", "10.244.2.6", "v2"),
+    _pod("reviews-v2-sick", "10.244.2.7", "v2", healthy=False),
+]
+RULE = {
+    "apiVersion": "networking.istio.io/v1",
+    "kind": "DestinationRule",
+    "metadata": {"name": "reviews", "namespace": "shop"},
+    "spec": {
+        "host": "reviews",
+        "subsets": [
+            {"name": "v1", "labels": {"version": "v1"}},
+            {"name": "v2", "labels": {"version": "v2"}},
+        ],
+    },
+}
+ROUTE = {
+    "apiVersion": "networking.istio.io/v1",
+    "kind": "VirtualService",
+    "metadata": {"name": "reviews", "namespace": "shop"},
+    "spec": {
+        "hosts": ["reviews"],
+        "http": [{"route": [{"destination": {"host": "reviews", "subset": "v2"}}]}],
+    },
+}
+
+
+def _policy(name: str, ref: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"targetRefs": [ref], "rules": [{}]},
+    }
+
+
+def _loaded(*objects: dict[str, Any]) -> state_mod.WaypointState:
+    state = state_mod.WaypointState(namespace="shop", name="waypoint")
+    known: list[workload.Workload | workload.Service] = [REVIEWS, *PODS]
+    addresses = [resources.address_resource(o) for o in known]
+    assert state.apply(types.ADDRESS, addresses, []) == []
+    assert state.apply(types.TRAFFIC, [traffic.traffic_resource(o) for o in objects], []) == []
+    return state
+
+
+def test_a_vip_names_its_service_and_a_service_without_routes_goes_to_itself() -> None:
+    state = _loaded()
+    assert state.resolve("10.96.0.20", 9080) == HOST
+    assert state.resolve("10.96.0.20", 80) is None
+    assert state.resolve("10.96.0.99", 9080) is None
+    table = state.find_route_table(HOST, 9080)
+    assert table is not None
+    [route] = table.routes
+    assert [(d.host, d.subset, d.port) for d in route.destinations] == [(HOST, None, 9080)]
+    assert state.find_route_table("ratings.shop.svc.cluster.local", 9080) is None
+    # Every healthy endpoint, at its target port.
+    assert state.find_endpoints(HOST, None, 9080) == [("10.244.1.5", 8080), ("10.244.2.6", 8080)]
+    assert state.find_endpoints(HOST, None, 80) == ()
+
+
+def test_subsets_pick_endpoints_by_pod_labels_and_routes_come_from_the_virtual_service() -> None:
+    state = _loaded(RULE, ROUTE)
+    table = state.find_route_table(HOST, 9080)
+    assert table is not None
+    assert table.name == "reviews"
+    assert state.find_endpoints(HOST, "v1", 9080) == [("10.244.1.5", 8080)]
+    assert state.find_endpoints(HOST, "v2", 9080) == [("10.244.2.6", 8080)]  # not the sick one
+    assert state.find_endpoints(HOST, "v3", 9080) == ()  # unknown subset: no endpoints
+    rule = state.find_destination_rule(HOST)
+    assert rule is not None
+    assert rule.name == "reviews"
+    assert state.describe_endpoint(("10.244.2.6", 8080))[:2] == ("reviews-v2", "reviews")
+
+
+def test_policies_bound_to_the_service_or_to_this_waypoint_apply() -> None:
+    state = _loaded(
+        _policy("on-service", {"kind": "Service", "group": "", "name": "reviews"}),
+        _policy("on-waypoint", {"kind": "Gateway", "name": "waypoint"}),
+        _policy("on-other", {"kind": "Service", "group": "", "name": "ratings"}),
+        _policy("on-other-gateway", {"kind": "Gateway", "name": "ingress"}),
+    )
+    names = [p.ref.name for p in state.find_policies(HOST, 9080)]
+    assert names == ["on-service", "on-waypoint"]
+
+
+def test_a_batch_with_a_bad_object_is_refused_whole_and_removals_apply() -> None:
+    state = _loaded(RULE)
+    bad_route = {
+        **ROUTE,
+        "metadata": {"name": "broken", "namespace": "shop"},
+        "spec": {
+            "hosts": ["reviews"],
+            "http": [
+                {
+                    "route": [
+                        {"destination": {"host": "r"}, "weight": 5},
+                        {"destination": {"host": "q"}, "weight": 5},
+                    ]
+                }
+            ],
+        },
+    }
+    errors = state.apply(
+        types.TRAFFIC, [traffic.traffic_resource(ROUTE), traffic.traffic_resource(bad_route)], []
+    )
+    assert len(errors) == 1
+    assert "VirtualService shop/broken" in errors[0]
+    assert "weights add up to 10" in errors[0]
+    table = state.find_route_table(HOST, 9080)
+    assert table is not None
+    assert table.name == "default"  # the good route in the same batch was not applied either
+
+    assert state.apply(types.TRAFFIC, [], ["DestinationRule/shop/reviews"]) == []
+    assert state.find_destination_rule(HOST) is None
+    uid = PODS[0].uid
+    assert state.apply(types.ADDRESS, [], [uid]) == []
+    assert state.find_endpoints(HOST, None, 9080) == [("10.244.2.6", 8080)]
+    assert state.apply("type.googleapis.com/other", [], []) != []

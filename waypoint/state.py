@@ -1,0 +1,244 @@
+"""What a waypoint serves from, kept from its two xDS subscriptions: `Address` (services and
+the workloads behind them) and this mesh's traffic objects (VirtualService, DestinationRule,
+HTTPRoute, AuthorizationPolicy bound by targetRefs). It is every seam the engine reads
+(`engine.RouteTables`, `exchange.Endpoints`, `engine.DestinationRules`, `engine.Policies`,
+`engine.Workloads`) and the listener's `tunnel.ServiceResolver`.
+
+Updates are all or nothing per xDS response: everything is decoded and translated off to the
+side first; any error rejects the whole batch (the NACK names each object and field) and the
+state stays as it was.
+
+Lookups follow Istio's waypoint: a service without a VirtualService or HTTPRoute gets a default
+route to itself; several route objects for one host are taken in name order, the first that
+names the host wins; a destination's subset selects the endpoints whose pod labels match the
+DestinationRule's subset labels, and an unknown subset has no endpoints.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from typing import Any
+
+from google.protobuf import any_pb2
+
+from meshcore import istio_labels
+from meshcore.model import ids, workload
+from meshcore.policy import errors as policy_errors
+from meshcore.policy import spec as policy_spec
+from meshcore.traffic import destinations, httproutes, routes
+from meshcore.xds import resources as xds_resources
+from meshcore.xds import traffic, types
+from waypoint import telemetry, upstream
+
+_SERVICE_KINDS = ("Service", "ServiceEntry")
+_GATEWAY_KINDS = ("Gateway",)
+
+
+class WaypointState:
+    def __init__(self, *, namespace: str, name: str, domain: str = routes.DEFAULT_DOMAIN) -> None:
+        """`namespace`/`name`: the waypoint's own Gateway (policies may target it)."""
+        self._namespace = namespace
+        self._name = name
+        self._domain = domain
+        self._workloads: dict[str, workload.Workload] = {}
+        self._services: dict[str, workload.Service] = {}
+        self._routes: dict[str, routes.RouteTable] = {}
+        self._rules: dict[str, destinations.DestinationRule] = {}
+        # Each bound policy with its targetRefs (the spec keeps only which field holds them).
+        self._policies: dict[str, tuple[policy_spec.PolicySpec, list[dict[str, Any]]]] = {}
+        self._reindex()
+
+    # -- xDS (meshcore.xds.client.ResourceHandler) --
+
+    def apply(
+        self, type_url: str, updated: Sequence[tuple[str, any_pb2.Any]], removed: Sequence[str]
+    ) -> Sequence[str]:
+        if type_url == types.ADDRESS:
+            return self._apply_addresses(updated, removed)
+        if type_url == types.TRAFFIC:
+            return self._apply_traffic(updated, removed)
+        return [f"type {type_url} is not served by this waypoint"]
+
+    def _apply_addresses(
+        self, updated: Sequence[tuple[str, any_pb2.Any]], removed: Sequence[str]
+    ) -> list[str]:
+        decoded: list[workload.Workload | workload.Service] = []
+        errors = []
+        for name, resource in updated:
+            try:
+                decoded.append(xds_resources.decode_address(resource, name=name))
+            except xds_resources.ResourceError as exc:
+                errors.append(str(exc))
+        if errors:
+            return errors
+        for name in removed:
+            self._workloads.pop(name, None)
+            self._services.pop(name, None)
+        for obj in decoded:
+            if isinstance(obj, workload.Workload):
+                self._workloads[obj.uid] = obj
+            else:
+                self._services[obj.key] = obj
+        self._reindex()
+        return []
+
+    def _apply_traffic(
+        self, updated: Sequence[tuple[str, any_pb2.Any]], removed: Sequence[str]
+    ) -> list[str]:
+        translated: list[tuple[str, Any]] = []
+        errors = []
+        for name, resource in updated:
+            try:
+                obj = traffic.decode_traffic_object(name, resource)
+                translated.append((name, self._translate(obj)))
+            except (
+                xds_resources.ResourceError,
+                routes.TrafficConfigError,
+                policy_errors.PolicyError,
+            ) as exc:
+                errors.append(str(exc))  # each error names its object
+        if errors:
+            return errors
+        for name in removed:
+            for held in (self._routes, self._rules, self._policies):
+                held.pop(name, None)
+        for name, value in translated:
+            if isinstance(value, routes.RouteTable):
+                self._routes[name] = value
+            elif isinstance(value, destinations.DestinationRule):
+                self._rules[name] = value
+            else:
+                self._policies[name] = value
+        return []
+
+    def _translate(
+        self, obj: dict[str, Any]
+    ) -> (
+        routes.RouteTable
+        | destinations.DestinationRule
+        | tuple[policy_spec.PolicySpec, list[dict[str, Any]]]
+    ):
+        kind = obj["kind"]
+        if kind == "VirtualService":
+            return routes.build_route_table(obj, self._domain)
+        if kind == "HTTPRoute":
+            return httproutes.build_route_table(obj, self._domain)
+        if kind == "DestinationRule":
+            return destinations.build_destination_rule(obj, self._domain)
+        spec = obj.get("spec") or {}
+        refs = [r for r in (spec.get("targetRefs") or [spec.get("targetRef")]) if r]
+        return policy_spec.parse_authorization_policy(obj), refs
+
+    def _reindex(self) -> None:
+        self._by_host = {svc.hostname: svc for svc in self._services.values()}
+        self._vips: dict[tuple[str, int], str] = {
+            (str(address), mapping.service_port): svc.hostname
+            for svc in self._services.values()
+            for address in svc.addresses
+            for mapping in svc.ports
+        }
+        self._members: dict[ids.ServiceKey, list[workload.Workload]] = {}
+        self._by_address: dict[str, workload.Workload] = {}
+        for wl in sorted(self._workloads.values(), key=lambda w: w.uid):
+            for binding in wl.services:
+                self._members.setdefault(binding.service, []).append(wl)
+            for address in wl.addresses:
+                self._by_address[str(address)] = wl
+
+    # -- tunnel.ServiceResolver --
+
+    def resolve(self, address: str, port: int) -> str | None:
+        return self._vips.get((str(ipaddress.ip_address(address)), port))
+
+    # -- engine.RouteTables --
+
+    def find_route_table(self, host: str, port: int) -> routes.RouteTable | None:
+        for name in sorted(self._routes):
+            table = self._routes[name]
+            if host in table.hosts:
+                return table
+        if host not in self._by_host:
+            return None
+        return routes.RouteTable(
+            namespace="",
+            name="default",
+            hosts=(host,),
+            routes=(
+                routes.HttpRoute(
+                    name="default",
+                    matches=(),
+                    destinations=(routes.Destination(host, None, port, routes.FULL_WEIGHT),),
+                ),
+            ),
+        )
+
+    # -- exchange.Endpoints --
+
+    def find_endpoints(
+        self, host: str, subset: str | None, port: int | None
+    ) -> Sequence[upstream.Endpoint]:
+        service = self._by_host.get(host)
+        if service is None or port is None or service.port(port) is None:
+            return ()
+        selector: tuple[tuple[str, str], ...] = ()
+        if subset is not None:
+            rule = self.find_destination_rule(host)
+            found = rule.subset(subset) if rule is not None else None
+            if found is None:
+                return ()  # an unknown subset has no endpoints
+            selector = found.labels
+        endpoints = []
+        for wl in self._members.get(service.key, ()):
+            binding = wl.binding(service.key)
+            if not wl.is_healthy or not wl.addresses or binding is None:
+                continue
+            if selector and not wl.has_labels(selector):
+                continue
+            target = binding.target_port(port) or port
+            endpoints.append((str(wl.addresses[0]), target))
+        return endpoints
+
+    # -- engine.DestinationRules --
+
+    def find_destination_rule(self, host: str) -> destinations.DestinationRule | None:
+        wildcard = None
+        for name in sorted(self._rules):
+            rule = self._rules[name]
+            if rule.host == host:
+                return rule
+            if wildcard is None and rule.host.startswith("*") and host.endswith(rule.host[1:]):
+                wildcard = rule
+        return wildcard
+
+    # -- engine.Policies --
+
+    def find_policies(self, host: str, port: int) -> Sequence[policy_spec.PolicySpec]:
+        service = self._by_host.get(host)
+        found = []
+        for name in sorted(self._policies):
+            policy, refs = self._policies[name]
+            for ref in refs:
+                kind, ref_name = ref.get("kind", ""), ref.get("name", "")
+                if kind in _GATEWAY_KINDS and (policy.ref.namespace, ref_name) == (
+                    self._namespace,
+                    self._name,
+                ):
+                    found.append(policy)
+                    break
+                if (
+                    kind in _SERVICE_KINDS
+                    and service is not None
+                    and (service.namespace, service.name) == (policy.ref.namespace, ref_name)
+                ):
+                    found.append(policy)
+                    break
+        return found
+
+    # -- engine.Workloads --
+
+    def describe_endpoint(self, endpoint: upstream.Endpoint) -> tuple[str, ...]:
+        wl = self._by_address.get(endpoint[0])
+        if wl is None:
+            return telemetry.UNKNOWN_SIDE
+        return istio_labels.workload_labels(wl, None)
