@@ -34,7 +34,7 @@ RST_STREAM, PING and GOAWAY; this module owns DATA, WINDOW_UPDATE and all flow c
 - Outgoing DATA is a 9-byte header plus payload in one bytes object (one TLS record batch);
   h2's own output is always moved into our queue before we append, so frames keep their order.
 The h2 layer underneath (settings, h2's fixes for HBONE, per-stream state) is
-`meshcore.wire.hbone_h2`.
+`meshcore.wire.hbone_h2`; h2's events become ours in `meshcore.wire.hbone_h2events`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ import h2.exceptions
 import h2.settings
 import h2.stream
 
-from meshcore.wire import hbone_frames, hbone_h2, hbone_headers
+from meshcore.wire import hbone_frames, hbone_h2, hbone_h2events, hbone_headers
 from meshcore.wire.hbone_events import ConnectionTerminated as ConnectionTerminated
 from meshcore.wire.hbone_events import DataReceived as DataReceived
 from meshcore.wire.hbone_events import Event as Event
@@ -88,19 +88,19 @@ from meshcore.wire.hbone_headers import parse_forwarded as parse_forwarded
 
 Headers: TypeAlias = hbone_headers.Headers
 
-# HTTP/2 error codes used here (RFC 9113 section 7).
-NO_ERROR: Final = 0x0
-PROTOCOL_ERROR: Final = hbone_headers.PROTOCOL_ERROR
-FLOW_CONTROL_ERROR: Final = 0x3
-STREAM_CLOSED: Final = 0x5
-FRAME_SIZE_ERROR: Final = 0x6
-REFUSED_STREAM: Final = 0x7
-CANCEL: Final = 0x8
+# HTTP/2 error codes used here (RFC 9113 section 7), part of this module's public surface.
+NO_ERROR: Final = hbone_h2.NO_ERROR
+PROTOCOL_ERROR: Final = hbone_h2.PROTOCOL_ERROR
+FLOW_CONTROL_ERROR: Final = hbone_h2.FLOW_CONTROL_ERROR
+STREAM_CLOSED: Final = hbone_h2.STREAM_CLOSED
+FRAME_SIZE_ERROR: Final = hbone_h2.FRAME_SIZE_ERROR
+REFUSED_STREAM: Final = hbone_h2.REFUSED_STREAM
+CANCEL: Final = hbone_h2.CANCEL
 
 _MAX_STREAM_ID: Final = 2**31 - 1
 _MAX_WINDOW: Final = 2**31 - 1
 _DEFAULT_CONNECTION_WINDOW: Final = 65_535
-_DEFAULT_STREAM_WINDOW: Final = 65_535
+_DEFAULT_STREAM_WINDOW: Final = hbone_h2.DEFAULT_STREAM_WINDOW
 _PREFACE_LEN: Final = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # length (24 bits as 16 + 8), type, flags, stream id: one pack per outgoing DATA frame.
 _HEADER: Final = struct.Struct(">HBBBI")
@@ -113,7 +113,7 @@ _HEADER_BLOCK_TYPES: Final = frozenset(
 # --- the connection --------------------------------------------------------------------------
 
 
-class HboneConnection:
+class HboneConnection(hbone_h2events.H2EventTranslation):
     """One HTTP/2 connection carrying HBONE tunnels, client or server side."""
 
     def __init__(self, *, client_side: bool, settings: HboneSettings | None = None) -> None:
@@ -668,114 +668,6 @@ class HboneConnection:
         self._h2.close_connection(error_code=code)
         self._die()
         return RemoteProtocolError(f"peer violated HTTP/2: {message}", error_code=code)
-
-    # -- event translation (h2 event -> our events) --
-
-    def _on_request(self, ev: h2.events.RequestReceived, out: list[Event]) -> None:
-        sid = ev.stream_id
-        if self._goaway_sent is not None and sid > self._goaway_sent:
-            # Opened after our GOAWAY and above its last-stream-id: refuse, the client may retry.
-            self._h2.drop_stream(sid, REFUSED_STREAM)
-            return
-        pseudo, headers = hbone_headers.split_header_block(ev.headers)
-        self._streams[sid] = self._new_stream(self._h2.streams[sid])
-        self._open += 1
-        self._last_processed = sid
-        out.append(
-            TunnelRequested(sid, pseudo.get(":method", ""), pseudo.get(":authority", ""), headers)
-        )
-
-    def _on_response(self, ev: h2.events.ResponseReceived, out: list[Event]) -> None:
-        sid = ev.stream_id
-        stream = self._streams.get(sid)
-        if stream is None:
-            return
-        pseudo, headers = hbone_headers.split_header_block(ev.headers)
-        status_text = pseudo.get(":status", "")
-        if len(status_text) != 3 or not status_text.isdigit():
-            # A malformed response is a stream error (RFC 9113 section 8.1.1).
-            self._discard(sid, reset_code=PROTOCOL_ERROR)
-            out.append(StreamReset(sid, PROTOCOL_ERROR, remote=False))
-            return
-        status = int(status_text)
-        if 200 <= status <= 299:
-            stream.phase = hbone_h2.Phase.ESTABLISHED
-            out.append(TunnelEstablished(sid, headers))
-        else:
-            # Terminal for the caller. Reset unless the peer's frames already closed the stream.
-            self._discard(sid, reset_code=CANCEL)
-            out.append(TunnelRejected(sid, status, headers))
-
-    def _on_data(self, ev: h2.events.DataReceived, out: list[Event]) -> None:
-        # h2 only ever sees the empty DATA frames the splitter hands it (module docstring).
-        pass
-
-    def _on_stream_ended(self, ev: h2.events.StreamEnded, out: list[Event]) -> None:
-        stream = self._streams.get(ev.stream_id)
-        if stream is None:
-            return
-        stream.remote_ended = True
-        out.append(StreamEnded(ev.stream_id))
-        self._settle(ev.stream_id, stream)
-
-    def _on_stream_reset(self, ev: h2.events.StreamReset, out: list[Event]) -> None:
-        sid = ev.stream_id
-        if sid not in self._streams:
-            return
-        self._discard(sid, reset_code=None)
-        out.append(StreamReset(sid, int(ev.error_code), remote=ev.remote_reset))
-
-    def _on_window_updated(self, ev: h2.events.WindowUpdated, out: list[Event]) -> None:
-        sid = ev.stream_id
-        stream = self._streams.get(sid)
-        if not sid or (
-            stream and not stream.local_ended and stream.phase is hbone_h2.Phase.ESTABLISHED
-        ):
-            out.append(WindowOpened(sid or None))
-
-    def _on_remote_settings(self, ev: h2.events.RemoteSettingsChanged, out: list[Event]) -> None:
-        changed = ev.changed_settings
-        codes = h2.settings.SettingCodes
-        streams = changed.get(codes.MAX_CONCURRENT_STREAMS)
-        out.append(RemoteSettingsChanged(streams.new_value if streams is not None else None))
-        window = changed.get(codes.INITIAL_WINDOW_SIZE)
-        if window is not None:
-            # Every stream's send window moves by the difference (RFC 9113 section 6.9.2).
-            old = window.original_value
-            delta = window.new_value - (_DEFAULT_STREAM_WINDOW if old is None else old)
-            for stream in self._streams.values():
-                stream.send_window += delta
-                if stream.send_window > _MAX_WINDOW:
-                    raise self._connection_error(
-                        FLOW_CONTROL_ERROR,
-                        f"SETTINGS_INITIAL_WINDOW_SIZE {window.new_value} overflows the send "
-                        "window of a stream",
-                    )
-            if delta > 0:
-                out.append(WindowOpened(None))
-
-    def _on_ping_ack(self, ev: h2.events.PingAckReceived, out: list[Event]) -> None:
-        out.append(PingAcknowledged(bytes(ev.ping_data)))
-
-    def _on_goaway(self, ev: h2.events.ConnectionTerminated, out: list[Event]) -> None:
-        code = int(ev.error_code or 0)
-        last = ev.last_stream_id or 0
-        out.append(ConnectionTerminated(code, last, ev.additional_data or b""))
-        if code != NO_ERROR:
-            self._die()
-            return
-        if self._goaway_received is None or last < self._goaway_received:
-            self._goaway_received = last
-        # Our streams above the peer's last-stream-id were never processed: refused, retryable.
-        refused = [sid for sid in self._streams if self._is_outbound(sid) and sid > last]
-        for sid in sorted(refused):
-            self._discard(sid, reset_code=CANCEL)
-            out.append(StreamReset(sid, REFUSED_STREAM, remote=True))
-
-    def _on_push(self, ev: h2.events.PushedStreamReceived, out: list[Event]) -> None:
-        # Only possible before the peer has seen ENABLE_PUSH=0; HBONE never pushes.
-        if ev.pushed_stream_id is not None:
-            self._h2.drop_stream(ev.pushed_stream_id, REFUSED_STREAM)
 
     # -- helpers --
 

@@ -31,8 +31,18 @@ import hyperframe.frame
 
 from meshcore.wire import hbone_headers
 
+# HTTP/2 error codes (RFC 9113 section 7).
+NO_ERROR: Final = 0x0
+PROTOCOL_ERROR: Final = hbone_headers.PROTOCOL_ERROR
+FLOW_CONTROL_ERROR: Final = 0x3
+STREAM_CLOSED: Final = 0x5
+FRAME_SIZE_ERROR: Final = 0x6
+REFUSED_STREAM: Final = 0x7
+CANCEL: Final = 0x8
+
 MAX_WINDOW: Final = 2**31 - 1
 DEFAULT_CONNECTION_WINDOW: Final = 65_535
+DEFAULT_STREAM_WINDOW: Final = 65_535
 
 # --- settings --------------------------------------------------------------------------------
 
