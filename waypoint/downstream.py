@@ -139,7 +139,7 @@ class DownstreamProtocol(asyncio.Protocol):
             content_length=length,
             is_chunked=is_chunked,
         )
-        ex = exchange.Exchange(head, self, self._peer_ip)
+        ex = exchange.Exchange(head, Http1Responder(self, head), self._peer_ip)
         self._parsing = ex
         self._exchanges.append(ex)
         if expects_continue:
@@ -267,3 +267,48 @@ def _describe_span(ex: exchange.Exchange) -> None:
     if outcome.endpoint is not None:
         attributes["upstream_address"] = f"{outcome.endpoint[0]}:{outcome.endpoint[1]}"
     ex.span.is_error = outcome.status >= 500 or outcome.status == 0
+
+
+class Http1Responder:
+    """One response's HTTP/1.1 framing on the client connection: the upstream's length when it
+    gave one, else chunked (HTTP/1.1 clients) or the connection's close (HTTP/1.0)."""
+
+    def __init__(self, protocol: DownstreamProtocol, head: http1.RequestHead) -> None:
+        self._protocol = protocol
+        self._version = head.version
+        self._chunked = False
+
+    def send_head(
+        self,
+        status: int,
+        reason: str,
+        headers: list[tuple[str, str]],
+        length: int | None,
+        *,
+        no_body: bool,
+        close: bool,
+    ) -> bool:
+        framing: list[tuple[str, str]] = []
+        if length is not None:
+            framing.append(("content-length", str(length)))
+        elif not no_body:
+            if self._version == "1.1":
+                self._chunked = True
+                framing.append(("transfer-encoding", "chunked"))
+            else:
+                close = True  # HTTP/1.0: the close ends the body
+        self._protocol.write(http1.encode_response(status, reason, headers, framing, close=close))
+        return close
+
+    def send_body(self, data: bytes) -> None:
+        self._protocol.write(http1.encode_chunk(data) if self._chunked else data)
+
+    def send_end(self) -> None:
+        if self._chunked:
+            self._protocol.write(http1.LAST_CHUNK)
+
+    def set_upstream_paused(self, paused: bool) -> None:
+        self._protocol.set_upstream_paused(paused)
+
+    def check_buffers(self) -> None:
+        self._protocol.check_buffers()

@@ -52,9 +52,24 @@ class Upstreams(Endpoints, Protocol):
 
 
 class Downstream(Protocol):
-    """The client connection, as an exchange writes to it."""
+    """Where one exchange's response goes; the framing (HTTP/1.1 or HTTP/2) is its business."""
 
-    def write(self, data: bytes) -> None: ...
+    def send_head(
+        self,
+        status: int,
+        reason: str,
+        headers: list[tuple[str, str]],
+        length: int | None,
+        *,
+        no_body: bool,
+        close: bool,
+    ) -> bool:
+        """Start the response; True when the connection closes after it."""
+        ...
+
+    def send_body(self, data: bytes) -> None: ...
+
+    def send_end(self) -> None: ...
 
     def set_upstream_paused(self, paused: bool) -> None: ...
 
@@ -139,8 +154,6 @@ class Exchange:
         self._attempt: _Attempt | None = None
         self._upstream_chunked = head.is_chunked
         self._response_started = False
-        self._response_chunked = False
-        self._response_close = False
         self._response_ops: tuple[routes.HeaderOps, ...] = ()
         self._retry_on: tuple[str, ...] = ()
         self._tries_left = 0
@@ -343,32 +356,26 @@ class Exchange:
         headers = http1.end_to_end(head.headers)
         for ops in self._response_ops:
             headers = ops.apply(headers)
-        framing: list[tuple[str, str]] = []
         no_body = self.head.method == "HEAD" or head.status in (204, 304)
-        if head.content_length is not None:
-            framing.append(("content-length", str(head.content_length)))
-        elif not no_body:
-            if self.head.version == "1.1":
-                self._response_chunked = True
-                framing.append(("transfer-encoding", "chunked"))
-            else:
-                self._response_close = True  # HTTP/1.0: the close ends the body
-        close = self.closes_connection or self._response_close
-        self.closes_connection = close
         self._response_started = True
-        self.downstream.write(
-            http1.encode_response(head.status, head.reason, headers, framing, close=close)
+        self.closes_connection = self.downstream.send_head(
+            head.status,
+            head.reason,
+            headers,
+            head.content_length,
+            no_body=no_body,
+            close=self.closes_connection,
         )
 
     def response_body(self, data: bytes) -> None:
         if not self._response_started:
             return
         self.outcome.upstream_bytes += len(data)
-        self.downstream.write(http1.encode_chunk(data) if self._response_chunked else data)
+        self.downstream.send_body(data)
 
     def response_end(self, attempt: _Attempt) -> None:
-        if self._response_chunked:
-            self.downstream.write(http1.LAST_CHUNK)
+        if self._response_started:
+            self.downstream.send_end()
         if not attempt.result.done():
             attempt.result.set_result("done")
 
@@ -385,14 +392,17 @@ class Exchange:
         if flag is not None:
             self.outcome.flag = flag
         data = body.encode()
-        head = http1.encode_response(
-            status,
-            "",
-            [("content-type", "text/plain"), *headers],
-            [("content-length", str(len(data)))],
-            close=self.closes_connection,
-        )
         self._response_started = True
         self._is_answered = True
         self._body = []
-        self.downstream.write(head + data)
+        self.closes_connection = self.downstream.send_head(
+            status,
+            "",
+            [("content-type", "text/plain"), *headers],
+            len(data),
+            no_body=self.head.method == "HEAD",
+            close=self.closes_connection,
+        )
+        if data and self.head.method != "HEAD":
+            self.downstream.send_body(data)
+        self.downstream.send_end()
