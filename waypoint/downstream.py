@@ -56,14 +56,9 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        self._peer_ip = peer[0] if isinstance(peer, tuple) else ""
         if self._caller is None:
-            local = transport.get_extra_info("sockname")
-            self._caller = engine_mod.Caller(
-                address=(self._peer_ip, peer[1] if isinstance(peer, tuple) else 0),
-                destination=(local[0] if isinstance(local, tuple) else "", self._port),
-            )
+            self._caller = caller_of(transport, self._port)
+        self._peer_ip = self._caller.address[0]
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -163,41 +158,18 @@ class DownstreamProtocol(asyncio.Protocol):
     # -- running exchanges --
 
     def _start(self, ex: exchange.Exchange) -> None:
-        engine = self._engine
         assert self._caller is not None  # set in connection_made
-        plan: routing.ForwardPlan | routing.LocalReply
-        engine.trace(ex, self._caller.service or ex.head.authority, self._port)
-        denial = engine.authorize(self._caller, ex.head)  # the RBAC filter runs before routing
-        if denial is not None:
-            plan = denial
-        else:
-            # The service the tunnel named decides, as in Istio's waypoint; the Host field only
-            # when the connection did not come through a tunnel (tests, benchmarks).
-            host = self._caller.service or ex.head.authority
-            table = engine.tables.find_route_table(host, self._port)
-            plan = routing.build_plan(table, ex.head, self._port, engine.rolls())
+        plan = build_plan(self._engine, self._caller, ex, self._port)
         self._task = asyncio.get_running_loop().create_task(self._run(ex, plan))
 
     async def _run(
         self, ex: exchange.Exchange, plan: routing.ForwardPlan | routing.LocalReply
     ) -> None:
-        engine = self._engine
+        assert self._caller is not None
         try:
-            await ex.run(plan, engine)
-        except asyncio.CancelledError:
-            ex.outcome.flag = routing.Flag.DOWNSTREAM_CONNECTION_TERMINATION
-            raise
-        except Exception:  # one request's bug must not take the listener down
-            logger.exception("waypoint exchange failed", extra=log.fields(path=ex.head.target))
-            ex.closes_connection = True
+            await serve(self._engine, self._caller, ex, plan)
         finally:
             self._task = None
-            ex.outcome.duration_ms = (time.monotonic() - ex.started) * 1000
-            if ex.span is not None and engine.tracer is not None:
-                _describe_span(ex)
-                engine.tracer.finish(ex.span)
-            if self._caller is not None:
-                engine.finish(self._caller, ex.head, ex.outcome)
         if ex.is_body_done:
             self._finish(ex)
         # else: the answer went out before the body was read; on_message_complete finishes.
@@ -312,3 +284,53 @@ class Http1Responder:
 
     def check_buffers(self) -> None:
         self._protocol.check_buffers()
+
+
+# -- shared by the HTTP/1.1 and HTTP/2 sides ------------------------------------------------
+
+
+def caller_of(transport: asyncio.BaseTransport, port: int) -> engine_mod.Caller:
+    """Who is calling, as far as the socket tells (no tunnel: no identity)."""
+    peer = transport.get_extra_info("peername")
+    local = transport.get_extra_info("sockname")
+    return engine_mod.Caller(
+        address=(peer[0], peer[1]) if isinstance(peer, tuple) else ("", 0),
+        destination=(local[0] if isinstance(local, tuple) else "", port),
+    )
+
+
+def build_plan(
+    engine: engine_mod.Engine, caller: engine_mod.Caller, ex: exchange.Exchange, port: int
+) -> routing.ForwardPlan | routing.LocalReply:
+    """Trace, authorize, route: what happens to `ex`, decided before any I/O."""
+    engine.trace(ex, caller.service or ex.head.authority, port)
+    denial = engine.authorize(caller, ex.head)  # the RBAC filter runs before routing
+    if denial is not None:
+        return denial
+    # The service the tunnel named decides, as in Istio's waypoint; the Host field only when
+    # the connection did not come through a tunnel (tests, benchmarks).
+    table = engine.tables.find_route_table(caller.service or ex.head.authority, port)
+    return routing.build_plan(table, ex.head, port, engine.rolls())
+
+
+async def serve(
+    engine: engine_mod.Engine,
+    caller: engine_mod.Caller,
+    ex: exchange.Exchange,
+    plan: routing.ForwardPlan | routing.LocalReply,
+) -> None:
+    """Run `ex`, then record it (telemetry, access log, span) however it ended."""
+    try:
+        await ex.run(plan, engine)
+    except asyncio.CancelledError:
+        ex.outcome.flag = routing.Flag.DOWNSTREAM_CONNECTION_TERMINATION
+        raise
+    except Exception:  # one request's bug must not take the listener down
+        logger.exception("waypoint exchange failed", extra=log.fields(path=ex.head.target))
+        ex.closes_connection = True
+    finally:
+        ex.outcome.duration_ms = (time.monotonic() - ex.started) * 1000
+        if ex.span is not None and engine.tracer is not None:
+            _describe_span(ex)
+            engine.tracer.finish(ex.span)
+        engine.finish(caller, ex.head, ex.outcome)

@@ -20,8 +20,8 @@ from meshcore import log
 from meshcore.aio import hbone, tasks
 from meshcore.wire import hbone as hbone_wire
 from meshcore.wire import hbone_headers
-from waypoint import downstream, streams
 from waypoint import engine as engine_mod
+from waypoint import h2downstream, streams
 
 logger = logging.getLogger("waypoint.tunnel")
 
@@ -110,7 +110,7 @@ class HboneListener:
             is_mutual_tls=True,
             service=service,
         )
-        protocol = downstream.DownstreamProtocol(self._engine, port, caller)
+        protocol = h2downstream.SniffingProtocol(self._engine, port, caller)
         extra = {"peername": client, "sockname": (str(address), port)}
         streams.StreamBridge(end, protocol, extra).start()
 
