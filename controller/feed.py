@@ -41,6 +41,7 @@ TRAFFIC_KINDS = (
     resources.VIRTUAL_SERVICES,
     resources.DESTINATION_RULES,
     resources.HTTP_ROUTES,
+    resources.TELEMETRIES,
     policy_translate.AUTHORIZATION_POLICIES,
 )
 

@@ -19,6 +19,7 @@ VIRTUAL_SERVICES = resources.VIRTUAL_SERVICES
 DESTINATION_RULES = resources.DESTINATION_RULES
 GATEWAYS = resources.GATEWAYS
 HTTP_ROUTES = resources.HTTP_ROUTES
+TELEMETRIES = resources.TELEMETRIES
 
 _SHORT_NAMES = (
     (resources.NAMESPACES, "ns"),
@@ -32,6 +33,7 @@ _SHORT_NAMES = (
     (DESTINATION_RULES, "dr"),
     (GATEWAYS, "gtw"),
     (HTTP_ROUTES, "httproute"),
+    (TELEMETRIES, "telemetry"),
 )
 
 

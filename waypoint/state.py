@@ -32,6 +32,7 @@ from meshcore.xds import traffic, types
 from waypoint import telemetry, upstream
 
 _SERVICE_KINDS = ("Service", "ServiceEntry")
+DEFAULT_SAMPLE_PERCENT = 1.0  # Istio's meshConfig defaultConfig.tracing.sampling
 _GATEWAY_KINDS = ("Gateway",)
 
 
@@ -47,6 +48,7 @@ class WaypointState:
         self._rules: dict[str, destinations.DestinationRule] = {}
         # Each bound policy with its targetRefs (the spec keeps only which field holds them).
         self._policies: dict[str, tuple[policy_spec.PolicySpec, list[dict[str, Any]]]] = {}
+        self._telemetries: dict[str, dict[str, Any]] = {}
         self._reindex()
 
     # -- xDS (meshcore.xds.client.ResourceHandler) --
@@ -101,10 +103,12 @@ class WaypointState:
         if errors:
             return errors
         for name in removed:
-            for held in (self._routes, self._rules, self._policies):
+            for held in (self._routes, self._rules, self._policies, self._telemetries):
                 held.pop(name, None)
         for name, value in translated:
-            if isinstance(value, routes.RouteTable):
+            if isinstance(value, dict):
+                self._telemetries[name] = value
+            elif isinstance(value, routes.RouteTable):
                 self._routes[name] = value
             elif isinstance(value, destinations.DestinationRule):
                 self._rules[name] = value
@@ -118,8 +122,11 @@ class WaypointState:
         routes.RouteTable
         | destinations.DestinationRule
         | tuple[policy_spec.PolicySpec, list[dict[str, Any]]]
+        | dict[str, Any]
     ):
         kind = obj["kind"]
+        if kind == "Telemetry":
+            return obj  # read as it is: only its tracing sampling matters here
         if kind == "VirtualService":
             return routes.build_route_table(obj, self._domain)
         if kind == "HTTPRoute":
@@ -234,6 +241,40 @@ class WaypointState:
                     found.append(policy)
                     break
         return found
+
+    # -- tracing --
+
+    def tracing_sample_percent(
+        self, root_namespace: str = policy_spec.DEFAULT_ROOT_NAMESPACE
+    ) -> float:
+        """The sampling percentage Istio's Telemetry gives this waypoint: one bound to its
+        Gateway, else its namespace's, else the mesh-wide one (root namespace), else Istio's
+        default of 1%. A Telemetry that disables span reporting gives 0."""
+        scopes: list[list[dict[str, Any]]] = [[], [], []]
+        for name in sorted(self._telemetries):
+            obj = self._telemetries[name]
+            meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+            namespace = meta.get("namespace")
+            refs = [r for r in (spec.get("targetRefs") or [spec.get("targetRef")]) if r]
+            if refs:
+                if namespace == self._namespace and any(
+                    r.get("kind") in _GATEWAY_KINDS and r.get("name") == self._name for r in refs
+                ):
+                    scopes[0].append(spec)
+            elif spec.get("selector"):
+                continue  # a workload selector never picks a waypoint here
+            elif namespace == self._namespace:
+                scopes[1].append(spec)
+            elif namespace == root_namespace:
+                scopes[2].append(spec)
+        for scope in scopes:
+            for spec in scope:
+                for tracing in spec.get("tracing") or ():
+                    if tracing.get("disableSpanReporting"):
+                        return 0.0
+                    if "randomSamplingPercentage" in tracing:
+                        return float(tracing["randomSamplingPercentage"])
+        return DEFAULT_SAMPLE_PERCENT
 
     # -- engine.Workloads --
 

@@ -87,6 +87,8 @@ GATEWAYS = ResourceType("gateway.networking.k8s.io", "v1", "Gateway", "gateways"
 HTTP_ROUTES = ResourceType(
     "gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes", namespaced=True
 )
+# Istio's Telemetry (tracing sampling for waypoints; also served as v1alpha1).
+TELEMETRIES = ResourceType("telemetry.istio.io", "v1", "Telemetry", "telemetries", namespaced=True)
 
 WELL_KNOWN: tuple[ResourceType, ...] = (NAMESPACES, NODES, PODS, SERVICES)
 

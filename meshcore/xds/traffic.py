@@ -1,6 +1,6 @@
 """Traffic objects as xDS resources for waypoints (type `types.TRAFFIC`). Pure.
 
-The controller sends each VirtualService, DestinationRule and HTTPRoute, and each
+The controller sends each VirtualService, DestinationRule, HTTPRoute and Telemetry, and each
 AuthorizationPolicy bound by targetRefs, as the API validated it, reduced to what a waypoint
 translates (apiVersion, kind, metadata name/namespace/labels/annotations, spec); the waypoint
 translates it with `meshcore.traffic` and `meshcore.policy`, the same code the controller's
@@ -18,7 +18,9 @@ from google.protobuf import any_pb2
 from meshcore.proto import traffic_pb2
 from meshcore.xds import resources
 
-KINDS = frozenset({"VirtualService", "DestinationRule", "HTTPRoute", "AuthorizationPolicy"})
+KINDS = frozenset(
+    {"VirtualService", "DestinationRule", "HTTPRoute", "AuthorizationPolicy", "Telemetry"}
+)
 _KEPT_METADATA = ("name", "namespace", "labels", "annotations")
 
 

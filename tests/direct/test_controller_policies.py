@@ -344,6 +344,19 @@ def test_traffic_objects_reach_waypoints_as_they_change(state_dir: pathlib.Path)
             )
             await _eventually(lambda: BOUND not in wp.held, "the policy no longer bound")
 
+            # Telemetry too: its tracing sampling is the waypoint's.
+            store.create(
+                resources.TELEMETRIES,
+                {
+                    "apiVersion": "telemetry.istio.io/v1",
+                    "kind": "Telemetry",
+                    "metadata": {"name": "tracing", "namespace": "shop"},
+                    "spec": {"tracing": [{"randomSamplingPercentage": 25}]},
+                },
+                "shop",
+            )
+            await _eventually(lambda: "Telemetry/shop/tracing" in wp.held, "the Telemetry")
+
             store.delete(resources.VIRTUAL_SERVICES, "reviews", "shop")
             await _eventually(lambda: VS not in wp.held, "the VirtualService withdrawn")
             assert DR in wp.held

@@ -100,6 +100,7 @@ def test_an_added_group_is_discovered_without_server_changes() -> None:
         "security.istio.io",
         "networking.istio.io",
         "gateway.networking.k8s.io",
+        "telemetry.istio.io",
         "example.com",
     }
     widget_group = by_name["example.com"]

@@ -158,3 +158,27 @@ def test_a_batch_with_a_bad_object_is_refused_whole_and_removals_apply() -> None
     assert state.apply(types.ADDRESS, [], [uid]) == []
     assert state.find_endpoints(HOST, None, 9080) == [("10.244.2.6", 8080)]
     assert state.apply("type.googleapis.com/other", [], []) != []
+
+
+def _telemetry(namespace: str, percent: float, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "telemetry.istio.io/v1",
+        "kind": "Telemetry",
+        "metadata": {"name": f"t-{namespace}-{percent}", "namespace": namespace},
+        "spec": {"tracing": [{"randomSamplingPercentage": percent}], **spec},
+    }
+
+
+def test_tracing_sampling_comes_from_the_most_specific_telemetry() -> None:
+    assert _loaded().tracing_sample_percent() == state_mod.DEFAULT_SAMPLE_PERCENT
+    mesh = _telemetry("istio-system", 10.0)
+    namespace = _telemetry("shop", 50.0)
+    bound = _telemetry("shop", 100.0, targetRefs=[{"kind": "Gateway", "name": "waypoint"}])
+    other = _telemetry("shop", 0.0, targetRefs=[{"kind": "Gateway", "name": "ingress"}])
+    selected = _telemetry("shop", 0.0, selector={"matchLabels": {"app": "web"}})
+    assert _loaded(mesh).tracing_sample_percent() == 10.0
+    assert _loaded(mesh, namespace, other, selected).tracing_sample_percent() == 50.0
+    assert _loaded(mesh, namespace, bound).tracing_sample_percent() == 100.0
+    silenced = _telemetry("shop", 100.0)
+    silenced["spec"]["tracing"][0]["disableSpanReporting"] = True
+    assert _loaded(mesh, silenced).tracing_sample_percent() == 0.0

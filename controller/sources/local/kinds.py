@@ -23,6 +23,7 @@ from controller.sources.local import (
     gatewayschemas,
     policyschemas,
     schemas,
+    telemetryschemas,
     trafficschemas,
     validation,
 )
@@ -350,6 +351,22 @@ def build_gateway_kinds() -> list[ServedKind]:
     ]
 
 
+TELEMETRIES = resources.TELEMETRIES
+
+
+def build_telemetry_kinds() -> list[ServedKind]:
+    """telemetry.istio.io: Telemetry (its tracing sampling reaches waypoints)."""
+    return [
+        ServedKind(
+            TELEMETRIES,
+            telemetryschemas.TELEMETRY,
+            tracks_generation=True,
+            extra_versions=("v1alpha1",),
+            find_warnings=telemetryschemas.find_unenforced,
+        )
+    ]
+
+
 def build_registry(
     extra: Iterable[ServedKind] = (),
     *,
@@ -363,6 +380,7 @@ def build_registry(
             *build_security_kinds(root_namespace, dry_run_enabled=dry_run_enabled),
             *build_traffic_kinds(),
             *build_gateway_kinds(),
+            *build_telemetry_kinds(),
             *extra,
         ]
     )
