@@ -13,13 +13,13 @@ import sys
 import prometheus_client
 
 from meshcore import log
-from meshcore.aio import http, runtime
+from meshcore.aio import endpoints, http, runtime
+from meshcore.identity import ca_client
 from meshcore.xds import client as xds_client
 from meshcore.xds import types
 from ztunnel import config as config_mod
 from ztunnel import telemetry
 from ztunnel.admin import server as admin
-from ztunnel.identity import client as ca_client
 from ztunnel.identity import manager as cert_manager
 from ztunnel.inpod import manager as inpod_manager
 from ztunnel.inpod import pod_network, zds_client
@@ -98,8 +98,8 @@ async def run(cfg: config_mod.Config) -> None:
         return None
 
     servers = [
-        await http.start_server(admin.metrics_handler(registry), *cfg.metrics_addr),
-        await http.start_server(admin.readiness_handler(not_ready_reason), *cfg.readiness_addr),
+        await http.start_server(endpoints.metrics_handler(registry), *cfg.metrics_addr),
+        await http.start_server(endpoints.readiness_handler(not_ready_reason), *cfg.readiness_addr),
         await http.start_server(
             admin.admin_handler(
                 cfg,

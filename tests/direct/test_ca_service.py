@@ -21,8 +21,8 @@ from cryptography import x509
 from controller.ca import service
 from meshcore import rpc, rpc_server
 from meshcore.identity import ca, certs, csr, spiffe, tokens
+from meshcore.identity import ca_client as client
 from meshcore.proto import ca_pb2, ca_pb2_grpc
-from ztunnel.identity import client
 
 WEB = spiffe.SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/web")
 DB = spiffe.SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/db")

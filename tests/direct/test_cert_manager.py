@@ -17,7 +17,8 @@ from cryptography import x509
 from controller.ca import service
 from meshcore import rpc_server
 from meshcore.identity import ca, certs, csr, spiffe, tokens
-from ztunnel.identity import client, manager
+from meshcore.identity import ca_client as client
+from ztunnel.identity import manager
 
 START = datetime.datetime(2026, 3, 1, 12, 0, tzinfo=datetime.UTC)
 TTL = datetime.timedelta(hours=24)

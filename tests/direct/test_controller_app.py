@@ -15,14 +15,13 @@ from typing import Any
 import pytest
 from google.protobuf import any_pb2
 
-from meshcore.identity import csr, spiffe
+from meshcore.identity import ca_client, csr, spiffe
 from meshcore.kube import resources
 from meshcore.model import workload
 from meshcore.xds import client as xds_client
 from meshcore.xds import resources as xds_resources
 from meshcore.xds import types
 from tests.direct import controller_process
-from ztunnel.identity import client as ca_client
 
 NODE = {
     "apiVersion": "v1",

@@ -14,37 +14,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import prometheus_client
-
 from meshcore.aio import http
 from ztunnel import config as config_mod
 from ztunnel.state import proxy_state
 
 logger = logging.getLogger("ztunnel.admin")
-
-ReadinessCheck = Callable[[], str | None]  # None when ready, else the reason it is not
-
-
-def metrics_handler(registry: prometheus_client.CollectorRegistry) -> http.Handler:
-    async def handle(request: http.Request) -> http.Response:
-        if request.method != "GET" or request.path not in ("/metrics", "/stats/prometheus"):
-            return http.Response.text(404, "not found: try /metrics\n")
-        body = prometheus_client.generate_latest(registry)
-        return http.Response(200, body, prometheus_client.CONTENT_TYPE_LATEST)
-
-    return handle
-
-
-def readiness_handler(check: ReadinessCheck) -> http.Handler:
-    async def handle(request: http.Request) -> http.Response:
-        if request.path != "/healthz/ready":
-            return http.Response.text(404, "not found: try /healthz/ready\n")
-        reason = check()
-        if reason is None:
-            return http.Response.text(200, "ready\n")
-        return http.Response.text(503, f"not ready: {reason}\n")
-
-    return handle
 
 
 def admin_handler(

@@ -26,8 +26,8 @@ from typing import Protocol
 from cryptography import x509
 
 from meshcore import errors, log
+from meshcore.identity import ca_client as client
 from meshcore.identity import certs, csr, spiffe, tls
-from ztunnel.identity import client
 
 DEFAULT_TTL = datetime.timedelta(hours=24)
 INITIAL_BACKOFF_SECONDS = 0.5
