@@ -43,7 +43,7 @@ class HboneConnector:
 
     def __init__(
         self,
-        context: ssl.SSLContext,
+        context: Callable[[], ssl.SSLContext],
         expected: Callable[[Endpoint], Collection[spiffe.SpiffeId]],
         *,
         port: int = HBONE_PORT,
@@ -109,7 +109,7 @@ class HboneConnector:
         try:
             conn = await hbone.connect(
                 sock,
-                context=self._context,
+                context=self._context(),  # the current certificate (renewed at half-life)
                 expected=self._expected(endpoint),
                 timeout=self._timeout,
             )

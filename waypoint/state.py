@@ -23,6 +23,7 @@ from typing import Any
 from google.protobuf import any_pb2
 
 from meshcore import istio_labels
+from meshcore.identity import spiffe
 from meshcore.model import ids, workload
 from meshcore.policy import errors as policy_errors
 from meshcore.policy import spec as policy_spec
@@ -275,6 +276,14 @@ class WaypointState:
                     if "randomSamplingPercentage" in tracing:
                         return float(tracing["randomSamplingPercentage"])
         return DEFAULT_SAMPLE_PERCENT
+
+    # -- origin.HboneConnector --
+
+    def expected_identities(self, endpoint: upstream.Endpoint) -> list[spiffe.SpiffeId]:
+        """Who may answer at `endpoint`: its workload's identity; nobody when it is unknown
+        (the tunnel then fails its identity check: closed, not open)."""
+        wl = self._by_address.get(endpoint[0])
+        return [wl.identity] if wl is not None else []
 
     # -- engine.Workloads --
 

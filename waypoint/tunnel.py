@@ -34,7 +34,7 @@ class HboneListener:
         self,
         engine: engine_mod.Engine,
         *,
-        context: ssl.SSLContext,
+        context: Callable[[], ssl.SSLContext],
         trust_domain: str,
         resolve: ServiceResolver,
         handshake_timeout: float = 10.0,
@@ -64,7 +64,7 @@ class HboneListener:
         try:
             conn = await hbone.accept(
                 sock,
-                context=self._context,
+                context=self._context(),  # the current certificate (renewed at half-life)
                 trust_domain=self._trust_domain,
                 on_request=self._on_request,
                 timeout=self._timeout,

@@ -147,8 +147,9 @@ async def mesh(
     """The destination, the waypoint in front of it; yields the waypoint's port."""
     waypoint_cert = workload_certs.issue(mesh_ca, WAYPOINT_ID)
     destination = Destination(tls.server_context(workload_certs.issue(mesh_ca, REVIEWS_ID)))
+    client_context = tls.client_context(waypoint_cert)
     connector = origin.HboneConnector(
-        tls.client_context(waypoint_cert), lambda endpoint: [REVIEWS_ID], port=destination.port
+        lambda: client_context, lambda endpoint: [REVIEWS_ID], port=destination.port
     )
     by_subset = {s.name: [s.endpoint] for s in servers}
     engine = waypoint_engine.Engine(
@@ -158,9 +159,10 @@ async def mesh(
         random.Random(3),
         policies=Policies(),
     )
+    server_context = tls.server_context(waypoint_cert)
     listener = tunnel.HboneListener(
         engine,
-        context=tls.server_context(waypoint_cert),
+        context=lambda: server_context,
         trust_domain="cluster.local",
         resolve=lambda ip, port: HOST if (ip, port) == (VIP, SERVICE_PORT) else None,
     )
