@@ -231,7 +231,7 @@ def serve(listen_port: int, upstream_port: int) -> None:
         async with server:
             await stop.wait()
 
-    runtime.run(main())
+    runtime.run(main(), collector_tuned=True)  # as `python -m waypoint` runs
 
 
 def main(argv: Sequence[str]) -> int:

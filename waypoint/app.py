@@ -160,4 +160,4 @@ def main() -> None:
         print(f"waypoint: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     log.configure(cfg.log_level)
-    runtime.run(run(cfg))
+    runtime.run(run(cfg), collector_tuned=True)

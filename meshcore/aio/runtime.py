@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -27,9 +28,27 @@ def tune_malloc() -> None:
         pass  # not glibc: keep the allocator's defaults
 
 
-def run(main: Coroutine[Any, Any, T]) -> T:
-    """Run `main` on uvloop (falling back to asyncio) after tuning the allocator."""
+# Young-generation threshold for processes that allocate per request (the default is 700).
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """Keep what start-up created out of every collection, and collect less often.
+
+    Measured on the waypoint's HTTP engine (`python -m bench l7`, 64 keep-alive connections):
+    p99 19.8 -> 7.8 ms at the same request rate; the full collections over everything the
+    imports created were the tail.
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
+def run(main: Coroutine[Any, Any, T], *, collector_tuned: bool = False) -> T:
+    """Run `main` on uvloop (falling back to asyncio) after tuning the allocator (and, for
+    processes that allocate per request, the garbage collector)."""
     tune_malloc()
+    if collector_tuned:
+        tune_gc()
     try:
         import uvloop
     except ImportError:
