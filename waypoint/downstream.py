@@ -30,6 +30,7 @@ logger = logging.getLogger("waypoint.http")
 MAX_QUEUED = 16
 MAX_BUFFERED = 1 << 20
 MAX_HEAD_BYTES = 64 * 1024
+COALESCE_LIMIT = 16 * 1024  # pieces this small wait for the loop iteration's others
 
 
 class DownstreamProtocol(asyncio.Protocol):
@@ -51,6 +52,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self._is_writable = True
         self.is_closed = False
         self._peer_ip = ""
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
 
     # -- asyncio.Protocol --
 
@@ -70,6 +73,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         # The client is done sending; answer what is in flight, then close.
+        self.flush()  # what was answered goes out before the transport closes
         if not self._exchanges:
             return None
         for ex in self._exchanges:
@@ -92,8 +96,24 @@ class DownstreamProtocol(asyncio.Protocol):
     # -- exchange.Downstream --
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        """Small pieces written in one loop iteration (a response head and its body) go out in
+        one write; a large piece goes at once, after what is pending (no copy of bulk data)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if len(data) >= COALESCE_LIMIT:
+            self.flush()
             self.transport.write(data)
+            return
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def set_upstream_paused(self, paused: bool) -> None:
         self._pause("upstream", paused)
@@ -179,6 +199,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._exchanges.popleft()
         if ex.closes_connection or self.is_closed:
             self._exchanges.clear()
+            self.flush()
             if self.transport is not None:
                 self.transport.close()
             return
@@ -191,6 +212,7 @@ class DownstreamProtocol(asyncio.Protocol):
         logger.info("waypoint refused a request", extra=log.fields(status=status, reason=reason))
         if self._task is None:
             self.write(http1.local_response(status, reason, close=True))
+        self.flush()
         if self.transport is not None:
             self.transport.close()
 

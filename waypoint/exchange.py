@@ -224,9 +224,13 @@ class Exchange:
         self._retry_on = retries.retry_on
         self._tries_left = retries.attempts
         self._response_ops = plan.response_ops
+        forwarding = self._forward(plan, found, target, upstreams.pool, retries.per_try_timeout)
         try:
-            async with asyncio.timeout(route.timeout):
-                await self._forward(plan, found, target, upstreams.pool, retries.per_try_timeout)
+            if route.timeout is None:
+                await forwarding  # no timeout context per request when none is configured
+            else:
+                async with asyncio.timeout(route.timeout):
+                    await forwarding
         except TimeoutError:
             self._cut_attempt(close=True)
             if not self._response_started:
@@ -255,9 +259,13 @@ class Exchange:
             self.outcome.attempts += 1
             self.outcome.endpoint = endpoint
             target.started(endpoint)
+            trying = self._try(plan, endpoint, pool, target)
             try:
-                async with asyncio.timeout(per_try):
-                    result = await self._try(plan, endpoint, pool, target)
+                if per_try is None:
+                    result = await trying
+                else:
+                    async with asyncio.timeout(per_try):
+                        result = await trying
             except TimeoutError:
                 if self._response_started or per_try is None:
                     target.record(endpoint, failed=True, all_=found)

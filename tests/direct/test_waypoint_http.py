@@ -665,3 +665,22 @@ def test_a_collector_that_is_down_loses_the_batch_not_the_waypoint() -> None:
         assert tracer.exported == 0
 
     _run(main())
+
+
+def test_a_client_that_half_closes_after_its_request_still_gets_the_answer() -> None:
+    table = _table([{"route": [_dest("v1")]}])
+
+    async def main() -> None:
+        async with (
+            http_upstreams.serving(http_upstreams.Upstream("v1")) as (v1,),
+            running(table, {"v1": [v1.endpoint]}) as waypoint,
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", waypoint.port)
+            writer.write(b"GET /bye HTTP/1.1\r\nhost: reviews\r\n\r\n")
+            writer.write_eof()  # done sending, still reading
+            answer = await asyncio.wait_for(reader.read(), DEADLINE)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert b'"/bye"' in answer
+
+    _run(main())
