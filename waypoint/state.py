@@ -51,6 +51,7 @@ class WaypointState:
         self._policies: dict[str, tuple[policy_spec.PolicySpec, list[dict[str, Any]]]] = {}
         self._telemetries: dict[str, dict[str, Any]] = {}
         self._reindex()
+        self._reindex_traffic()
 
     # -- xDS (meshcore.xds.client.ResourceHandler) --
 
@@ -115,6 +116,7 @@ class WaypointState:
                 self._rules[name] = value
             else:
                 self._policies[name] = value
+        self._reindex_traffic()
         return []
 
     def _translate(
@@ -139,7 +141,9 @@ class WaypointState:
         return policy_spec.parse_authorization_policy(obj), refs
 
     def _reindex(self) -> None:
+        """Address lookups, rebuilt on every Address batch (requests only read them)."""
         self._by_host = {svc.hostname: svc for svc in self._services.values()}
+        self._default_tables: dict[tuple[str, int], routes.RouteTable] = {}
         self._vips: dict[tuple[str, int], str] = {
             (str(address), mapping.service_port): svc.hostname
             for svc in self._services.values()
@@ -154,6 +158,35 @@ class WaypointState:
             for address in wl.addresses:
                 self._by_address[str(address)] = wl
 
+    def _reindex_traffic(self) -> None:
+        """Traffic lookups, rebuilt on every traffic batch; name order decides between objects
+        that claim the same host."""
+        self._table_by_host: dict[str, routes.RouteTable] = {}
+        for name in sorted(self._routes):
+            for host in self._routes[name].hosts:
+                self._table_by_host.setdefault(host, self._routes[name])
+        self._rule_by_host: dict[str, destinations.DestinationRule] = {}
+        self._wildcard_rules: list[destinations.DestinationRule] = []
+        for name in sorted(self._rules):
+            rule = self._rules[name]
+            if rule.host.startswith("*"):
+                self._wildcard_rules.append(rule)
+            else:
+                self._rule_by_host.setdefault(rule.host, rule)
+        # (target kind, namespace, name) -> the policies bound to it, as (object name, spec).
+        self._bound: dict[tuple[str, str, str], list[tuple[str, policy_spec.PolicySpec]]] = {}
+        for name in sorted(self._policies):
+            policy, refs = self._policies[name]
+            targets = set()
+            for ref in refs:
+                kind = ref.get("kind", "")
+                if kind in _GATEWAY_KINDS:
+                    targets.add(("gateway", policy.ref.namespace, ref.get("name", "")))
+                elif kind in _SERVICE_KINDS:
+                    targets.add(("service", policy.ref.namespace, ref.get("name", "")))
+            for target in targets:
+                self._bound.setdefault(target, []).append((name, policy))
+
     # -- tunnel.ServiceResolver --
 
     def resolve(self, address: str, port: int) -> str | None:
@@ -162,24 +195,26 @@ class WaypointState:
     # -- engine.RouteTables --
 
     def find_route_table(self, host: str, port: int) -> routes.RouteTable | None:
-        for name in sorted(self._routes):
-            table = self._routes[name]
-            if host in table.hosts:
-                return table
+        table = self._table_by_host.get(host)
+        if table is not None:
+            return table
         if host not in self._by_host:
             return None
-        return routes.RouteTable(
-            namespace="",
-            name="default",
-            hosts=(host,),
-            routes=(
-                routes.HttpRoute(
-                    name="default",
-                    matches=(),
-                    destinations=(routes.Destination(host, None, port, routes.FULL_WEIGHT),),
+        table = self._default_tables.get((host, port))
+        if table is None:
+            table = self._default_tables[host, port] = routes.RouteTable(
+                namespace="",
+                name="default",
+                hosts=(host,),
+                routes=(
+                    routes.HttpRoute(
+                        name="default",
+                        matches=(),
+                        destinations=(routes.Destination(host, None, port, routes.FULL_WEIGHT),),
+                    ),
                 ),
-            ),
-        )
+            )
+        return table
 
     # -- exchange.Endpoints --
 
@@ -210,38 +245,23 @@ class WaypointState:
     # -- engine.DestinationRules --
 
     def find_destination_rule(self, host: str) -> destinations.DestinationRule | None:
-        wildcard = None
-        for name in sorted(self._rules):
-            rule = self._rules[name]
-            if rule.host == host:
+        found = self._rule_by_host.get(host)
+        if found is not None:
+            return found
+        for rule in self._wildcard_rules:
+            if host.endswith(rule.host[1:]):
                 return rule
-            if wildcard is None and rule.host.startswith("*") and host.endswith(rule.host[1:]):
-                wildcard = rule
-        return wildcard
+        return None
 
     # -- engine.Policies --
 
     def find_policies(self, host: str, port: int) -> Sequence[policy_spec.PolicySpec]:
+        """Bound to this waypoint's Gateway or to the service `host`, in object-name order."""
+        found = dict(self._bound.get(("gateway", self._namespace, self._name), ()))
         service = self._by_host.get(host)
-        found = []
-        for name in sorted(self._policies):
-            policy, refs = self._policies[name]
-            for ref in refs:
-                kind, ref_name = ref.get("kind", ""), ref.get("name", "")
-                if kind in _GATEWAY_KINDS and (policy.ref.namespace, ref_name) == (
-                    self._namespace,
-                    self._name,
-                ):
-                    found.append(policy)
-                    break
-                if (
-                    kind in _SERVICE_KINDS
-                    and service is not None
-                    and (service.namespace, service.name) == (policy.ref.namespace, ref_name)
-                ):
-                    found.append(policy)
-                    break
-        return found
+        if service is not None:
+            found.update(self._bound.get(("service", service.namespace, service.name), ()))
+        return [found[name] for name in sorted(found)]
 
     # -- tracing --
 
