@@ -17,11 +17,11 @@ There is no request authentication here (no JWT), so ``requestPrincipals`` and
 from __future__ import annotations
 
 import dataclasses
-import enum
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
 
+from meshcore import rbac
 from meshcore.policy import spec
 
 
@@ -50,10 +50,8 @@ class RequestInfo:
         return ",".join(values) if values else None
 
 
-class Verdict(enum.Enum):
-    ALLOWED = "allowed"
-    EXPLICITLY_DENIED = "explicitly denied"
-    NOT_ALLOWED = "not allowed"
+# The verdicts are the L4 ones (`meshcore.rbac`): a DENY matched, no ALLOW matched, allowed.
+Verdict = rbac.Verdict
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
