@@ -145,27 +145,37 @@ async def _controller(
 
 
 @contextlib.asynccontextmanager
-async def _ztunnel(state_dir: pathlib.Path) -> AsyncIterator[Recorder]:
-    recorder = Recorder()
+async def _subscribed(
+    state_dir: pathlib.Path, node_id: str, type_urls: list[str], handler: xds_client.ResourceHandler
+) -> AsyncIterator[None]:
+    """A real DeltaXdsClient of node n1 on the controller's socket, running while inside."""
     token_file = state_dir / "token"
     token_file.write_text(TOKEN)
     client = xds_client.DeltaXdsClient(
         f"unix://{state_dir / 'xds.sock'}",
-        node_id="ztunnel~10.0.0.9~zt.istio-system~istio-system.svc.cluster.local",
+        node_id=node_id,
         node_metadata={"NODE_NAME": "n1"},
         token_file=str(token_file),
         cluster_id="Kubernetes",
-        type_urls=[types.ADDRESS, types.AUTHORIZATION],
-        handler=recorder,
+        type_urls=type_urls,
+        handler=handler,
         backoff_min=0.01,
         backoff_max=0.1,
     )
     task = asyncio.create_task(client.run())
     try:
-        yield recorder
+        yield
     finally:
         task.cancel()
         await asyncio.wait([task])
+
+
+@contextlib.asynccontextmanager
+async def _ztunnel(state_dir: pathlib.Path) -> AsyncIterator[Recorder]:
+    recorder = Recorder()
+    node_id = "ztunnel~10.0.0.9~zt.istio-system~istio-system.svc.cluster.local"
+    async with _subscribed(state_dir, node_id, [types.ADDRESS, types.AUTHORIZATION], recorder):
+        yield recorder
 
 
 def test_policy_changes_reach_ztunnel_as_deltas(state_dir: pathlib.Path) -> None:
@@ -267,25 +277,9 @@ class TrafficRecorder:
 @contextlib.asynccontextmanager
 async def _waypoint(state_dir: pathlib.Path) -> AsyncIterator[TrafficRecorder]:
     recorder = TrafficRecorder()
-    token_file = state_dir / "token"
-    token_file.write_text(TOKEN)
-    client = xds_client.DeltaXdsClient(
-        f"unix://{state_dir / 'xds.sock'}",
-        node_id="waypoint~10.244.1.9~waypoint.shop~shop.svc.cluster.local",
-        node_metadata={"NODE_NAME": "n1"},
-        token_file=str(token_file),
-        cluster_id="Kubernetes",
-        type_urls=[types.TRAFFIC],
-        handler=recorder,
-        backoff_min=0.01,
-        backoff_max=0.1,
-    )
-    task = asyncio.create_task(client.run())
-    try:
+    node_id = "waypoint~10.244.1.9~waypoint.shop~shop.svc.cluster.local"
+    async with _subscribed(state_dir, node_id, [types.TRAFFIC], recorder):
         yield recorder
-    finally:
-        task.cancel()
-        await asyncio.wait([task])
 
 
 REVIEWS_RULE = {
