@@ -133,6 +133,15 @@ async def running(
         pool.close()
 
 
+async def _dead_port() -> int:
+    """A loopback port nobody listens on: bound, noted, closed."""
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port: int = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    return port
+
+
 def _run(coro: Awaitable[T]) -> T:
     async def bounded() -> T:
         return await asyncio.wait_for(coro, DEADLINE * 3)
@@ -345,10 +354,7 @@ def test_bad_requests_unknown_hosts_and_dead_endpoints_get_clear_answers() -> No
 
     async def main() -> None:
         # A port nobody listens on: bind, note it, close.
-        probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-        dead = ("127.0.0.1", probe.sockets[0].getsockname()[1])
-        probe.close()
-        await probe.wait_closed()
+        dead = ("127.0.0.1", await _dead_port())
         async with running(table, {"v1": [dead]}) as waypoint:
             client = await waypoint.client()
             response = await client.request()
@@ -653,10 +659,7 @@ def test_invalid_traceparents_are_not_continued(value: str) -> None:
 
 def test_a_collector_that_is_down_loses_the_batch_not_the_waypoint() -> None:
     async def main() -> None:
-        probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-        port = probe.sockets[0].getsockname()[1]
-        probe.close()
-        await probe.wait_closed()
+        port = await _dead_port()
         tracer = tracing.Tracer(f"http://127.0.0.1:{port}", sample_percent=100)
         tracer.finish(tracer.start([], "svc:80/*"))
         await tracer.flush()  # refused: logged, not raised
