@@ -49,9 +49,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._head_bytes = 0
         self._task: asyncio.Task[None] | None = None
         self._paused_for: set[str] = set()
-        self._is_writable = True
         self.is_closed = False
-        self._peer_ip = ""
         self._out: list[bytes] = []
         self._flush_scheduled = False
 
@@ -61,7 +59,6 @@ class DownstreamProtocol(asyncio.Protocol):
         self.transport = typing.cast(asyncio.Transport, transport)
         if self._caller is None:
             self._caller = caller_of(transport, self._port)
-        self._peer_ip = self._caller.address[0]
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -86,11 +83,9 @@ class DownstreamProtocol(asyncio.Protocol):
             self._task.cancel()
 
     def pause_writing(self) -> None:
-        self._is_writable = False
         self._set_upstream_reading(False)
 
     def resume_writing(self) -> None:
-        self._is_writable = True
         self._set_upstream_reading(True)
 
     # -- exchange.Downstream --
@@ -154,7 +149,8 @@ class DownstreamProtocol(asyncio.Protocol):
             content_length=length,
             is_chunked=is_chunked,
         )
-        ex = exchange.Exchange(head, Http1Responder(self, head), self._peer_ip)
+        assert self._caller is not None  # set in connection_made
+        ex = exchange.Exchange(head, Http1Responder(self, head), self._caller.address[0])
         self._parsing = ex
         self._exchanges.append(ex)
         if expects_continue:

@@ -152,7 +152,6 @@ class Exchange:
         self.is_replayable = True
         self.is_body_done = not head.has_body
         self._attempt: _Attempt | None = None
-        self._upstream_chunked = head.is_chunked
         self._response_started = False
         self._response_ops: tuple[routes.HeaderOps, ...] = ()
         self._retry_on: tuple[str, ...] = ()
@@ -173,11 +172,11 @@ class Exchange:
                 self.is_replayable = False  # already sent on: not kept
                 self._body = []
         if self._attempt is not None:
-            self._attempt.conn.write(http1.encode_chunk(data) if self._upstream_chunked else data)
+            self._attempt.conn.write(http1.encode_chunk(data) if self.head.is_chunked else data)
 
     def request_end(self) -> None:
         self.is_body_done = True
-        if self._attempt is not None and self._upstream_chunked:
+        if self._attempt is not None and self.head.is_chunked:
             self._attempt.conn.write(http1.LAST_CHUNK)
 
     def set_upstream_reading(self, on: bool) -> None:
@@ -326,8 +325,8 @@ class Exchange:
         data = http1.encode_request(self.head.method, plan.target, list(plan.headers), framing)
         body = b"".join(self._body)
         if body:
-            data += http1.encode_chunk(body) if self._upstream_chunked else body
-        if self.is_body_done and self._upstream_chunked:
+            data += http1.encode_chunk(body) if self.head.is_chunked else body
+        if self.is_body_done and self.head.is_chunked:
             data += http1.LAST_CHUNK
         conn.start(attempt, data, no_body=self.head.method == "HEAD")
         self.downstream.check_buffers()
