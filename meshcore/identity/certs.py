@@ -111,7 +111,8 @@ def spiffe_id_of(cert: x509.Certificate) -> spiffe.SpiffeId:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise PeerIdentityError("certificate has no subjectAltName extension") from None
-    except ValueError as exc:  # a malformed extension is only reported when it is read
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        # A malformed extension is only reported when it is read (as in csr.py).
         raise PeerIdentityError(f"certificate has a malformed extension: {exc}") from exc
     return _spiffe_id_from_uris(san.get_values_for_type(x509.UniformResourceIdentifier))
 

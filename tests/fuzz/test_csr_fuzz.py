@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
@@ -82,6 +83,18 @@ def test_mutated_ca_response(der: bytes) -> None:
         )
     except certs.IdentityError:
         pass
+
+
+def test_a_ca_response_with_a_duplicate_extension_is_an_identity_error() -> None:
+    # Found by test_mutated_ca_response: the SAN's OID turned into the authority key id's, so
+    # the certificate holds that extension twice, which cryptography reports on first read.
+    san_oid, aki_oid = bytes.fromhex("0603551d11"), bytes.fromhex("0603551d23")
+    assert LEAF_DER.count(san_oid) == 1
+    der = LEAF_DER.replace(san_oid, aki_oid)
+    with pytest.raises(certs.PeerIdentityError, match="malformed extension"):
+        certs.build_workload_certificate(
+            WEB, KEY, [_pem("CERTIFICATE", der), AUTHORITY.root_pem], trusted_root_pem=None, now=NOW
+        )
 
 
 @FUZZ
