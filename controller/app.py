@@ -11,6 +11,7 @@ import sys
 
 from controller import config as config_mod
 from controller import feed as feed_mod
+from controller.ca import authz
 from controller.ca import service as ca_service
 from controller.sources.local import apiserver, deployments, kinds, persistence, policystatus
 from controller.sources.local import errors as local_errors
@@ -21,7 +22,8 @@ from controller.xds import server as xds_server
 from meshcore import log, rpc_server
 from meshcore.aio import runtime
 from meshcore.identity import ca as ca_mod
-from meshcore.identity import spiffe, tokens
+from meshcore.identity import tokens
+from meshcore.kube import resources
 
 logger = logging.getLogger("controller")
 
@@ -30,14 +32,16 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-class _NodeAuthorizer:
-    """The CA may issue an identity to a node only when a pod with it runs there (spec 5.4)."""
-
-    def __init__(self, feed: feed_mod.Feed) -> None:
-        self._feed = feed
-
-    def may_issue(self, node: str, identity: spiffe.SpiffeId) -> bool:
-        return self._feed.translator.has_identity_on_node(node, identity)
+def _build_authorizer(
+    feed: feed_mod.Feed, store: store_mod.ObjectStore, trust_domain: str
+) -> authz.CallerAuthorizer:
+    """The CA issues an identity to a node only when a pod with it runs there (spec 5.4), and
+    to a pod only its own, while it runs."""
+    return authz.CallerAuthorizer(
+        lambda node, identity: feed.translator.has_identity_on_node(node, identity),
+        lambda namespace, name: store.find(resources.PODS, name, namespace),
+        trust_domain,
+    )
 
 
 async def run(cfg: config_mod.Config) -> None:
@@ -82,12 +86,11 @@ async def run(cfg: config_mod.Config) -> None:
     node_tokens = tokens.NodeTokens(tokens.load_or_create_secret(cfg.token_secret_file))
 
     # One gRPC server for delta xDS and CreateCertificate.
+    authorizer = _build_authorizer(feed, store, cfg.trust_domain)
     ads = xds_server.XdsServer(
-        cache, authenticate=lambda token: node_tokens.verify(token) if token else None
+        cache, authenticate=authz.build_xds_authenticator(node_tokens, authorizer)
     )
-    certificates = ca_service.CertificateService(
-        authority, node_tokens, _NodeAuthorizer(feed), clock=_now
-    )
+    certificates = ca_service.CertificateService(authority, node_tokens, authorizer, clock=_now)
     grpc_server = rpc_server.new_server()
     xds_server.register(grpc_server, ads)
     ca_service.register(grpc_server, certificates)

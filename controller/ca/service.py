@@ -1,15 +1,16 @@
-"""`istio.v1.auth.IstioCertificateService/CreateCertificate` for node proxies (spec section 5.4).
+"""`istio.v1.auth.IstioCertificateService/CreateCertificate` for node proxies and waypoints (spec
+section 5.4).
 
 Order of checks, each failing closed before the next runs:
-1. the bearer token names a node (else UNAUTHENTICATED);
+1. the bearer token names a node, or a pod its node vouched for (else UNAUTHENTICATED);
 2. metadata.ImpersonatedIdentity is a SPIFFE ID (else INVALID_ARGUMENT);
 3. the CSR is well formed and names exactly that identity (else INVALID_ARGUMENT);
-4. the identity is in our trust domain and the authorizer lets that node hold it (else
-   PERMISSION_DENIED);
+4. the identity is in our trust domain and the authorizer lets that caller hold it (else
+   PERMISSION_DENIED; a pod may hold only its own service account's identity);
 5. sign for min(requested TTL, max TTL), or the default TTL when none was requested.
 
 Error-to-status mapping happens only in `CreateCertificate`. Every issuance and every refusal is
-logged with the node, identity and reason.
+logged with the caller, identity and reason.
 """
 
 from __future__ import annotations
@@ -69,16 +70,16 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
         self, request: ca_pb2.IstioCertificateRequest, context: _Context
     ) -> ca_pb2.IstioCertificateResponse:
         metadata = {key: value for key, value in (context.invocation_metadata() or ())}
-        node = self._tokens.verify(rpc.bearer_token(metadata) or "")
+        caller = self._tokens.verify_caller(rpc.bearer_token(metadata) or "")
         try:
-            if node is None:
+            if caller is None:
                 raise _Refusal(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-            return self._issue(node, request)
+            return self._issue(caller, request)
         except _Refusal as refusal:
             _log.warning(
                 "certificate refused",
                 extra=log.fields(
-                    node=node,
+                    caller=None if caller is None else authz.describe(caller),
                     identity=refusal.identity,
                     code=refusal.code.name,
                     reason=refusal.reason,
@@ -88,7 +89,7 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
             await context.abort(refusal.code, refusal.reason)
 
     def _issue(
-        self, node: str, request: ca_pb2.IstioCertificateRequest
+        self, caller: tokens.Caller, request: ca_pb2.IstioCertificateRequest
     ) -> ca_pb2.IstioCertificateResponse:
         identity = self._impersonated_identity(request)
         try:
@@ -104,11 +105,15 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
                 f"identity {identity} is outside trust domain {self._ca.trust_domain!r}",
                 identity.uri,
             )
-        if not self._authorizer.may_issue(node, identity):
+        if not self._authorizer.may_issue(caller, identity):
+            why = (
+                "a pod may obtain only its own service account's identity, while it runs"
+                if isinstance(caller, tokens.PodClaims)
+                else "no pod with that service account runs on it"
+            )
             raise _Refusal(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"node {node!r} may not obtain {identity}: no pod with that service account "
-                "runs on it",
+                f"{authz.describe(caller)} may not obtain {identity}: {why}",
                 identity.uri,
             )
 
@@ -129,7 +134,7 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
         _log.info(
             "certificate issued",
             extra=log.fields(
-                node=node,
+                caller=authz.describe(caller),
                 identity=identity.uri,
                 serial=str(leaf.serial_number),
                 not_after=leaf.not_valid_after_utc.isoformat(),
@@ -145,7 +150,7 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
             raise _Refusal(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"metadata.{IMPERSONATED_IDENTITY} must be a SPIFFE ID string; "
-                "only node proxies may request certificates",
+                "the caller names the identity it asks for",
             )
         try:
             return spiffe.SpiffeId.parse(value.string_value)

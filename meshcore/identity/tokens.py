@@ -5,13 +5,25 @@ HMAC-SHA256(secret, "v1." + node). The controller mints one per node at start-up
 writes it to `<state>/nodes/<node>/token`); ztunnel sends it as ``authorization: Bearer``. The
 token is a bearer credential: anyone holding it may act as that node, so files holding tokens or
 the secret are 0600. Tokens do not expire; rotating the secret revokes all of them.
+
+Pod tokens: a node vouches for one of its pods (the playground kubelet gives one to a pod that
+asks for a projected ``serviceAccountToken`` volume, as the waypoint's pods do). Format
+``pod1.<claims>.<mac>``: claims is the unpadded URL-safe base64 of a JSON array
+``[node, namespace, pod name, pod uid, service account]``, mac is HMAC-SHA256 keyed with the
+node's own token over ``"pod1." + claims``. The node can only mint tokens for the claims it
+states, so its blast radius is its own: the controller checks, at every use, that the pod
+exists with that uid on that node and runs as that service account, and a pod token then
+obtains only that service account's identity. A deleted pod's token is dead at once.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import dataclasses
 import hashlib
 import hmac
+import json
 import os
 import re
 import secrets
@@ -25,10 +37,63 @@ SECRET_BYTES = 32
 _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _MAX_NODE_NAME = 253
 _MAX_TOKEN = 512
+POD_VERSION = "pod1"
+_MAX_POD_TOKEN = 4096
 
 
 class TokenError(errors.MeshError):
     """A node token or the token secret cannot be made or loaded."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PodClaims:
+    """What a pod token says: node `node` vouches that pod namespace/name (uid) runs as
+    `service_account` on it."""
+
+    node: str
+    namespace: str
+    name: str
+    uid: str
+    service_account: str
+
+    def __str__(self) -> str:
+        return f"pod {self.namespace}/{self.name} on node {self.node}"
+
+
+# Who presented a token: a node (its name) or a pod a node vouched for.
+Caller = str | PodClaims
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _pod_mac(node_token: str, claims_text: str) -> str:
+    message = f"{POD_VERSION}.{claims_text}".encode()
+    return _b64(hmac.new(node_token.encode(), message, hashlib.sha256).digest())
+
+
+def mint_pod_token(node_token: str, claims: PodClaims) -> str:
+    """A pod token for `claims`, signed with the node token of `claims.node` (kubelet side)."""
+    fields = [claims.node, claims.namespace, claims.name, claims.uid, claims.service_account]
+    if not all(isinstance(f, str) and f for f in fields):
+        raise TokenError(f"pod token claims must all be non-empty strings: {claims}")
+    claims_text = _b64(json.dumps(fields, separators=(",", ":")).encode())
+    return f"{POD_VERSION}.{claims_text}.{_pod_mac(node_token, claims_text)}"
+
+
+def _parse_pod_claims(claims_text: str) -> PodClaims | None:
+    try:
+        fields = json.loads(base64.urlsafe_b64decode(claims_text + "=" * (-len(claims_text) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return None
+    if (
+        not isinstance(fields, list)
+        or len(fields) != 5
+        or not all(isinstance(f, str) and f for f in fields)
+    ):
+        return None
+    return PodClaims(*fields)
 
 
 class NodeTokens:
@@ -62,6 +127,27 @@ class NodeTokens:
         if not hmac.compare_digest(mac.encode("ascii"), self._mac(node).encode("ascii")):
             return None
         return node
+
+    def verify_caller(self, token: str) -> Caller | None:
+        """The node, or the claims of a pod token whose node signed it; None for anything else
+        (never raises). Whether the pod still exists is the caller's check."""
+        if isinstance(token, str) and token.startswith(POD_VERSION + "."):
+            return self._verify_pod(token)
+        return self.verify(token)
+
+    def _verify_pod(self, token: str) -> PodClaims | None:
+        if len(token) > _MAX_POD_TOKEN or not token.isascii():
+            return None
+        claims_text, dot, mac = token[len(POD_VERSION) + 1 :].partition(".")
+        if not dot or "." in mac:
+            return None
+        claims = _parse_pod_claims(claims_text)
+        if claims is None or len(claims.node) > _MAX_NODE_NAME or not _NODE_NAME.match(claims.node):
+            return None
+        expected = _pod_mac(self.mint(claims.node), claims_text)
+        if not hmac.compare_digest(mac.encode("ascii"), expected.encode("ascii")):
+            return None
+        return claims
 
     def _mac(self, node: str) -> str:
         digest = hmac.new(self._secret, f"{VERSION}.{node}".encode(), hashlib.sha256).digest()

@@ -18,7 +18,7 @@ import grpclib.const
 import pytest
 from cryptography import x509
 
-from controller.ca import service
+from controller.ca import authz, service
 from meshcore import rpc, rpc_server
 from meshcore.identity import ca, certs, csr, spiffe, tokens
 from meshcore.identity import ca_client as client
@@ -49,6 +49,7 @@ class Harness:
     authority: ca.CertificateAuthority
     authorizer: NodePods
     token_file: str
+    pods: dict[tuple[str, str], dict[str, object]]
 
     def client(self, token_file: str | None = None) -> client.GrpcCaClient:
         return client.GrpcCaClient(self.address, token_file or self.token_file, "Kubernetes")
@@ -88,8 +89,12 @@ async def running(
 ) -> AsyncIterator[Harness]:
     node_tokens = tokens.NodeTokens(SECRET)
     authorizer = NodePods({NODE: {WEB, DB}, "node-2": set()})
+    pods: dict[tuple[str, str], dict[str, object]] = {}
+    callers = authz.CallerAuthorizer(
+        authorizer.may_issue, lambda ns, name: pods.get((ns, name)), "cluster.local"
+    )
     servicer = service.CertificateService(
-        authority, node_tokens, authorizer, default_ttl=default_ttl, max_ttl=max_ttl, clock=_now
+        authority, node_tokens, callers, default_ttl=default_ttl, max_ttl=max_ttl, clock=_now
     )
     server = rpc_server.new_server()
     address = f"unix://{directory}/ca.sock"
@@ -99,7 +104,7 @@ async def running(
     token_file = directory / "token"
     token_file.write_text(node_tokens.mint(NODE) + "\n")
     try:
-        yield Harness(address, directory, authority, authorizer, str(token_file))
+        yield Harness(address, directory, authority, authorizer, str(token_file), pods)
     finally:
         await server.stop(grace=None)
 
@@ -157,7 +162,7 @@ def test_issues_a_chain_that_verifies(
     assert _lifetime(chain[0]) == datetime.timedelta(hours=1, minutes=1)  # TTL + clock skew
 
     [issued] = _issuance_logs(caplog, "certificate issued")
-    assert issued["node"] == NODE
+    assert issued["caller"] == f"node {NODE!r}"
     assert issued["identity"] == WEB.uri
     assert issued["serial"] == str(cert.serial_number)
     assert issued["not_after"] == cert.not_after.isoformat()
@@ -219,7 +224,7 @@ def test_bad_token_is_unauthenticated(
     assert "missing or invalid bearer token" in error.message
     [refusal] = _issuance_logs(caplog, "certificate refused")
     assert refusal["code"] == "UNAUTHENTICATED"
-    assert refusal["node"] is None
+    assert refusal["caller"] is None
 
 
 def test_missing_token_is_unauthenticated(
@@ -272,7 +277,7 @@ def test_identity_not_on_node_is_permission_denied(
     assert "'node-2'" in error.message
     assert WEB.uri in error.message
     [refusal] = _issuance_logs(caplog, "certificate refused")
-    assert refusal["node"] == "node-2"
+    assert refusal["caller"] == "node 'node-2'"
     assert refusal["identity"] == WEB.uri
     assert refusal["code"] == "PERMISSION_DENIED"
     assert "node-2" in str(refusal["reason"])
@@ -350,3 +355,76 @@ def test_bad_impersonated_identity_is_invalid_argument(
     error = asyncio.run(main())
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in (error.details() or "")
+
+
+# -- pod tokens (a waypoint's pod, vouched for by its node) ------------------------------------
+
+WAYPOINT = spiffe.SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/waypoint")
+WAYPOINT_POD = tokens.PodClaims(NODE, "shop", "waypoint-abc", "uid-1", "waypoint")
+
+
+def _pod_object(uid: str = "uid-1", **status: str) -> dict[str, object]:
+    return {
+        "metadata": {"name": "waypoint-abc", "namespace": "shop", "uid": uid},
+        "spec": {"nodeName": NODE, "serviceAccountName": "waypoint"},
+        "status": {"phase": "Running", **status},
+    }
+
+
+def _pod_token(harness: Harness, claims: tokens.PodClaims = WAYPOINT_POD) -> str:
+    node_token = tokens.NodeTokens(SECRET).mint(claims.node)
+    return harness.write_token("pod-token", tokens.mint_pod_token(node_token, claims))
+
+
+def test_pod_token_obtains_its_own_identity_only(
+    short_dir: pathlib.Path, authority: ca.CertificateAuthority
+) -> None:
+    async def main() -> tuple[list[str], client.CaRequestError]:
+        async with running(short_dir, authority) as harness:
+            harness.pods[("shop", "waypoint-abc")] = _pod_object()
+            token = _pod_token(harness)
+            chain = await _fetch(
+                harness.client(token), WAYPOINT, csr.build_csr(csr.generate_key(), WAYPOINT)
+            )
+            # WEB runs on the node that vouched, but the pod is not WEB.
+            with pytest.raises(client.CaRequestError) as raised:
+                await _fetch(harness.client(token), WEB, csr.build_csr(csr.generate_key(), WEB))
+            return chain, raised.value
+
+    chain, error = asyncio.run(main())
+    leaf = certs.split_pem_chain([chain[0].encode()])[0]
+    assert certs.spiffe_id_of(leaf) == WAYPOINT
+    assert error.code is grpclib.const.Status.PERMISSION_DENIED
+    assert "pod shop/waypoint-abc" in error.message
+    assert WEB.uri in error.message
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        None,  # deleted
+        _pod_object(uid="uid-2"),  # deleted and recreated with the same name
+        _pod_object(phase="Succeeded"),
+        {**_pod_object(), "spec": {"nodeName": "node-2", "serviceAccountName": "waypoint"}},
+    ],
+    ids=["gone", "recreated", "finished", "moved"],
+)
+def test_pod_token_dies_with_its_pod(
+    short_dir: pathlib.Path,
+    authority: ca.CertificateAuthority,
+    stored: dict[str, object] | None,
+) -> None:
+    async def main() -> client.CaRequestError:
+        async with running(short_dir, authority) as harness:
+            if stored is not None:
+                harness.pods[("shop", "waypoint-abc")] = stored
+            token = _pod_token(harness)
+            with pytest.raises(client.CaRequestError) as raised:
+                await _fetch(
+                    harness.client(token), WAYPOINT, csr.build_csr(csr.generate_key(), WAYPOINT)
+                )
+            return raised.value
+
+    error = asyncio.run(main())
+    assert error.code is grpclib.const.Status.PERMISSION_DENIED
+    assert "while it runs" in error.message

@@ -3,6 +3,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import os
 import pathlib
 import stat
@@ -113,3 +114,77 @@ def test_load_or_create_secret_never_replaces_corrupt(
         tokens.load_or_create_secret(str(path))
     assert str(path) in str(raised.value)
     assert path.read_bytes() == content
+
+
+# -- pod tokens ---------------------------------------------------------------------------------
+
+CLAIMS = tokens.PodClaims("node-1", "shop", "waypoint-7c5-abcde", "uid-1", "waypoint")
+
+
+def test_pod_token_roundtrip() -> None:
+    issuer = tokens.NodeTokens(SECRET)
+    token = tokens.mint_pod_token(issuer.mint("node-1"), CLAIMS)
+    assert token.startswith("pod1.")
+    assert "=" not in token
+    assert issuer.verify_caller(token) == CLAIMS
+    # A pod token is not a node token, and a node token still names its node.
+    assert issuer.verify(token) is None
+    assert issuer.verify_caller(issuer.mint("node-1")) == "node-1"
+
+
+def _reclaim(token: str, **changes: str) -> str:
+    """The token with its claims rewritten and its MAC kept."""
+    _, _, mac = token.split(".")
+    fields = [
+        changes.get(name, getattr(CLAIMS, name))
+        for name in ("node", "namespace", "name", "uid", "service_account")
+    ]
+    claims = base64.urlsafe_b64encode(json.dumps(fields, separators=(",", ":")).encode())
+    return f"pod1.{claims.rstrip(b'=').decode()}.{mac}"
+
+
+POD_GOOD = tokens.mint_pod_token(tokens.NodeTokens(SECRET).mint("node-1"), CLAIMS)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        _flip_last(POD_GOOD),
+        # A node may not vouch for a pod of another node, nor change what it vouched for.
+        _reclaim(POD_GOOD, node="node-2"),
+        _reclaim(POD_GOOD, service_account="admin"),
+        _reclaim(POD_GOOD, namespace="istio-system"),
+        # Signed with another node's token, or another secret's.
+        tokens.mint_pod_token(tokens.NodeTokens(SECRET).mint("node-2"), CLAIMS),
+        tokens.mint_pod_token(tokens.NodeTokens(b"x" * 32).mint("node-1"), CLAIMS),
+        "pod1.",
+        "pod1..",
+        "pod1.!!!.mac",
+        "pod1." + base64.urlsafe_b64encode(b'{"a": 1}').decode().rstrip("=") + ".mac",
+        "pod1." + base64.urlsafe_b64encode(b'["n","s","p","u",""]').decode().rstrip("=") + ".m",
+        POD_GOOD + ".extra",
+        "pod1." + "a" * 10_000 + ".mac",
+    ],
+    ids=[
+        "tampered-mac",
+        "other-node",
+        "other-service-account",
+        "other-namespace",
+        "signed-by-other-node",
+        "other-secret",
+        "prefix-only",
+        "empty-parts",
+        "not-base64",
+        "not-a-list",
+        "empty-claim",
+        "extra-part",
+        "huge",
+    ],
+)
+def test_pod_token_rejects(token: str) -> None:
+    assert tokens.NodeTokens(SECRET).verify_caller(token) is None
+
+
+def test_pod_token_refuses_empty_claims() -> None:
+    with pytest.raises(tokens.TokenError, match="non-empty"):
+        tokens.mint_pod_token("v1.n.mac", tokens.PodClaims("n", "ns", "p", "", "sa"))
