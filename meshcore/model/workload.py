@@ -29,6 +29,36 @@ class ApplicationTunnel:
     port: int | None = None
 
 
+HBONE_MTLS_PORT = 15008
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GatewayAddress:
+    """Where a waypoint is reached (istio.workload.GatewayAddress): exactly one of a Service
+    named by `hostname` = (namespace, hostname), or one `address` = (network, IP).
+
+    A waypoint is always reached over HBONE on `hbone_mtls_port`, whatever its own workloads'
+    tunnel protocol: waypoint pods are not captured by ztunnel and terminate HBONE themselves.
+    """
+
+    hostname: tuple[str, str] | None = None
+    address: tuple[str, ids.IpAddress] | None = None
+    hbone_mtls_port: int = HBONE_MTLS_PORT
+
+    def __post_init__(self) -> None:
+        if (self.hostname is None) == (self.address is None):
+            raise ValueError("a GatewayAddress names exactly one of hostname or address")
+
+    def __str__(self) -> str:
+        """How messages name it: "shop/waypoint (waypoint.shop.svc.cluster.local)"."""
+        if self.hostname is not None:
+            namespace, hostname = self.hostname
+            return f"{namespace}/{hostname.split('.', 1)[0]} ({hostname})"
+        assert self.address is not None
+        network, address = self.address
+        return f"{address} on network {network!r}" if network else str(address)
+
+
 class WorkloadStatus(enum.Enum):
     HEALTHY = 0
     UNHEALTHY = 1
@@ -83,6 +113,9 @@ class Workload:
     cluster_id: str = ids.DEFAULT_CLUSTER_ID
     network: str = ""
     application_tunnel: ApplicationTunnel | None = None
+    # Traffic dialled to this workload's own address goes through this waypoint (never
+    # traffic addressed to one of its services: that follows the Service's waypoint).
+    waypoint: GatewayAddress | None = None
     # The pod's labels, sorted: waypoints pick DestinationRule subsets by them.
     labels: tuple[tuple[str, str], ...] = ()
 
@@ -118,6 +151,8 @@ class Service:
     addresses: tuple[ids.IpAddress, ...]  # empty for a headless service
     ports: tuple[PortMapping, ...]
     subject_alt_names: tuple[str, ...] = ()
+    # Traffic to the service's addresses goes through this waypoint (L7 policy and routing).
+    waypoint: GatewayAddress | None = None
 
     @property
     def key(self) -> ids.ServiceKey:

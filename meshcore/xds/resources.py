@@ -3,11 +3,12 @@
 Encoding never fails: the model is already valid. Decoding validates everything the model relies
 on (address lengths, enum values, identity parts, port ranges) and raises `ResourceError` naming
 the resource and the field path, so a bad resource becomes one line in a NACK instead of a broken
-store. Fields the model does not carry (waypoints, locality, load balancing, extensions...) are
-ignored on decode, as an older ztunnel ignores fields it does not know.
+store. Fields the model does not carry (locality, load balancing, weighted waypoints,
+extensions...) are ignored on decode, as an older ztunnel ignores fields it does not know.
 
 Defaults follow the proto: an empty `trust_domain` means ``cluster.local`` and an empty
 `service_account` means ``default``. Like istiod, the encoder omits the default trust domain.
+A waypoint's `hbone_mtls_port` of 0 (unset in proto3) means 15008, the only port istiod writes.
 `Workload.services` is a proto map, which has no order: decoded bindings are sorted by key.
 """
 
@@ -114,6 +115,8 @@ def workload_to_proto(wl: workload.Workload) -> workload_pb2.Workload:
         pb.application_tunnel.SetInParent()  # present even when every field is a default
         pb.application_tunnel.protocol = _APP_TUNNEL_TO_PB[wl.application_tunnel.protocol]
         pb.application_tunnel.port = wl.application_tunnel.port or 0  # 0: the client's port
+    if wl.waypoint is not None:
+        pb.waypoint.CopyFrom(_gateway_to_proto(wl.waypoint))
     if wl.labels:
         # Istio's Workload has no labels; they travel as an extension, which ztunnels that
         # do not know it ignore.
@@ -170,6 +173,7 @@ def workload_from_proto(pb: workload_pb2.Workload) -> workload.Workload:
         cluster_id=pb.cluster_id,
         network=pb.network,
         application_tunnel=_application_tunnel(name, pb),
+        waypoint=_gateway_from_proto(name, "waypoint", pb),
         labels=_labels(name, pb),
     )
 
@@ -206,7 +210,7 @@ def _application_tunnel(name: str, pb: workload_pb2.Workload) -> workload.Applic
 
 
 def service_to_proto(svc: workload.Service) -> workload_pb2.Service:
-    return workload_pb2.Service(
+    pb = workload_pb2.Service(
         name=svc.name,
         namespace=svc.namespace,
         hostname=svc.hostname,
@@ -217,6 +221,9 @@ def service_to_proto(svc: workload.Service) -> workload_pb2.Service:
         ],
         subject_alt_names=list(svc.subject_alt_names),
     )
+    if svc.waypoint is not None:
+        pb.waypoint.CopyFrom(_gateway_to_proto(svc.waypoint))
+    return pb
 
 
 def service_from_proto(pb: workload_pb2.Service) -> workload.Service:
@@ -242,7 +249,53 @@ def service_from_proto(pb: workload_pb2.Service) -> workload.Service:
             for i, p in enumerate(pb.ports)
         ),
         subject_alt_names=tuple(pb.subject_alt_names),
+        waypoint=_gateway_from_proto(name, "waypoint", pb),
     )
+
+
+# --- waypoints (GatewayAddress) ---
+
+
+def _gateway_to_proto(gateway: workload.GatewayAddress) -> workload_pb2.GatewayAddress:
+    pb = workload_pb2.GatewayAddress(hbone_mtls_port=gateway.hbone_mtls_port)
+    if gateway.hostname is not None:
+        namespace, hostname = gateway.hostname
+        pb.hostname.namespace = namespace
+        pb.hostname.hostname = hostname
+    else:
+        assert gateway.address is not None
+        network, address = gateway.address
+        pb.address.network = network
+        pb.address.address = address.packed
+    return pb
+
+
+def _gateway_from_proto(
+    name: str, field: str, pb: workload_pb2.Workload | workload_pb2.Service
+) -> workload.GatewayAddress | None:
+    # A message field: absent means no waypoint; present, it must name where the waypoint is,
+    # or traffic that has to go through it would have nowhere to go.
+    if not pb.HasField("waypoint"):
+        return None
+    gateway = pb.waypoint
+    port = _port(name, f"{field}.hbone_mtls_port", gateway.hbone_mtls_port, zero=True)
+    port = port or workload.HBONE_MTLS_PORT
+    match gateway.WhichOneof("destination"):
+        case "hostname":
+            if not gateway.hostname.namespace:
+                raise ResourceError(name, f"{field}.hostname.namespace", "required")
+            if not gateway.hostname.hostname:
+                raise ResourceError(name, f"{field}.hostname.hostname", "required")
+            return workload.GatewayAddress(
+                hostname=(gateway.hostname.namespace, gateway.hostname.hostname),
+                hbone_mtls_port=port,
+            )
+        case "address":
+            address = _ip_address(name, f"{field}.address.address", gateway.address.address)
+            return workload.GatewayAddress(
+                address=(gateway.address.network, address), hbone_mtls_port=port
+            )
+    raise ResourceError(name, f"{field}.destination", "neither hostname nor address set")
 
 
 # --- authorization ---

@@ -21,6 +21,19 @@ _raw_address = (
 )
 
 
+def _draw_waypoint(draw: st.DrawFn, gateway: workload_pb2.GatewayAddress) -> None:
+    """Fill a present GatewayAddress: a hostname, an address, or neither (invalid)."""
+    gateway.SetInParent()
+    kind = draw(st.sampled_from(["hostname", "address", None]))
+    if kind == "hostname":
+        gateway.hostname.namespace = draw(_name)
+        gateway.hostname.hostname = draw(_name)
+    elif kind == "address":
+        gateway.address.network = draw(_text)
+        gateway.address.address = draw(_raw_address)
+    gateway.hbone_mtls_port = draw(st.just(15008) | _uint32)
+
+
 def _decode(type_url: str, value: bytes, name: str = "") -> None:
     packed = any_pb2.Any(type_url=type_url, value=value)
     try:
@@ -62,6 +75,8 @@ def _workload_bytes(draw: st.DrawFn) -> bytes:
         pb.application_tunnel.SetInParent()
         pb.application_tunnel.port = draw(_port | st.just(0))
         setattr(pb.application_tunnel, "protocol", draw(_enum))  # noqa: B010 (open enum)
+    if draw(st.booleans()):
+        _draw_waypoint(draw, pb.waypoint)
     for key in draw(st.lists(st.builds("{}/{}".format, _name, _name) | _text, max_size=2)):
         for _ in range(draw(st.integers(0, 2))):
             pb.services[key].ports.add(service_port=draw(_port), target_port=draw(_port))
@@ -82,6 +97,8 @@ def _service_bytes(draw: st.DrawFn) -> bytes:
             for _ in range(draw(st.integers(0, 2)))
         ],
     )
+    if draw(st.booleans()):
+        _draw_waypoint(draw, pb.waypoint)
     return workload_pb2.Address(service=pb).SerializeToString()
 
 

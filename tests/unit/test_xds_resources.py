@@ -74,6 +74,7 @@ def _full_workload() -> workload.Workload:
         cluster_id="east",
         network="net-1",
         application_tunnel=workload.ApplicationTunnel(workload.AppTunnelProtocol.PROXY, 15088),
+        waypoint=workload.GatewayAddress(address=("net-1", V6), hbone_mtls_port=15009),
         labels=(("app", "web"), ("version", "v2")),
     )
 
@@ -86,6 +87,9 @@ def _full_service() -> workload.Service:
         addresses=(ipaddress.ip_address("10.96.0.10"), ipaddress.ip_address("fd00:96::a")),
         ports=(workload.PortMapping(80, 8080), workload.PortMapping(8443, 0)),
         subject_alt_names=("spiffe://cluster.local/ns/shop/sa/web",),
+        waypoint=workload.GatewayAddress(
+            hostname=("mesh", "waypoint.mesh.svc.cluster.local"), hbone_mtls_port=15009
+        ),
     )
 
 
@@ -674,3 +678,153 @@ def test_labels_that_are_not_strings_are_refused_naming_the_field() -> None:
     pb.extensions[0].config.Pack(bad)
     with pytest.raises(resources.ResourceError, match=r"extensions\[0\]\.config\['replicas'\]"):
         resources.workload_from_proto(pb)
+
+
+# --- waypoints (GatewayAddress: hostname = 1 {namespace = 1, hostname = 2}, address = 2
+#     {network = 1, address = 2}, hbone_mtls_port = 3; Service field 7, Workload field 8) ---
+
+_WAYPOINT_HOST = "waypoint.shop.svc.cluster.local"
+_SVC_HEAD = _str(1, "web") + _str(2, "shop") + _str(3, "web.shop.svc.cluster.local")
+_WL_HEAD = _str(20, "c//Pod/shop/a") + _str(1, "a") + _str(2, "shop")
+
+
+def _svc_with_waypoint(gateway: bytes) -> any_pb2.Any:
+    return _any(types.ADDRESS, _len(2, _SVC_HEAD + _len(7, gateway)))
+
+
+def _wl_with_waypoint(gateway: bytes) -> any_pb2.Any:
+    return _any(types.ADDRESS, _len(1, _WL_HEAD + _len(8, gateway)))
+
+
+@pytest.mark.parametrize(
+    ("gateway", "expected"),
+    [
+        pytest.param(
+            _len(1, _str(1, "shop") + _str(2, _WAYPOINT_HOST)) + _int(3, 15008),
+            workload.GatewayAddress(hostname=("shop", _WAYPOINT_HOST), hbone_mtls_port=15008),
+            id="hostname",
+        ),
+        pytest.param(
+            _len(2, _str(1, "net-1") + _len(2, V4.packed)) + _int(3, 15009),
+            workload.GatewayAddress(address=("net-1", V4), hbone_mtls_port=15009),
+            id="address",
+        ),
+        pytest.param(
+            _len(2, _len(2, V6.packed)),
+            workload.GatewayAddress(address=("", V6), hbone_mtls_port=15008),
+            id="unset-port-means-15008",
+        ),
+    ],
+)
+def test_decodes_waypoint_built_from_field_numbers(
+    gateway: bytes, expected: workload.GatewayAddress
+) -> None:
+    service = resources.decode_address(_svc_with_waypoint(gateway))
+    assert isinstance(service, workload.Service)
+    assert service.waypoint == expected
+    wl = resources.decode_address(_wl_with_waypoint(gateway))
+    assert isinstance(wl, workload.Workload)
+    assert wl.waypoint == expected
+
+
+def test_encoded_waypoint_uses_istio_field_numbers() -> None:
+    gateway = workload.GatewayAddress(hostname=("shop", _WAYPOINT_HOST))
+    svc = workload.Service("web", "shop", "web.shop.svc.cluster.local", (), (), waypoint=gateway)
+    serialized = resources.service_to_proto(svc).SerializeToString(deterministic=True)
+    expected = _len(7, _len(1, _str(1, "shop") + _str(2, _WAYPOINT_HOST)) + _int(3, 15008))
+    assert serialized == _SVC_HEAD + expected
+    wl = workload.Workload(
+        uid=ids.WorkloadUid("c//Pod/shop/a"),
+        name="a",
+        namespace="shop",
+        addresses=(),
+        node="",
+        cluster_id="",
+        waypoint=gateway,
+    )
+    serialized = resources.workload_to_proto(wl).SerializeToString(deterministic=True)
+    assert _len(8, _len(1, _str(1, "shop") + _str(2, _WAYPOINT_HOST)) + _int(3, 15008)) in (
+        serialized
+    )
+
+
+@pytest.mark.parametrize(
+    "gateway",
+    [
+        None,
+        workload.GatewayAddress(hostname=("shop", _WAYPOINT_HOST)),
+        workload.GatewayAddress(address=("", V4), hbone_mtls_port=15009),
+    ],
+    ids=["absent", "hostname", "address"],
+)
+def test_waypoint_round_trip(gateway: workload.GatewayAddress | None) -> None:
+    svc = workload.Service("web", "shop", "web.shop.svc.cluster.local", (), (), waypoint=gateway)
+    assert resources.service_to_proto(svc).HasField("waypoint") is (gateway is not None)
+    assert resources.decode_address(resources.address_resource(svc)[1]) == svc
+    wl = workload.Workload(
+        uid=ids.pod_uid("shop", "a"),
+        name="a",
+        namespace="shop",
+        addresses=(V4,),
+        node="n1",
+        waypoint=gateway,
+    )
+    assert resources.workload_to_proto(wl).HasField("waypoint") is (gateway is not None)
+    assert resources.decode_address(resources.address_resource(wl)[1]) == wl
+
+
+@pytest.mark.parametrize(
+    ("gateway", "field"),
+    [
+        pytest.param(b"", "waypoint.destination", id="present-but-empty"),
+        pytest.param(_int(3, 15008), "waypoint.destination", id="port-only"),
+        pytest.param(
+            _len(1, _str(2, _WAYPOINT_HOST)), "waypoint.hostname.namespace", id="no-namespace"
+        ),
+        pytest.param(_len(1, _str(1, "shop")), "waypoint.hostname.hostname", id="no-hostname"),
+        pytest.param(
+            _len(2, _len(2, b"\x0a\x00\x00")), "waypoint.address.address", id="3-byte-address"
+        ),
+        pytest.param(_len(2, b""), "waypoint.address.address", id="empty-address"),
+        pytest.param(
+            _len(2, _len(2, V4.packed)) + _int(3, 70000),
+            "waypoint.hbone_mtls_port",
+            id="port-too-big",
+        ),
+    ],
+)
+def test_invalid_waypoint_names_the_field(gateway: bytes, field: str) -> None:
+    for packed in (_svc_with_waypoint(gateway), _wl_with_waypoint(gateway)):
+        with pytest.raises(resources.ResourceError) as err:
+            resources.decode_address(packed)
+        assert err.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("gateway", "text"),
+    [
+        pytest.param(
+            workload.GatewayAddress(hostname=("shop", _WAYPOINT_HOST)),
+            "shop/waypoint (waypoint.shop.svc.cluster.local)",
+            id="hostname",
+        ),
+        pytest.param(workload.GatewayAddress(address=("", V4)), "10.0.0.1", id="address"),
+        pytest.param(
+            workload.GatewayAddress(address=("net-1", V6)),
+            "fd00::1 on network 'net-1'",
+            id="address-on-a-network",
+        ),
+    ],
+)
+def test_waypoint_text_names_it_for_messages(gateway: workload.GatewayAddress, text: str) -> None:
+    assert str(gateway) == text
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"hostname": ("shop", _WAYPOINT_HOST), "address": ("", V4)}],
+    ids=["neither", "both"],
+)
+def test_waypoint_names_exactly_one_destination(fields: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        workload.GatewayAddress(**fields)  # type: ignore[arg-type]
