@@ -79,8 +79,16 @@ async def start(
     hosts_file: str,
     resolv_file: str,
     log_path: str,
+    mounts: Sequence[tuple[str, str]] = (),
 ) -> asyncio.subprocess.Process:
-    """Spawn the container. Must be called from the event loop's (long-lived) thread."""
+    """Spawn the container. Must be called from the event loop's (long-lived) thread.
+    `mounts` are (host directory, container path) bind mounts; a missing container path is
+    created (on the host: the container shares its filesystem) as an empty directory."""
+    try:
+        for _, target in mounts:
+            os.makedirs(target, exist_ok=True)
+    except OSError as exc:
+        raise ContainerStartError(f"cannot create mount point: {exc}") from exc
     fd = netns.open_netns(netns_path)
     log = _open_log(log_path)
     try:
@@ -93,7 +101,9 @@ async def start(
             cwd=cwd,
             start_new_session=True,
             preexec_fn=build_preexec(
-                fd, [(hosts_file, "/etc/hosts"), (resolv_file, "/etc/resolv.conf")], os.getpid()
+                fd,
+                [(hosts_file, "/etc/hosts"), (resolv_file, "/etc/resolv.conf"), *mounts],
+                os.getpid(),
             ),
         )
     except FileNotFoundError as exc:

@@ -62,6 +62,7 @@ class Config:
     log_level: str = "info"
     node_ip: str = ""  # empty: the address of eth0
     max_pods: int = podstatus.DEFAULT_MAX_PODS
+    node_token_file: str = ""  # the node's credential, to vouch for pods with; empty: none
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -80,6 +81,7 @@ class Config:
             log_level=env.get("LOG_LEVEL", "info") or "info",
             node_ip=env.get("NODE_IP", "").strip(),
             max_pods=reader.count("MAX_PODS", podstatus.DEFAULT_MAX_PODS),
+            node_token_file=env.get("NODE_TOKEN_FILE", "").strip(),
         )
 
 
@@ -182,6 +184,19 @@ class Kubelet:
 
     def find_service_names(self) -> list[sandbox.ServiceName]:
         return sandbox.build_service_names(self.services.items(), self.all_pods.items())
+
+    def read_node_token(self) -> str:
+        """This node's credential (read at each use: the file may be rewritten)."""
+        path = self.config.node_token_file
+        if not path:
+            raise sandbox.ContainerConfigError(
+                "this kubelet has no node token to vouch for pods with (NODE_TOKEN_FILE unset)"
+            )
+        try:
+            with open(path, encoding="ascii") as f:
+                return f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise sandbox.ContainerConfigError(f"cannot read node token {path}: {exc}") from exc
 
     # -- run ----------------------------------------------------------------------------------
 

@@ -24,15 +24,24 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from meshcore import log, netns
+from meshcore.identity import tokens
 from meshcore.kube import client as kube_client
 from meshcore.kube import errors as kube_errors
 from meshcore.kube import objects, resources
 from meshctl import podfields
-from meshctl.playground import cni_runtime, containers, netcmd, podstatus, procs, sandbox
+from meshctl.playground import (
+    cni_runtime,
+    containers,
+    netcmd,
+    podstatus,
+    procs,
+    sandbox,
+    volumes,
+)
 
 _LOG = logging.getLogger("kubelet.pod")
 
@@ -60,6 +69,8 @@ class PodHost(Protocol):
     conflist: cni_runtime.NetworkConfigList
 
     def find_service_names(self) -> list[sandbox.ServiceName]: ...
+
+    def read_node_token(self) -> str: ...
 
 
 def now_rfc3339() -> str:
@@ -308,7 +319,12 @@ class PodWorker:
             await self._start_container(state, spec)
 
     async def _spawn(
-        self, argv: list[str], env: dict[str, str], spec: Mapping[str, Any], container: str
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        spec: Mapping[str, Any],
+        container: str,
+        mounts: Sequence[tuple[str, str]] = (),
     ) -> asyncio.subprocess.Process:
         """A process in the pod's sandbox, as container `container` runs (its log, its cwd)."""
         return await containers.start(
@@ -319,7 +335,29 @@ class PodWorker:
             hosts_file=self._dir.hosts,
             resolv_file=self._dir.resolv,
             log_path=self._dir.log_path(container),
+            mounts=mounts,
         )
+
+    def _prepare_volumes(self, spec: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Write the container's token volumes; (directory, mountPath) to bind-mount."""
+        mounts = volumes.build_mounts(self._pod, spec)
+        if not mounts:
+            return []
+        claims = tokens.PodClaims(
+            node=self.host.node_name,
+            namespace=self.namespace,
+            name=self.name,
+            uid=self.uid,
+            service_account=podfields.service_account(self._pod),
+        )
+        node_token = self.host.read_node_token()
+        try:
+            return [
+                (volumes.write_volume(self._dir.path, m, node_token, claims), m.mount_path)
+                for m in mounts
+            ]
+        except (OSError, tokens.TokenError) as exc:
+            raise sandbox.ContainerConfigError(f"cannot write token volume: {exc}") from exc
 
     async def _start_container(self, state: ContainerState, spec: Mapping[str, Any]) -> None:
         try:
@@ -327,7 +365,8 @@ class PodWorker:
                 self._pod_with_ip(), spec, host_ip=self.host.node_ip, bin_dir=self.host.bin_dir
             )
             argv = sandbox.build_container_argv(spec, env)
-            proc = await self._spawn(argv, env, spec, state.name)
+            mounts = self._prepare_volumes(spec)
+            proc = await self._spawn(argv, env, spec, state.name, mounts)
         except sandbox.ContainerConfigError as exc:
             state.waiting_reason, state.waiting_message = "CreateContainerConfigError", str(exc)
             state.next_start = time.monotonic() + next_backoff(state.failures)

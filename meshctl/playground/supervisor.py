@@ -196,6 +196,8 @@ def build_node_specs(
             "CNI_BIN_DIRS": ":".join(cni_runtime.default_bin_dirs()),
             "NETNS_PREFIX": config.prefix,
             "MAX_PODS": str(config.max_pods),
+            # To vouch for its pods' projected service account tokens (waypoints).
+            "NODE_TOKEN_FILE": paths.token(node.name),
         },
         netns=node.netns,
         log=paths.log("kubelet", node.name),
