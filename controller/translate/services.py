@@ -11,6 +11,7 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
+from controller.translate import waypoints
 from meshcore.model import ids, workload
 
 KubeObject = Mapping[str, Any]
@@ -31,8 +32,12 @@ class TranslateError(ValueError):
         self.reason = reason
 
 
-def build_service(svc: KubeObject, *, domain: str) -> workload.Service:
+def build_service(
+    svc: KubeObject, *, domain: str, namespace_labels: Mapping[str, str] | None = None
+) -> workload.Service:
+    """The model Service; `namespace_labels` (its Namespace's) may name its waypoint."""
     namespace, name = object_key(svc)
+    meta = svc.get("metadata") or {}
     spec = svc.get("spec") or {}
 
     def fail(field: str, reason: str) -> TranslateError:
@@ -69,6 +74,9 @@ def build_service(svc: KubeObject, *, domain: str) -> workload.Service:
         hostname=ids.service_hostname(name, namespace, domain),
         addresses=tuple(addresses),
         ports=tuple(ports),
+        waypoint=waypoints.find_waypoint(
+            meta.get("labels") or {}, namespace, namespace_labels or {}, domain=domain
+        ),
     )
 
 

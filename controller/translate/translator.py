@@ -10,6 +10,9 @@ Invariants:
   so the CA can answer "may this node ask for this identity?" without scanning.
 - Every workload lists `_policies.find_keys(namespace, labels)` of its pod: a policy event
   recomputes the pods of the namespaces `PolicyUpdate.namespaces` names, a Pod event its pod.
+- Services and workloads are built with the current labels of their Namespace (which may name
+  their waypoint): a Namespace event whose waypoint labels changed recomputes that namespace's
+  services and pods. Namespaces come first in a full sync, so nothing is built twice.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import dataclasses
 
 from controller.translate import policies as policy_translate
 from controller.translate import services as svc_translate
+from controller.translate import waypoints
 from controller.translate import workloads as wl_translate
 from meshcore.identity import spiffe
 from meshcore.model import authorization, ids, workload
@@ -68,6 +72,7 @@ class Translator:
         self._services_by_namespace: dict[str, dict[str, svc_translate.KubeObject]] = (
             collections.defaultdict(dict)
         )
+        self._namespace_labels: dict[str, dict[str, str]] = {}
         self._workloads: dict[_Key, workload.Workload] = {}
         self._services: dict[_Key, workload.Service] = {}
         self._identities: dict[tuple[str, str, str], set[_Key]] = collections.defaultdict(set)
@@ -160,6 +165,7 @@ class Translator:
                         cluster_id=self._cluster_id,
                         domain=self._domain,
                         authorization_policies=self._policies.find_keys(key[0], labels),
+                        namespace_labels=self._namespace_labels.get(key[0]),
                     )
                 except svc_translate.TranslateError as exc:
                     errors.append(str(exc))  # left out until a later event fixes it
@@ -187,7 +193,7 @@ class Translator:
         new: workload.Service | None = None
         if not deleted:
             try:
-                new = svc_translate.build_service(svc, domain=self._domain)
+                new = self._build_service(svc)
             except svc_translate.TranslateError as exc:
                 errors.append(str(exc))
         # A Service that does not translate selects nothing either: bindings and VIP go together.
@@ -215,6 +221,25 @@ class Translator:
             result, services=services, removed_services=removed, errors=(*errors, *result.errors)
         )
 
+    def _build_service(self, svc: svc_translate.KubeObject) -> workload.Service:
+        namespace, _ = svc_translate.object_key(svc)
+        return svc_translate.build_service(
+            svc, domain=self._domain, namespace_labels=self._namespace_labels.get(namespace)
+        )
+
+    def _refresh_services(self, namespace: str) -> tuple[workload.Service, ...]:
+        """Rebuild the services of `namespace`; those that differ from before.
+
+        Only services that translated before are here, and what a Namespace changes (the
+        waypoint) cannot make one fail, so nothing is added or removed."""
+        changed = []
+        for name, svc in sorted(self._services_by_namespace.get(namespace, {}).items()):
+            new = self._build_service(svc)
+            if new != self._services.get((namespace, name)):
+                self._services[(namespace, name)] = new
+                changed.append(new)
+        return tuple(sorted(changed, key=lambda s: s.key))
+
     # --- policies ---
 
     def _apply_policy_update(self, update: policy_translate.PolicyUpdate) -> Changes:
@@ -238,11 +263,20 @@ class Translator:
     # --- namespaces ---
 
     def _apply_namespace(self, ns: svc_translate.KubeObject, *, deleted: bool) -> Changes:
+        meta = ns.get("metadata") or {}
+        namespace = meta.get("name") or ""
+        if not deleted:
+            labels = dict(meta.get("labels") or {})
+            before = waypoints.waypoint_labels(self._namespace_labels.get(namespace) or {})
+            self._namespace_labels[namespace] = labels
+            if waypoints.waypoint_labels(labels) == before:
+                return Changes()
+            services = self._refresh_services(namespace)
+            pods = sorted((namespace, name) for name in self._pods_by_namespace.get(namespace, ()))
+            return dataclasses.replace(self._refresh_pods(pods), services=services)
+        self._namespace_labels.pop(namespace, None)
         # Kubernetes deletes a namespace's pods and services (with their own events) before the
         # namespace goes, so this only matters if those events were missed: drop the leftovers.
-        if not deleted:
-            return Changes()
-        namespace = (ns.get("metadata") or {}).get("name") or ""
         removed_services = []
         for name in list(self._services_by_namespace.pop(namespace, {})):
             service = self._services.pop((namespace, name), None)

@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from controller.translate import services as svc_translate
+from controller.translate import waypoints
 from meshcore.identity import spiffe
 from meshcore.model import ids, workload
 
@@ -52,11 +53,13 @@ def build_workload(
     cluster_id: str,
     domain: str,
     authorization_policies: tuple[ids.PolicyKey, ...] = (),
+    namespace_labels: Mapping[str, str] | None = None,
 ) -> workload.Workload | None:
     """The workload of `pod`, bound to those of `services` (same namespace) that select it.
 
     `authorization_policies` are the selector and PeerAuthentication policy keys istiod lists
-    for the pod (`controller.translate.policies.PolicyIndex.find_keys`)."""
+    for the pod (`controller.translate.policies.PolicyIndex.find_keys`). `namespace_labels`
+    (the pod's Namespace's) may name its waypoint."""
     namespace, name = svc_translate.object_key(pod)
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
@@ -105,6 +108,7 @@ def build_workload(
         authorization_policies=authorization_policies,
         cluster_id=cluster_id,
         application_tunnel=_application_tunnel(annotations, namespace, name),
+        waypoint=waypoints.find_waypoint(labels, namespace, namespace_labels or {}, domain=domain),
         labels=tuple(sorted(labels.items())),
     )
 

@@ -66,6 +66,7 @@ def service(
     cluster_ips: Sequence[str] | None = None,
     selector: Mapping[str, str] | None = None,
     ports: Sequence[Mapping[str, Any]] = ({"port": 80, "targetPort": 8080},),
+    labels: Mapping[str, str] | None = None,
 ) -> KubeDict:
     spec: KubeDict = {
         "selector": dict(selector if selector is not None else {"app": "web"}),
@@ -75,8 +76,14 @@ def service(
         spec["clusterIP"] = cluster_ip
     if cluster_ips is not None:
         spec["clusterIPs"] = list(cluster_ips)
-    return {"kind": "Service", "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+    meta: KubeDict = {"name": name, "namespace": namespace}
+    if labels is not None:
+        meta["labels"] = dict(labels)
+    return {"kind": "Service", "metadata": meta, "spec": spec}
 
 
-def namespace(name: str) -> KubeDict:
-    return {"kind": "Namespace", "metadata": {"name": name}}
+def namespace(name: str, *, labels: Mapping[str, str] | None = None) -> KubeDict:
+    meta: KubeDict = {"name": name}
+    if labels is not None:
+        meta["labels"] = dict(labels)
+    return {"kind": "Namespace", "metadata": meta}
