@@ -471,3 +471,317 @@ def test_client_address_trusts_only_the_connection_ip(
 ) -> None:
     ip, port = routing.client_address(peer, forwarded)
     assert (str(ip), port) == expected
+
+
+# --- waypoints (spec 5.2 decision order; the authority is what the app dialled) ---
+
+WP_HOST = "waypoint.shop.svc.cluster.local"
+WP_SVC = ids.service_key("shop", WP_HOST)
+WP = workload.GatewayAddress(hostname=("shop", WP_HOST))
+WP_ID = spiffe.SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/waypoint")
+WP_SAN = "spiffe://cluster.local/ns/shop/sa/waypoint-canary"
+
+
+def _waypoint_pod(
+    name: str, ip: str, *, node: str = "n1", healthy: bool = True
+) -> workload.Workload:
+    # Not captured (dataplane-mode none): its tunnel protocol is NONE, yet it is reached by HBONE.
+    return dataclasses.replace(
+        _wl(name, ip, node=node, hbone=False, healthy=healthy, sa="waypoint"),
+        services=(workload.ServiceBinding(WP_SVC, (workload.PortMapping(15008, 15008),)),),
+    )
+
+
+def _waypoint_state(
+    *wls: workload.Workload,
+    waypoint: workload.GatewayAddress | None = WP,
+    vip: str = "10.96.0.10",
+    sans: tuple[str, ...] = (),
+) -> proxy_state.ProxyState:
+    state = _state(*wls, vip=vip)
+    catalog = state.services.find_by_vip(ipaddress.ip_address(vip))
+    assert catalog is not None
+    state.services.insert(dataclasses.replace(catalog, waypoint=waypoint))
+    state.services.insert(
+        workload.Service(
+            name="waypoint",
+            namespace="shop",
+            hostname=WP_HOST,
+            addresses=(ipaddress.ip_address("10.96.0.20"),),
+            ports=(workload.PortMapping(15008, 15008),),
+            subject_alt_names=sans,
+        )
+    )
+    return state
+
+
+WP_POD = _waypoint_pod("waypoint-0", "10.244.1.20")
+SERVER_WITH_WP = dataclasses.replace(_wl("a", "10.244.1.5"), waypoint=WP)
+
+
+@pytest.mark.parametrize(
+    ("state", "dst", "target", "authority", "service", "destination"),
+    [
+        pytest.param(
+            _waypoint_state(CLIENT, _wl("a", "10.244.1.5"), WP_POD),
+            ("10.96.0.10", 80),
+            ("10.244.1.20", 15008),
+            "10.96.0.10:80",
+            "catalog",
+            "waypoint-0",
+            id="vip-goes-to-the-waypoint",
+        ),
+        pytest.param(
+            _waypoint_state(CLIENT, WP_POD),
+            ("10.96.0.10", 80),
+            ("10.244.1.20", 15008),
+            "10.96.0.10:80",
+            "catalog",
+            "waypoint-0",
+            id="service-endpoints-are-the-waypoints-business",
+        ),
+        pytest.param(
+            _waypoint_state(
+                CLIENT,
+                WP_POD,
+                waypoint=workload.GatewayAddress(hostname=WP.hostname, hbone_mtls_port=15009),
+            ),
+            ("10.96.0.10", 80),
+            ("10.244.1.20", 15009),
+            "10.96.0.10:80",
+            "catalog",
+            "waypoint-0",
+            id="hbone-mtls-port",
+        ),
+        pytest.param(
+            _waypoint_state(CLIENT, WP_POD, vip="fd00:96::a"),
+            ("fd00:96::a", 80),
+            ("10.244.1.20", 15008),
+            "[fd00:96::a]:80",
+            "catalog",
+            "waypoint-0",
+            id="ipv6-vip-authority",
+        ),
+        pytest.param(
+            _waypoint_state(
+                CLIENT,
+                WP_POD,
+                waypoint=workload.GatewayAddress(address=("", ipaddress.ip_address("10.96.0.20"))),
+            ),
+            ("10.96.0.10", 80),
+            ("10.244.1.20", 15008),
+            "10.96.0.10:80",
+            "catalog",
+            "waypoint-0",
+            id="address-naming-the-waypoint-vip",
+        ),
+        pytest.param(
+            _waypoint_state(
+                CLIENT,
+                WP_POD,
+                waypoint=workload.GatewayAddress(address=("", ipaddress.ip_address("10.244.1.20"))),
+            ),
+            ("10.96.0.10", 80),
+            ("10.244.1.20", 15008),
+            "10.96.0.10:80",
+            "catalog",
+            "waypoint-0",
+            id="address-naming-the-waypoint-pod",
+        ),
+        pytest.param(
+            _waypoint_state(
+                CLIENT,
+                WP_POD,
+                _waypoint_pod("waypoint-1", "10.244.1.21", healthy=False),
+                _waypoint_pod("waypoint-2", "10.244.2.22", node="n2"),
+            ),
+            ("10.96.0.10", 80),
+            ("10.244.1.20", 15008),
+            "10.96.0.10:80",
+            "catalog",
+            "waypoint-0",
+            id="healthy-same-node-waypoint-first",
+        ),
+        pytest.param(
+            _waypoint_state(
+                CLIENT,
+                _waypoint_pod("waypoint-1", "10.244.1.21", healthy=False),
+                _waypoint_pod("waypoint-2", "10.244.2.22", node="n2"),
+            ),
+            ("10.96.0.10", 80),
+            ("10.244.2.22", 15008),
+            "10.96.0.10:80",
+            "catalog",
+            "waypoint-2",
+            id="else-another-node",
+        ),
+        pytest.param(
+            _waypoint_state(CLIENT, SERVER_WITH_WP, WP_POD, waypoint=None),
+            ("10.244.1.5", 9090),
+            ("10.244.1.20", 15008),
+            "10.244.1.5:9090",
+            None,
+            "waypoint-0",
+            id="pod-ip-goes-to-the-workload-waypoint",
+        ),
+        pytest.param(
+            _waypoint_state(CLIENT, SERVER_WITH_WP, WP_POD, waypoint=None),
+            ("10.96.0.10", 80),
+            ("10.244.1.5", 15008),
+            "10.244.1.5:8080",
+            "catalog",
+            "a",
+            id="service-traffic-never-detours-to-a-workload-waypoint",
+        ),
+    ],
+)
+def test_outbound_through_waypoint(
+    state: proxy_state.ProxyState,
+    dst: tuple[str, int],
+    target: tuple[str, int],
+    authority: str,
+    service: str | None,
+    destination: str,
+) -> None:
+    plan = routing.build_outbound(state, CLIENT, dst, choose=_first)
+    assert isinstance(plan, routing.OutboundPlan)
+    assert plan.route is routing.Route.HBONE
+    assert plan.original == dst
+    assert plan.target == target
+    assert plan.authority == authority
+    assert (plan.service.name if plan.service else None) == service
+    assert plan.destination is not None
+    assert plan.destination.name == destination
+    assert plan.expected_identities == (plan.destination.identity,)
+    is_waypoint = destination.startswith("waypoint")
+    assert (plan.waypoint is not None) is is_waypoint
+    if is_waypoint:
+        assert plan.destination.identity == WP_ID
+
+
+def test_waypoint_service_sans_are_expected_too() -> None:
+    state = _waypoint_state(CLIENT, WP_POD, sans=(WP_SAN, "not-a-spiffe-id"))
+    plan = routing.build_outbound(state, CLIENT, ("10.96.0.10", 80), choose=_first)
+    assert isinstance(plan, routing.OutboundPlan)
+    assert plan.expected_identities == (WP_ID, spiffe.SpiffeId.parse(WP_SAN))
+
+
+def test_the_waypoint_itself_goes_direct() -> None:
+    """Its own connections to the service must not come back to it (waypoints are not
+    captured, so this guards a misconfiguration rather than a normal path)."""
+    state = _waypoint_state(WP_POD, _wl("a", "10.244.1.5"))
+    plan = routing.build_outbound(state, WP_POD, ("10.96.0.10", 80), choose=_first)
+    assert isinstance(plan, routing.OutboundPlan)
+    assert plan.target == ("10.244.1.5", 15008)
+    assert plan.waypoint is None
+
+
+@pytest.mark.parametrize(
+    ("state", "dst", "reason", "service"),
+    [
+        pytest.param(
+            _waypoint_state(
+                CLIENT,
+                _wl("a", "10.244.1.5"),
+                waypoint=workload.GatewayAddress(
+                    hostname=("shop", "missing.shop.svc.cluster.local")
+                ),
+            ),
+            ("10.96.0.10", 80),
+            "waypoint shop/missing (missing.shop.svc.cluster.local) is unknown (no such service):"
+            " service catalog.shop.svc.cluster.local must go through it",
+            "catalog",
+            id="unknown-waypoint",
+        ),
+        pytest.param(
+            _waypoint_state(CLIENT, _wl("a", "10.244.1.5")),
+            ("10.96.0.10", 80),
+            "waypoint shop/waypoint (waypoint.shop.svc.cluster.local) has no healthy endpoint"
+            " (no pod backs it)",
+            "catalog",
+            id="waypoint-without-pods",
+        ),
+        pytest.param(
+            _waypoint_state(
+                CLIENT, _wl("a", "10.244.1.5"), _waypoint_pod("w", "10.244.1.20", healthy=False)
+            ),
+            ("10.96.0.10", 80),
+            "waypoint shop/waypoint (waypoint.shop.svc.cluster.local) has no healthy endpoint"
+            " (none of its 1 is ready)",
+            "catalog",
+            id="waypoint-not-ready",
+        ),
+        pytest.param(
+            _waypoint_state(
+                CLIENT,
+                _wl("a", "10.244.1.5"),
+                waypoint=workload.GatewayAddress(address=("", ipaddress.ip_address("10.9.9.9"))),
+            ),
+            ("10.96.0.10", 80),
+            "waypoint 10.9.9.9 is unknown (no such service or workload)",
+            "catalog",
+            id="unknown-waypoint-address",
+        ),
+        pytest.param(
+            _waypoint_state(
+                CLIENT,
+                dataclasses.replace(
+                    _wl("a", "10.244.1.5"),
+                    waypoint=workload.GatewayAddress(hostname=("shop", "gone.shop.svc.x")),
+                ),
+                waypoint=None,
+            ),
+            ("10.244.1.5", 8080),
+            "waypoint shop/gone (gone.shop.svc.x) is unknown (no such service):"
+            " workload shop/a must go through it",
+            None,
+            id="pod-ip-with-unknown-workload-waypoint",
+        ),
+    ],
+)
+def test_outbound_waypoint_refusals_never_fall_back_to_direct(
+    state: proxy_state.ProxyState, dst: tuple[str, int], reason: str, service: str | None
+) -> None:
+    plan = routing.build_outbound(state, CLIENT, dst, choose=_first)
+    assert isinstance(plan, routing.Refusal)
+    assert reason in plan.reason
+    assert plan.flag is routing.Flag.CONNECT
+    assert (plan.service.name if plan.service else None) == service
+
+
+def test_inbound_from_the_waypoint_is_checked_against_the_waypoints_identity() -> None:
+    """The waypoint re-originates HBONE with the pod's own ip:port as the authority; L4 policy
+    at the destination then sees the waypoint as the source (spec 6: waypoints)."""
+    state = _state(SERVER)
+    state.policies.insert(
+        authorization.Authorization(
+            name="only-the-waypoint",
+            namespace="shop",
+            scope=authorization.Scope.NAMESPACE,
+            action=authorization.Action.ALLOW,
+            rules=(
+                authorization.Rule(
+                    (
+                        authorization.Clause(
+                            (
+                                authorization.Match(
+                                    principals=(
+                                        authorization.StringMatch.from_pattern(WP_ID.principal),
+                                    )
+                                ),
+                            )
+                        ),
+                    )
+                ),
+            ),
+        )
+    )
+    from_waypoint = _inbound(
+        SERVER, is_hbone=True, state=state, peer_identity=WP_ID, source_ip=WP_POD.addresses[0]
+    )
+    assert isinstance(from_waypoint, routing.InboundPlan)
+    assert from_waypoint.target == ("10.244.1.5", 8080)
+    assert from_waypoint.peer_identity == WP_ID
+    direct = _inbound(SERVER, is_hbone=True, state=state, peer_identity=WEB)
+    assert isinstance(direct, routing.Refusal)
+    assert direct.status == 401

@@ -1,9 +1,13 @@
 """Outbound: connections the pod's app makes, redirected to port 15001 inside the pod.
 
 For each: read the original destination, build a plan (routing.build_outbound), then carry it
-out: a CONNECT stream on a pooled HBONE connection to the destination's ztunnel, or plain TCP
-passthrough for destinations outside the mesh. Failures close the app's connection and are
-counted and logged with the reason.
+out: a CONNECT stream on a pooled HBONE connection to the destination's ztunnel (or to its
+waypoint, with the original destination as the stream's authority), or plain TCP passthrough
+for destinations outside the mesh. Failures close the app's connection and are counted and
+logged with the reason.
+
+The pool key is the plan's TCP target and expected identities: every stream through one
+waypoint pod shares its connections, whichever service or pod each stream's authority names.
 """
 
 from __future__ import annotations

@@ -3,6 +3,13 @@
 `build_outbound` and `build_inbound` are pure: they read the proxy state and return a frozen plan
 or a refusal. The proxies then only carry the plan out. Table-driven tests cover them without
 sockets.
+
+Outbound decision order (spec 5.2): a service VIP whose Service has a waypoint goes to the
+waypoint; otherwise to one of its endpoints. A pod IP whose Workload has a waypoint goes to the
+waypoint (traffic addressed to a Service never detours to a *workload* waypoint); otherwise to
+the pod. A waypoint is reached over HBONE at `waypoint_ip:hbone_mtls_port` with the original
+destination as the authority. When it cannot be reached the connection is refused: going
+direct instead would skip the L7 policy the waypoint enforces.
 """
 
 from __future__ import annotations
@@ -52,8 +59,9 @@ class OutboundPlan:
     authority: str | None  # HBONE :authority, the workload's ip:targetPort
     expected_identities: tuple[spiffe.SpiffeId, ...]
     source: workload.Workload
-    destination: workload.Workload | None
-    service: workload.Service | None
+    destination: workload.Workload | None  # the waypoint's workload when going through one
+    service: workload.Service | None  # the service the app called, also through a waypoint
+    waypoint: workload.GatewayAddress | None = None  # set when going through a waypoint
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,6 +94,13 @@ def build_outbound(
             return Refusal(
                 f"service {service.hostname} has no port {port}", Flag.CONNECT, service=service
             )
+        if service.waypoint is not None:
+            called = f"service {service.hostname}"
+            via = _via_waypoint(
+                state, source, original, service.waypoint, called, service=service, choose=choose
+            )
+            if via is not None:
+                return via
         endpoints = state.workloads.find_endpoints(service.key)
         healthy = [wl for wl in endpoints if wl.is_healthy]
         candidates = [
@@ -104,6 +119,13 @@ def build_outbound(
 
     destination = state.workloads.find_by_address(ip, source.network)
     if destination is not None:
+        if destination.waypoint is not None:
+            called = f"workload {destination.namespace}/{destination.name}"
+            via = _via_waypoint(
+                state, source, original, destination.waypoint, called, service=None, choose=choose
+            )
+            if via is not None:
+                return via
         return _to_workload(source, original, destination, port, None)
     return OutboundPlan(
         route=Route.PASSTHROUGH,
@@ -115,6 +137,73 @@ def build_outbound(
         destination=None,
         service=None,
     )
+
+
+def _via_waypoint(
+    state: proxy_state.ProxyState,
+    source: workload.Workload,
+    original: tuple[str, int],
+    gateway: workload.GatewayAddress,
+    called: str,
+    *,
+    service: workload.Service | None,
+    choose: Chooser[workload.Workload],
+) -> OutboundPlan | Refusal | None:
+    """HBONE to one healthy workload of the waypoint, the authority being what the app dialled;
+    a refusal when there is none; None when the source is the waypoint itself (its own
+    traffic to the destination must not loop back to it)."""
+    resolved = _find_waypoint(state, gateway)
+    if resolved is None:
+        what = "service" if gateway.hostname is not None else "service or workload"
+        return Refusal(
+            f"waypoint {gateway} is unknown (no such {what}): {called} must go through it",
+            Flag.CONNECT,
+            service=service,
+        )
+    endpoints, sans = resolved
+    if any(wl.uid == source.uid for wl in endpoints):
+        return None
+    healthy = [wl for wl in endpoints if wl.is_healthy and wl.addresses]
+    if not healthy:
+        why = f"none of its {len(endpoints)} is ready" if endpoints else "no pod backs it"
+        return Refusal(
+            f"waypoint {gateway} has no healthy endpoint ({why}): {called} must go through it",
+            Flag.CONNECT,
+            service=service,
+        )
+    local = [wl for wl in healthy if wl.node == source.node]
+    chosen = choose(local or healthy)
+    ip = ipaddress.ip_address(original[0])
+    return OutboundPlan(
+        route=Route.HBONE,  # whatever the waypoint's tunnel_protocol: it terminates HBONE
+        original=original,
+        target=(str(chosen.addresses[0]), gateway.hbone_mtls_port),
+        authority=hbone.format_authority(ip, original[1]),
+        expected_identities=(chosen.identity, *sans),
+        source=source,
+        destination=chosen,
+        service=service,
+        waypoint=gateway,
+    )
+
+
+def _find_waypoint(
+    state: proxy_state.ProxyState, gateway: workload.GatewayAddress
+) -> tuple[list[workload.Workload], tuple[spiffe.SpiffeId, ...]] | None:
+    """The waypoint's workloads and extra SANs: the endpoints of the Service it names (by
+    namespaced hostname, or by VIP), or the one workload at its address. None if unknown."""
+    if gateway.hostname is not None:
+        service = state.services.find(ids.service_key(*gateway.hostname))
+    else:
+        assert gateway.address is not None
+        network, address = gateway.address
+        service = state.services.find_by_vip(address)
+        if service is None:
+            found = state.workloads.find_by_address(address, network)
+            return ([found], ()) if found is not None else None
+    if service is None:
+        return None
+    return state.workloads.find_endpoints(service.key), _parse_sans(service.subject_alt_names)
 
 
 def _no_upstream_reason(
