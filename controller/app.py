@@ -13,7 +13,14 @@ from controller import config as config_mod
 from controller import feed as feed_mod
 from controller.ca import authz
 from controller.ca import service as ca_service
-from controller.sources.local import apiserver, deployments, kinds, persistence, policystatus
+from controller.sources.local import (
+    apiserver,
+    deployments,
+    kinds,
+    persistence,
+    policystatus,
+    waypoints,
+)
 from controller.sources.local import errors as local_errors
 from controller.sources.local import store as store_mod
 from controller.translate import translator as translator_mod
@@ -66,6 +73,18 @@ async def run(cfg: config_mod.Config) -> None:
     policy_status = policystatus.PolicyStatusController(
         store, root_namespace=cfg.root_namespace, dry_run_enabled=cfg.dry_run_policies
     )
+    waypoint_deployer = waypoints.WaypointDeployer(
+        store,
+        waypoints.WaypointSettings(
+            command=cfg.waypoint_command,
+            xds_address=cfg.waypoint_xds_address or cfg.xds_listen,
+            trust_domain=cfg.trust_domain,
+            cluster_id=cfg.cluster_id,
+            domain=cfg.domain,
+            log_level=cfg.log_level,
+            otlp_endpoint=cfg.waypoint_otlp_endpoint,
+        ),
+    )
 
     # Translation into workloads, services and policies, kept in the xDS cache.
     cache = cache_mod.ResourceCache()
@@ -108,6 +127,7 @@ async def run(cfg: config_mod.Config) -> None:
             feeding = group.create_task(feed.run(), name="feed")
             deploying = group.create_task(deployment_controller.run(), name="deployments")
             statusing = group.create_task(policy_status.run(), name="policy-status")
+            waypointing = group.create_task(waypoint_deployer.run(), name="waypoints")
             await feed.synced.wait()
             await grpc_server.start()
             logger.info(
@@ -120,6 +140,7 @@ async def run(cfg: config_mod.Config) -> None:
             feeding.cancel()
             deploying.cancel()
             statusing.cancel()
+            waypointing.cancel()
     finally:
         ads.close()
         await grpc_server.stop(2)

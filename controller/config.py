@@ -6,6 +6,8 @@ import dataclasses
 import ipaddress
 import os
 import re
+import shlex
+import sys
 from collections.abc import Mapping
 
 from meshcore import envconfig, errors
@@ -37,6 +39,10 @@ class Config:
     # Send dry-run AuthorizationPolicies to ztunnel, marked dry run (istiod's flag of this name).
     dry_run_policies: bool = False
     log_level: str = "info"
+    # How waypoint pods are started and reach this controller ("" address: `xds_listen`).
+    waypoint_command: tuple[str, ...] = (sys.executable, "-m", "waypoint")
+    waypoint_xds_address: str = ""
+    waypoint_otlp_endpoint: str = ""
 
     @property
     def store_dir(self) -> str:
@@ -77,4 +83,16 @@ class Config:
             root_namespace=root_namespace,
             dry_run_policies=dry_run in _TRUE,
             log_level=read.log_level(),
+            waypoint_command=_command(read.optional("WAYPOINT_COMMAND", "")),
+            waypoint_xds_address=read.optional("WAYPOINT_XDS_ADDRESS", ""),
+            waypoint_otlp_endpoint=read.optional("WAYPOINT_OTLP_ENDPOINT", ""),
         )
+
+
+def _command(text: str) -> tuple[str, ...]:
+    if not text.strip():
+        return (sys.executable, "-m", "waypoint")
+    try:
+        return tuple(shlex.split(text))
+    except ValueError as exc:
+        raise ConfigError(f"WAYPOINT_COMMAND={text!r} is not a command line: {exc}") from None

@@ -187,6 +187,44 @@ LIFECYCLE_HANDLER = Obj(
 )
 LIFECYCLE = Obj({"preStop": LIFECYCLE_HANDLER})
 
+# Volumes: the playground serves projected service account tokens (a waypoint's credential).
+VOLUME_MOUNT = Obj(
+    {
+        "name": Str(dns_label, non_empty=True),
+        "mountPath": Str(non_empty=True),
+        "readOnly": Bool(),
+    },
+    required=frozenset({"name", "mountPath"}),
+)
+SERVICE_ACCOUNT_TOKEN = Obj(
+    {
+        "audience": Str(),
+        # Kubernetes' bounds; the playground's tokens live as long as their pod.
+        "expirationSeconds": Int(600, 2**32),
+        "path": Str(non_empty=True),
+    },
+    required=frozenset({"path"}),
+)
+VOLUME = Obj(
+    {
+        "name": Str(dns_label, non_empty=True),
+        "projected": Obj(
+            {
+                "sources": ListOf(
+                    Obj(
+                        {"serviceAccountToken": SERVICE_ACCOUNT_TOKEN},
+                        required=frozenset({"serviceAccountToken"}),
+                    ),
+                    non_empty=True,
+                ),
+                "defaultMode": Int(0, 0o777),
+            },
+            required=frozenset({"sources"}),
+        ),
+    },
+    required=frozenset({"name", "projected"}),
+)
+
 CONTAINER = Obj(
     {
         "name": Str(dns_label, non_empty=True),
@@ -199,6 +237,7 @@ CONTAINER = Obj(
         "ports": ListOf(CONTAINER_PORT),
         "env": ListOf(ENV_VAR),
         "lifecycle": LIFECYCLE,
+        "volumeMounts": ListOf(VOLUME_MOUNT),
     },
     required=frozenset({"name", "command"}),
 )
@@ -235,6 +274,7 @@ POD_SPEC = Obj(
         "hostname": Str(dns_label, non_empty=True),
         "subdomain": Str(dns_label, non_empty=True),
         "nodeSelector": StrMap(label_key, label_value),
+        "volumes": ListOf(VOLUME),
     },
     required=frozenset({"containers"}),
 )
