@@ -20,7 +20,7 @@ from meshcore.kube import client as kube_client
 from meshcore.kube import errors as kube_errors
 from meshcore.kube import resources as kube_resources
 from meshcore.policy import spec as policy_spec
-from meshctl import check, commands, errors, kinds, manifest, podexec, tables
+from meshctl import check, commands, errors, kinds, manifest, podexec, tables, waypoint
 from meshctl.demo import manifests as demo_manifests
 from meshctl.playground import control, paths, podstatus, procs, record
 
@@ -111,6 +111,23 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     ex = sub.add_parser("exec", parents=[common, ns], help="run a command inside a pod")
     ex.add_argument("pod", help="NAME, pod/NAME or deploy/NAME (one of its pods)")
     ex.add_argument("-c", "--container", default=None)
+
+    wp = sub.add_parser("waypoint", help="deploy or remove a namespace's waypoint proxy")
+    wp_sub = wp.add_subparsers(dest="waypoint_command", required=True, metavar="ACTION")
+    wp_apply = wp_sub.add_parser(
+        "apply", parents=[common, ns], help="create the waypoint and send the namespace through it"
+    )
+    wp_apply.add_argument("--name", default=waypoint.DEFAULT_NAME)
+    wp_apply.add_argument(
+        "--enroll-namespace",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"label the namespace {waypoint.USE_WAYPOINT_LABEL}=NAME (default: yes)",
+    )
+    wp_apply.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True)
+    wp_apply.add_argument("--timeout", type=float, default=120.0)
+    wp_delete = wp_sub.add_parser("delete", parents=[common, ns], help="remove the waypoint")
+    wp_delete.add_argument("--name", default=waypoint.DEFAULT_NAME)
 
     logs = sub.add_parser("logs", parents=[common, ns], help="print a container's log")
     logs.add_argument("pod", help="NAME, pod/NAME or deploy/NAME (one of its pods)")
@@ -495,6 +512,25 @@ def cmd_logs(args: argparse.Namespace, io: commands.Streams) -> int:
     return run_with_api(state_dir, body)
 
 
+def cmd_waypoint(args: argparse.Namespace, io: commands.Streams) -> int:
+    namespace = _namespace(args)
+
+    async def body(api: kube_client.ApiClient) -> int:
+        if args.waypoint_command == "delete":
+            return await waypoint.delete(api, namespace, args.name, io)
+        return await waypoint.apply(
+            api,
+            namespace,
+            args.name,
+            io,
+            enroll_namespace=args.enroll_namespace,
+            wait=args.wait,
+            timeout=args.timeout,
+        )
+
+    return run_with_api(args.state_dir, body)
+
+
 # -- entry point ------------------------------------------------------------------------------
 
 
@@ -539,6 +575,8 @@ def run(
             return cmd_check(args, io)
         if args.command == "logs":
             return cmd_logs(args, io)
+        if args.command == "waypoint":
+            return cmd_waypoint(args, io)
         raise errors.UsageError(f"unknown command {args.command!r}")
     except errors.UsageError as exc:
         print(f"error: {exc}", file=err)

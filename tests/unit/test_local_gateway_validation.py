@@ -403,12 +403,11 @@ def _warnings_for(change: Callable[[dict[str, Any]], None]) -> list[str]:
     return gatewayschemas.find_unenforced(route)
 
 
-def test_route_warnings_say_nothing_routes_yet() -> None:
+def test_route_warnings_name_the_fields_left_out() -> None:
     warnings = gatewayschemas.find_unenforced(REVIEWS_ROUTE)
-    assert warnings[0].startswith("stored and validated, not enforced yet: routing by HTTPRoute")
     # The example's own fields are all translated, but for what a parentRef port and the
     # backendRequest timeout ask.
-    assert warnings[1:] == [
+    assert warnings == [
         f"spec.parentRefs[0].port{_OUT}",
         f"spec.rules[1].timeouts.backendRequest{_OUT}",
     ]
@@ -482,15 +481,15 @@ def test_translated_fields_get_no_warning() -> None:
             {"type": "ResponseHeaderModifier", "responseHeaderModifier": {"remove": ["server"]}}
         ]
 
-    assert _warnings_for(change)[1:] == []
+    assert _warnings_for(change) == []
 
 
-def test_gateway_warnings_say_no_waypoint_is_built_and_name_fields_left_out() -> None:
-    assert gatewayschemas.find_unenforced(WAYPOINT) == [gatewayschemas.NO_WAYPOINT_YET_GATEWAY]
+def test_gateway_warnings_name_fields_left_out() -> None:
+    assert gatewayschemas.find_unenforced(WAYPOINT) == []  # a waypoint Gateway runs as written
     ingress = _with(WAYPOINT, ["spec", "gatewayClassName"], "istio")
     ingress["spec"]["listeners"][0]["allowedRoutes"] = {"namespaces": {"from": "All"}}
     ingress["spec"]["infrastructure"] = {"labels": {"a": "b"}}
-    assert gatewayschemas.find_unenforced(ingress)[1:] == [
+    assert gatewayschemas.find_unenforced(ingress) == [
         f"spec.gatewayClassName{_OUT} (only istio-waypoint is)",
         f"spec.infrastructure{_OUT}",
         f"spec.listeners[0].allowedRoutes{_OUT}",

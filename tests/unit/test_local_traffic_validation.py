@@ -232,16 +232,15 @@ def test_bad_destination_rules_name_the_field(change: Any, fragment: str) -> Non
     assert any(fragment in e for e in found), found
 
 
-def test_warnings_say_nothing_routes_yet_and_name_unenforced_fields() -> None:
+def test_warnings_name_unenforced_fields() -> None:
     vs = _vs_with(["spec", "http", 0, "corsPolicy"], {"allowOrigins": [{"exact": "*"}]})
     vs["spec"]["exportTo"] = ["."]
     warnings = trafficschemas.find_unenforced(vs)
-    assert warnings[0].startswith("stored and validated, not enforced yet: routing by ")
     assert "spec.exportTo: accepted, not acted on by this mesh" in warnings
     assert "spec.http[0].corsPolicy: accepted, not acted on by this mesh" in warnings
     dr = copy.deepcopy(REVIEWS_DR)
     dr["spec"]["subsets"][0]["trafficPolicy"] = {"tls": {"mode": "SIMPLE"}}
-    assert trafficschemas.find_unenforced(dr)[1:] == [
+    assert trafficschemas.find_unenforced(dr) == [
         "spec.subsets[0].trafficPolicy.tls: accepted, not acted on by this mesh"
     ]
 

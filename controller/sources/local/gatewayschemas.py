@@ -430,10 +430,6 @@ HTTP_ROUTE = schemas.build_object(V.dns_subdomain, HTTP_ROUTE_SPEC, ROUTE_STATUS
 
 # -- what is accepted but not acted on --------------------------------------------------------
 
-NO_WAYPOINT_YET_GATEWAY = (
-    "stored and validated, not enforced yet: a Gateway describes a waypoint proxy, which this "
-    "mesh does not build or run yet"
-)
 _NOT_ACTED_ON = "accepted, not acted on by this mesh"
 # What a waypoint built from this Gateway would still leave out.
 _UNENFORCED_GATEWAY = ("addresses", "infrastructure")
@@ -482,13 +478,13 @@ def _unenforced_in_route(spec: dict[str, Any]) -> list[str]:
 
 
 def find_unenforced(obj: dict[str, Any]) -> list[str]:
-    """One warning for the kind as a whole, then one per field the mesh accepts but will not
-    act on, by field path."""
+    """One warning per field the mesh accepts but will not act on, by field path (a Gateway
+    of another class than istio-waypoint is stored, not run)."""
     spec = obj.get("spec") or {}
     kind = obj.get("kind", "")
     if kind != "Gateway":
-        return [trafficschemas.NO_WAYPOINT_YET.format(kind=kind), *_unenforced_in_route(spec)]
-    found = [NO_WAYPOINT_YET_GATEWAY]
+        return _unenforced_in_route(spec)
+    found = []
     class_name = spec.get("gatewayClassName")
     if class_name != WAYPOINT_CLASS:
         found.append(f"spec.gatewayClassName: {_NOT_ACTED_ON} (only {WAYPOINT_CLASS} is)")

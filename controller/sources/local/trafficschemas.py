@@ -500,11 +500,6 @@ def check_subsets(obj: dict[str, Any], lookup: Lookup) -> list[V.FieldError]:
 
 # -- what is accepted but not acted on --------------------------------------------------------
 
-# Until waypoints run, no traffic kind is acted on: every write says so.
-NO_WAYPOINT_YET = (
-    "stored and validated, not enforced yet: routing by {kind} needs a waypoint proxy, which "
-    "this mesh does not run yet"
-)
 _UNENFORCED_HTTP = ("mirror", "mirrors", "mirrorPercentage", "corsPolicy", "delegate")
 _UNENFORCED_SPEC = {
     "VirtualService": ("tcp", "tls", "exportTo"),
@@ -514,11 +509,11 @@ _UNENFORCED_POLICY = ("tls", "tunnel", "proxyProtocol", "portLevelSettings")
 
 
 def find_unenforced(obj: dict[str, Any]) -> list[str]:
-    """One warning for the kind as a whole, then one per field the mesh accepts but will not
-    act on, by field path."""
+    """One warning per field the mesh accepts but will not act on, by field path. (What is
+    acted on takes effect in waypoints: for the services of a namespace that has one.)"""
     spec = obj.get("spec") or {}
     kind = obj.get("kind", "")
-    found = [NO_WAYPOINT_YET.format(kind=kind)]
+    found: list[str] = []
     paths = [f"spec.{field}" for field in _UNENFORCED_SPEC.get(kind, ()) if field in spec]
     if kind == "VirtualService":
         for i, route in enumerate(spec.get("http") or ()):
