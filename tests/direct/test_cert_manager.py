@@ -441,8 +441,8 @@ class OnNode:
     def __init__(self, identities: set[spiffe.SpiffeId]) -> None:
         self.identities = identities
 
-    def may_issue(self, node: str, identity: spiffe.SpiffeId) -> bool:
-        return node == "node-1" and identity in self.identities
+    def may_issue(self, caller: tokens.Caller, identity: spiffe.SpiffeId) -> bool:
+        return caller == "node-1" and identity in self.identities
 
 
 @pytest.fixture
