@@ -165,7 +165,6 @@ class Translator:
                         cluster_id=self._cluster_id,
                         domain=self._domain,
                         authorization_policies=self._policies.find_keys(key[0], labels),
-                        namespace_labels=self._namespace_labels.get(key[0]),
                     )
                 except svc_translate.TranslateError as exc:
                     errors.append(str(exc))  # left out until a later event fixes it
@@ -271,9 +270,8 @@ class Translator:
             self._namespace_labels[namespace] = labels
             if waypoints.waypoint_labels(labels) == before:
                 return Changes()
-            services = self._refresh_services(namespace)
-            pods = sorted((namespace, name) for name in self._pods_by_namespace.get(namespace, ()))
-            return dataclasses.replace(self._refresh_pods(pods), services=services)
+            # Only services take a waypoint from their namespace (see `waypoints`).
+            return Changes(services=self._refresh_services(namespace))
         self._namespace_labels.pop(namespace, None)
         # Kubernetes deletes a namespace's pods and services (with their own events) before the
         # namespace goes, so this only matters if those events were missed: drop the leftovers.

@@ -1,7 +1,10 @@
 """Which waypoint a Service or Pod uses: the `istio.io/use-waypoint` labels, as istiod reads them.
 
-The object's own label wins over its Namespace's; the value ``none`` on the object opts it out of
-the namespace's waypoint. `istio.io/use-waypoint-namespace`, read from the same object as
+A Service's own label wins over its Namespace's; the value ``none`` on the Service opts it out
+of the namespace's waypoint. A Pod takes a waypoint from its own label only (for calls to its
+IP): a namespace's waypoint serves the namespace's service addresses, as Istio's default
+``istio.io/waypoint-for: service`` does, and would refuse calls to a pod address.
+`istio.io/use-waypoint-namespace`, read from the same object as
 `istio.io/use-waypoint`, names the waypoint's namespace (default: that object's namespace).
 
 The waypoint is named whether or not its Gateway exists. Unlike istiod, which leaves such a

@@ -53,13 +53,11 @@ def build_workload(
     cluster_id: str,
     domain: str,
     authorization_policies: tuple[ids.PolicyKey, ...] = (),
-    namespace_labels: Mapping[str, str] | None = None,
 ) -> workload.Workload | None:
     """The workload of `pod`, bound to those of `services` (same namespace) that select it.
 
     `authorization_policies` are the selector and PeerAuthentication policy keys istiod lists
-    for the pod (`controller.translate.policies.PolicyIndex.find_keys`). `namespace_labels`
-    (the pod's Namespace's) may name its waypoint."""
+    for the pod (`controller.translate.policies.PolicyIndex.find_keys`)."""
     namespace, name = svc_translate.object_key(pod)
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
@@ -108,7 +106,9 @@ def build_workload(
         authorization_policies=authorization_policies,
         cluster_id=cluster_id,
         application_tunnel=_application_tunnel(annotations, namespace, name),
-        waypoint=waypoints.find_waypoint(labels, namespace, namespace_labels or {}, domain=domain),
+        # Only the pod's own label: a namespace's waypoint serves its services' addresses
+        # (Istio's default istio.io/waypoint-for: service), not calls to a pod's own IP.
+        waypoint=waypoints.find_waypoint(labels, namespace, {}, domain=domain),
         labels=tuple(sorted(labels.items())),
     )
 

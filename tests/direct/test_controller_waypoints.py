@@ -1,6 +1,7 @@
 """`istio.io/use-waypoint` from the object store to a ztunnel's xDS client, in process (the same
 controller wiring as test_controller_policies): labelling a Namespace or a Service changes the
-waypoint the ztunnel holds for that namespace's services and pods, and only for them."""
+waypoint the ztunnel holds for that namespace's services, and only for them; a pod takes one from
+its own label."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _service(name: str, labels: dict[str, str]) -> dict[str, object]:
 def _label(
     store: store_mod.ObjectStore, rtype: resources.ResourceType, name: str, value: str | None
 ) -> None:
-    """Set (or, with None, remove) the use-waypoint label of a Namespace or a shop Service."""
+    """Set (or, with None, remove) the use-waypoint label of a Namespace or a shop object."""
     namespace = None if rtype is resources.NAMESPACES else "shop"
     store.patch(rtype, name, namespace, {"metadata": {"labels": {USE: value}}})
 
@@ -63,21 +64,30 @@ def test_namespace_and_service_labels_reach_ztunnel(state_dir: pathlib.Path) -> 
             seen = len(zt.batches)
             _label(store, resources.NAMESPACES, "shop", "waypoint")
             await harness._eventually(
-                lambda: waypoint_of(WEB) == WAYPOINT and waypoint_of(harness.UID) == WAYPOINT,
-                "the namespace's waypoint on its service and pod",
+                lambda: waypoint_of(WEB) == WAYPOINT, "the namespace's waypoint on its service"
             )
+            # Only the namespace's service changed: not the waypoint's own, nor the pod (a
+            # namespace's waypoint serves service addresses).
             pushed = {name for _, updated, _ in zt.batches[seen:] for name in updated}
-            assert pushed == {WEB, harness.UID}
+            assert pushed == {WEB}
             assert waypoint_of(WAYPOINT_SVC) is None
+            assert waypoint_of(harness.UID) is None
 
-            # The Service's own label wins: `none` opts it out, the pod keeps the namespace's.
+            # The Service's own label wins: `none` opts it out.
             _label(store, resources.SERVICES, "web", "none")
             await harness._eventually(lambda: waypoint_of(WEB) is None, "the opt-out")
-            assert waypoint_of(harness.UID) == WAYPOINT
+            # A pod's own label gives it one (for calls to its IP).
+            _label(store, resources.PODS, "web-1", "waypoint")
+            await harness._eventually(
+                lambda: waypoint_of(harness.UID) == WAYPOINT, "the pod's own waypoint"
+            )
 
+            _label(store, resources.SERVICES, "web", None)
+            await harness._eventually(lambda: waypoint_of(WEB) == WAYPOINT, "the opt-out removed")
             _label(store, resources.NAMESPACES, "shop", None)
             await harness._eventually(
-                lambda: waypoint_of(harness.UID) is None, "the namespace label removed"
+                lambda: waypoint_of(WEB) is None, "the namespace label removed"
             )
+            assert waypoint_of(harness.UID) == WAYPOINT
 
     harness._run(main())

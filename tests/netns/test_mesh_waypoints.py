@@ -5,7 +5,8 @@ labelled traffic over HBONE to a pod of the waypoint's Service, with the address
 as the authority, and the waypoint carries it on to the destination. With no waypoint to send it
 to, ztunnel refuses the connection and names the waypoint in its access log: it never falls back
 to going direct, which would skip the L7 policy the waypoint is there to enforce. `none` on the
-Service opts it back out.
+Service opts it back out. A namespace's waypoint serves its service addresses; a pod's own label
+sends calls to its IP through one too.
 """
 
 from __future__ import annotations
@@ -109,17 +110,21 @@ def test_a_missing_waypoint_refuses_instead_of_going_direct(cluster: Playground)
     waypoint = f"waypoint {NS}/waypoint (waypoint.{NS}.svc.cluster.local) is unknown"
     assert waypoint in refused[-1]["error"]
     assert f"service sink.{NS}.svc.cluster.local must go through it" in refused[-1]["error"]
-    # The namespace label names the pods' waypoint too: dialling the pod IP is refused alike.
-    assert _call(cluster, sink_ip, 8080) == "refused"
+    # A namespace's waypoint is for its services' addresses: the pod IP is still served.
+    assert _call(cluster, sink_ip, 8080) == "ok"
+    # The pod's own label sends calls to its IP through a waypoint too: refused alike.
+    pod_patch = {"metadata": {"labels": {USE: "waypoint"}}}
+    cluster.call(lambda api: api.patch(resources.PODS, "sink", NS, pod_patch))
+    _until(cluster, sink_ip, 8080, "refused", "the pod IP call to be refused")
 
-    # `none` on the Service opts it out of the namespace's waypoint; its pod keeps it.
+    # `none` on the Service opts it out of the namespace's waypoint.
     patch = {"metadata": {"labels": {USE: "none"}}}
     cluster.call(lambda api: api.patch(resources.SERVICES, "sink", NS, patch))
     _until(cluster, f"sink.{NS}", 80, "ok", "the opted-out service to answer again")
-    assert _call(cluster, sink_ip, 8080) == "refused"
 
-    cluster.label_namespace(NS, {USE: None})
-    _until(cluster, sink_ip, 8080, "ok", "the pod to answer once the namespace label is gone")
+    pod_patch = {"metadata": {"labels": {USE: None}}}
+    cluster.call(lambda api: api.patch(resources.PODS, "sink", NS, pod_patch))
+    _until(cluster, sink_ip, 8080, "ok", "the pod to answer once its label is gone")
 
 
 def _waypoint_gateway(ns: str) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import pytest
 
-from controller.translate import services, translator, waypoints, workloads
+from controller.translate import services, translator, waypoints
 from meshcore.model import ids, workload
 from tests.unit import test_translate_fixtures as kube
 
@@ -66,21 +66,24 @@ def test_service_waypoint(
     assert built.waypoint == expected
 
 
-@pytest.mark.parametrize(("labels", "namespace_labels", "expected"), CASES)
-def test_pod_waypoint(
-    labels: Mapping[str, str],
-    namespace_labels: Mapping[str, str],
-    expected: workload.GatewayAddress | None,
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        pytest.param({USE: "waypoint"}, _at("shop"), id="own-label"),
+        pytest.param({}, None, id="namespace-label-is-for-services"),
+        pytest.param({USE: "none"}, None, id="opt-out"),
+        pytest.param({**GATEWAY, USE: "other"}, None, id="the-waypoint-itself"),
+    ],
+)
+def test_pod_waypoint_comes_from_its_own_label_only(
+    labels: Mapping[str, str], expected: workload.GatewayAddress | None
 ) -> None:
-    built = workloads.build_workload(
-        kube.pod("web-1", "shop", labels=labels),
-        services=(),
-        trust_domain="cluster.local",
-        cluster_id="Kubernetes",
-        domain="cluster.local",
-        namespace_labels=namespace_labels,
-    )
-    assert built is not None
+    """A namespace's waypoint serves service addresses: calls to a pod's IP in a labelled
+    namespace stay direct unless the pod itself names a waypoint."""
+    tr = _translator()
+    tr.apply("ADDED", kube.namespace("shop", labels={USE: "waypoint"}), kind="Namespace")
+    changes = tr.apply("ADDED", kube.pod("web-1", "shop", labels=labels), kind="Pod")
+    [built] = changes.workloads
     assert built.waypoint == expected
 
 
@@ -126,11 +129,12 @@ def _waypoints(changes: translator.Changes) -> dict[str, workload.GatewayAddress
     return found
 
 
-def test_namespace_label_gives_its_services_and_pods_a_waypoint_except_the_waypoints_own() -> None:
+def test_namespace_label_gives_its_services_a_waypoint_except_the_waypoints_own() -> None:
     tr = _populated()
     changes = tr.apply("MODIFIED", kube.namespace("shop", labels={USE: "waypoint"}))
-    # Only the namespace's own objects change; the waypoint's Service and pod stay without one.
-    assert _waypoints(changes) == {WEB: _at("shop"), ids.pod_uid("shop", "web-1"): _at("shop")}
+    # Only the namespace's own Service changes; the waypoint's Service stays without one, and
+    # pods take a waypoint from their own label only.
+    assert _waypoints(changes) == {WEB: _at("shop")}
     assert changes.removed_services == ()
     assert changes.removed_workloads == ()
     snapshot = _waypoints(tr.snapshot())
@@ -159,7 +163,7 @@ def test_namespace_relabel_emits_only_real_changes(
     assert changes.is_empty is not changed
     if changed:
         assert {s.key for s in changes.services} == {WEB}
-        assert [w.uid for w in changes.workloads] == [ids.pod_uid("shop", "web-1")]
+        assert changes.workloads == ()
 
 
 def test_objects_arriving_after_the_namespace_label_get_the_waypoint() -> None:
@@ -168,7 +172,7 @@ def test_objects_arriving_after_the_namespace_label_get_the_waypoint() -> None:
     added = tr.apply("ADDED", kube.service("web"))
     assert [s.waypoint for s in added.services] == [_at("shop")]
     pod = tr.apply("ADDED", kube.pod("web-1"))
-    assert [w.waypoint for w in pod.workloads] == [_at("shop")]
+    assert [w.waypoint for w in pod.workloads] == [None]
     # A Service label then overrides the namespace's; `none` opts out.
     opted_out = tr.apply("MODIFIED", kube.service("web", labels={USE: "none"}))
     assert [s.waypoint for s in opted_out.services] == [None]
