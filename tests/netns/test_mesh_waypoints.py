@@ -122,8 +122,8 @@ def test_a_missing_waypoint_refuses_instead_of_going_direct(cluster: Playground)
     cluster.call(lambda api: api.patch(resources.SERVICES, "sink", NS, patch))
     _until(cluster, f"sink.{NS}", 80, "ok", "the opted-out service to answer again")
 
-    pod_patch = {"metadata": {"labels": {USE: None}}}
-    cluster.call(lambda api: api.patch(resources.PODS, "sink", NS, pod_patch))
+    unlabel: dict[str, Any] = {"metadata": {"labels": {USE: None}}}
+    cluster.call(lambda api: api.patch(resources.PODS, "sink", NS, unlabel))
     _until(cluster, sink_ip, 8080, "ok", "the pod to answer once its label is gone")
 
 
