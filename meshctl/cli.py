@@ -60,6 +60,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=podstatus.DEFAULT_MAX_PODS,
         help="pods each node admits (its kubelet's --max-pods; default 110)",
     )
+    up.add_argument(
+        "--otlp-endpoint",
+        default="",
+        metavar="URL",
+        help="where waypoints export trace spans, OTLP/HTTP (e.g. http://collector.obs:4318)",
+    )
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
     up.add_argument("--log-level", default="info")
 
@@ -190,6 +196,7 @@ def cmd_up(args: argparse.Namespace, io: commands.Streams, env: Mapping[str, str
         prefix=args.prefix,
         host_access=not args.no_host_access,
         max_pods=args.max_pods,
+        otlp_endpoint=args.otlp_endpoint,
         timeout=args.timeout,
         log_level=args.log_level,
     )

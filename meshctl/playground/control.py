@@ -46,6 +46,7 @@ class UpOptions:
     log_level: str = "info"
     owner_pid: int | None = None  # the playground goes away when this process does
     max_pods: int = podstatus.DEFAULT_MAX_PODS  # pods each node admits (kubelet's --max-pods)
+    otlp_endpoint: str = ""  # where waypoints export trace spans (OTLP/HTTP); empty: nowhere
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -115,6 +116,8 @@ def build_supervisor_argv(opts: UpOptions) -> list[str]:
         argv.append("--host-access")
     if opts.owner_pid is not None:
         argv += ["--owner-pid", str(opts.owner_pid)]
+    if opts.otlp_endpoint:
+        argv += ["--otlp-endpoint", opts.otlp_endpoint]
     return argv
 
 

@@ -80,6 +80,7 @@ class Config:
     # Tear everything down when this process exits (tests: a killed test run leaves nothing).
     owner_pid: int | None = None
     max_pods: int = podstatus.DEFAULT_MAX_PODS  # each node's capacity (kubelet's --max-pods)
+    otlp_endpoint: str = ""  # waypoints export spans here (OTLP/HTTP base URL); empty: nowhere
 
     @property
     def node_names(self) -> list[str]:
@@ -98,6 +99,7 @@ class Config:
         parser.add_argument("--log-level", default=env.get("LOG_LEVEL") or "info")
         parser.add_argument("--owner-pid", type=int, default=None)
         parser.add_argument("--max-pods", type=int, default=podstatus.DEFAULT_MAX_PODS)
+        parser.add_argument("--otlp-endpoint", default="")
         args = parser.parse_args(list(argv))
         if not 1 <= args.nodes <= topology.MAX_NODES:
             raise errors.UsageError(f"--nodes must be between 1 and {topology.MAX_NODES}")
@@ -118,6 +120,7 @@ class Config:
             base_env=base,
             owner_pid=args.owner_pid,
             max_pods=args.max_pods,
+            otlp_endpoint=args.otlp_endpoint,
         )
 
 
@@ -142,6 +145,7 @@ def build_controller_spec(config: Config, paths: state_paths.Paths) -> Component
             "LOCAL_API_SOCKET": paths.api_socket,
             "XDS_LISTEN": f"unix://{paths.xds_socket}",
             "LOG_LEVEL": config.log_level,
+            "WAYPOINT_OTLP_ENDPOINT": config.otlp_endpoint,
         },
         netns=None,
         log=paths.log("controller", None),

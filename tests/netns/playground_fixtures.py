@@ -51,6 +51,7 @@ class Playground:
         self.log_level = log_level
         self._nodes = 1
         self._max_pods = podstatus.DEFAULT_MAX_PODS
+        self._otlp_endpoint = ""
         self._proc: subprocess.Popen[bytes] | None = None
         self._record: pg_record.PlaygroundRecord | None = None
         self.paths = paths.Paths(self.state_dir)
@@ -59,6 +60,11 @@ class Playground:
 
     def nodes(self, count: int) -> Playground:
         self._nodes = count
+        return self
+
+    def otlp_endpoint(self, url: str) -> Playground:
+        """Waypoints export spans to `url` (``meshctl up --otlp-endpoint``)."""
+        self._otlp_endpoint = url
         return self
 
     def max_pods(self, count: int) -> Playground:
@@ -80,6 +86,7 @@ class Playground:
             log_level=self.log_level,
             owner_pid=os.getpid(),
             max_pods=self._max_pods,
+            otlp_endpoint=self._otlp_endpoint,
         )
         self._proc = control.launch_supervisor(opts, dict(os.environ))
         try:
