@@ -168,6 +168,46 @@ COLLECTOR = textwrap.dedent(
 )
 
 
+# HTTP/2 with prior knowledge (h2c): COUNT requests as concurrent streams on one connection;
+# one JSON line per stream: status, the backend's answer.
+H2_CLIENT = textwrap.dedent(
+    """
+    import json, socket, sys, urllib.parse
+    import h2.config, h2.connection, h2.events
+    url, count = sys.argv[1], int(sys.argv[2])
+    parts = urllib.parse.urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port or 80), timeout=20)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    streams = {}
+    for _ in range(count):
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(":method", "GET"), (":path", parts.path or "/"),
+                                (":scheme", "http"), (":authority", parts.netloc)],
+                          end_stream=True)
+        streams[sid] = {"status": 0, "data": b""}
+    sock.sendall(conn.data_to_send())
+    done = set()
+    while len(done) < count:
+        data = sock.recv(65536)
+        if not data:
+            break
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                streams[event.stream_id]["status"] = int(dict(event.headers)[b":status"])
+            elif isinstance(event, h2.events.DataReceived):
+                streams[event.stream_id]["data"] += event.data
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                done.add(event.stream_id)
+        sock.sendall(conn.data_to_send())
+    for sid, got in sorted(streams.items()):
+        print(json.dumps({"stream": sid, "status": got["status"],
+                          "body": json.loads(got["data"] or b"null")}))
+    """
+)
+
+
 def backend(name: str, ns: str, version: str, *, app: str, fail_every: int = 0) -> dict[str, Any]:
     """A Deployment of one backend pod labelled app=`app`, version=`version`."""
     env = [
@@ -197,13 +237,13 @@ def backend(name: str, ns: str, version: str, *, app: str, fail_every: int = 0) 
     }
 
 
-def http_service(name: str, ns: str) -> dict[str, Any]:
+def http_service(name: str, ns: str, selector: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": name, "namespace": ns},
         "spec": {
-            "selector": {"app": name},
+            "selector": selector or {"app": name},
             "ports": [{"name": "http", "port": 80, "targetPort": PORT}],
         },
     }
@@ -244,6 +284,15 @@ def client_pod(name: str, ns: str) -> dict[str, Any]:
 
 def burst(cluster: Playground, ns: str, client: str, url: str, count: int) -> list[dict[str, Any]]:
     done = cluster.exec(ns, client, [sys.executable, "-c", BURST, url, str(count)], timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+def h2_request(
+    cluster: Playground, ns: str, client: str, url: str, count: int
+) -> list[dict[str, Any]]:
+    """`count` concurrent HTTP/2 streams on one h2c connection from pod `client`."""
+    done = cluster.exec(ns, client, [sys.executable, "-c", H2_CLIENT, url, str(count)], timeout=60)
     assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 

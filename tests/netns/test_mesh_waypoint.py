@@ -132,6 +132,8 @@ def cluster() -> Iterator[Playground]:
                 l7.backend("reviews-v2", NS, "v2", app="reviews"),
                 l7.backend("reviews-premium", NS, "premium", app="reviews"),
                 l7.http_service("reviews", NS),
+                l7.http_service("reviews-v1", NS, {"app": "reviews", "version": "v1"}),
+                l7.http_service("reviews-v2", NS, {"app": "reviews", "version": "v2"}),
                 l7.backend("flaky-v1", NS, "v1", app="flaky", fail_every=2),
                 l7.http_service("flaky", NS),
                 l7.backend("ratings-good", NS, "good", app="ratings"),
@@ -242,6 +244,69 @@ def test_cookie_regex_picks_the_premium_subset_and_prefix_v2_picks_v2(cluster: P
         assert _get(cluster, "/v2/reviews")["body"]["version"] == "v2"
         assert _get(cluster, "/v2")["body"]["path"] == "/v2"
         assert _get(cluster, "/reviews")["body"]["version"] == "v1"
+
+
+def test_http_route_matches_and_splits_through_parent_refs_to_the_service(
+    cluster: Playground,
+) -> None:
+    def backend(name: str, weight: int | None = None) -> dict[str, Any]:
+        ref: dict[str, Any] = {"name": name, "port": 80}
+        if weight is not None:
+            ref["weight"] = weight
+        return ref
+
+    route = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "reviews", "namespace": NS},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "reviews"}],
+            "rules": [
+                {
+                    "matches": [{"headers": [{"name": "x-canary", "value": "true"}]}],
+                    "backendRefs": [backend("reviews-v2")],
+                },
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/v2"}}],
+                    "filters": [
+                        {
+                            "type": "RequestHeaderModifier",
+                            "requestHeaderModifier": {"set": [{"name": "x-route", "value": "v2"}]},
+                        }
+                    ],
+                    "backendRefs": [backend("reviews-v2")],
+                },
+                {"backendRefs": [backend("reviews-v1", 90), backend("reviews-v2", 10)]},
+            ],
+        },
+    }
+    with _configured(cluster, route):
+        canary = {"x-canary": "true"}
+        _until("the HTTPRoute", lambda: _get(cluster, headers=canary)["body"]["version"] == "v2")
+        assert l7.versions(l7.request(cluster, NS, "frontend", URL, count=10, headers=canary)) == {
+            "v2": 10
+        }
+        prefixed = _get(cluster, "/v2/x")
+        assert prefixed["body"]["version"] == "v2"
+        assert prefixed["body"]["headers"]["x-route"] == "v2"
+        counts = l7.versions(l7.request(cluster, NS, "frontend", URL, count=400))
+        assert set(counts) == {"v1", "v2"}, counts
+        assert abs(counts["v2"] / 4 - 10) <= 5, counts  # percent of 400
+
+
+def test_http2_streams_from_the_client_are_routed_each(cluster: Playground) -> None:
+    route = _route(
+        "reviews",
+        {"match": [{"uri": {"prefix": "/h2"}}], "route": [_to("v2")]},
+        {"route": [_to("v1")]},
+    )
+    with _configured(cluster, REVIEWS_SUBSETS, route):
+        _until("the route", lambda: _get(cluster, "/h2")["body"]["version"] == "v2")
+        results = l7.h2_request(cluster, NS, "frontend", URL + "/h2/streams", 5)
+        assert [r["status"] for r in results] == [200] * 5
+        assert {r["body"]["version"] for r in results} == {"v2"}
+        # The waypoint speaks HTTP/1.1 to the backend, one request per stream.
+        assert len({r["body"]["n"] for r in results}) == 5
 
 
 def test_retries_turn_every_other_failure_into_success(cluster: Playground) -> None:
