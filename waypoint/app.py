@@ -45,11 +45,13 @@ async def run(cfg: config_mod.Config, stop: asyncio.Event | None = None) -> None
     tel = telemetry.Telemetry(telemetry.Metrics(registry))
     tracer = tracing.Tracer(cfg.otlp_endpoint, sample_percent=state.tracing_sample_percent())
 
-    # Endpoints are reached over HBONE with the waypoint's identity, and must prove theirs.
+    # Endpoints in the mesh are reached over HBONE with the waypoint's identity, and must prove
+    # theirs; the others (uncaptured pods, external ServiceEntry endpoints) over plain TCP.
     connector = origin.HboneConnector(
         me.client_context, state.expected_identities, timeout=cfg.connect_timeout
     )
-    pool = upstream.UpstreamPool(cfg.connect_timeout, connector)
+    mesh = origin.MeshConnector(connector, origin.TcpConnector(), state.is_in_mesh)
+    pool = upstream.UpstreamPool(cfg.connect_timeout, mesh)
     served = engine.Engine(
         state,
         state,

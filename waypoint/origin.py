@@ -1,7 +1,8 @@
-"""How the waypoint reaches an endpoint: over plain TCP (tests, benchmarks) or, in the mesh, over
-HBONE with its own identity: a CONNECT for ``endpoint_ip:port`` on a pooled mTLS connection to
-the endpoint's port 15008, where the destination's ztunnel checks the waypoint's identity
-against the destination's L4 policy, then connects to the pod.
+"""How the waypoint reaches an endpoint: in the mesh, over HBONE with its own identity: a CONNECT
+for ``endpoint_ip:port`` on a pooled mTLS connection to the endpoint's port 15008, where the
+destination's ztunnel checks the waypoint's identity against the destination's L4 policy, then
+connects to the pod; outside the mesh (a pod ztunnel does not capture, a MESH_EXTERNAL
+ServiceEntry's endpoint, which may be a DNS name), over plain TCP. `MeshConnector` picks.
 
 A tunnel that the destination refuses (a CONNECT answered with anything but 200) or a
 connection that cannot be made is an `OSError`: to the exchange it is a connect failure, which
@@ -36,6 +37,21 @@ class TcpConnector:
         loop = asyncio.get_running_loop()
         _, protocol = await loop.create_connection(factory, endpoint[0], endpoint[1])
         return protocol
+
+
+class MeshConnector:
+    """HBONE to endpoints in the mesh, plain TCP to the others (`in_mesh` says which)."""
+
+    def __init__(
+        self, hbone: Connector, plain: Connector, in_mesh: Callable[[Endpoint], bool]
+    ) -> None:
+        self._hbone = hbone
+        self._plain = plain
+        self._in_mesh = in_mesh
+
+    async def connect(self, endpoint: Endpoint, factory: ProtocolFactory) -> asyncio.Protocol:
+        chosen = self._hbone if self._in_mesh(endpoint) else self._plain
+        return await chosen.connect(endpoint, factory)
 
 
 class HboneConnector:

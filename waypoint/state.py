@@ -157,6 +157,8 @@ class WaypointState:
                 self._members.setdefault(binding.service, []).append(wl)
             for address in wl.addresses:
                 self._by_address[str(address)] = wl
+            if wl.hostname:
+                self._by_address[wl.hostname] = wl  # a DNS endpoint is dialled by its name
 
     def _reindex_traffic(self) -> None:
         """Traffic lookups, rebuilt on every traffic batch; name order decides between objects
@@ -234,12 +236,13 @@ class WaypointState:
         endpoints = []
         for wl in self._members.get(service.key, ()):
             binding = wl.binding(service.key)
-            if not wl.is_healthy or not wl.addresses or binding is None:
+            address = str(wl.addresses[0]) if wl.addresses else wl.hostname
+            if not wl.is_healthy or not address or binding is None:
                 continue
             if selector and not wl.has_labels(selector):
                 continue
             target = binding.target_port(port) or port
-            endpoints.append((str(wl.addresses[0]), target))
+            endpoints.append((address, target))
         return endpoints
 
     # -- engine.DestinationRules --
@@ -297,7 +300,14 @@ class WaypointState:
                         return float(tracing["randomSamplingPercentage"])
         return DEFAULT_SAMPLE_PERCENT
 
-    # -- origin.HboneConnector --
+    # -- origin.HboneConnector, origin.MeshConnector --
+
+    def is_in_mesh(self, endpoint: upstream.Endpoint) -> bool:
+        """Reached over HBONE: every endpoint but those known not to be in the mesh (a pod
+        ztunnel does not capture, a MESH_EXTERNAL ServiceEntry's endpoint), which get plain
+        TCP. An unknown endpoint is tried over HBONE, where no identity can match it."""
+        wl = self._by_address.get(endpoint[0])
+        return wl is None or wl.has_hbone
 
     def expected_identities(self, endpoint: upstream.Endpoint) -> list[spiffe.SpiffeId]:
         """Who may answer at `endpoint`: its workload's identity; nobody when it is unknown

@@ -118,6 +118,8 @@ class Workload:
     waypoint: GatewayAddress | None = None
     # The pod's labels, sorted: waypoints pick DestinationRule subsets by them.
     labels: tuple[tuple[str, str], ...] = ()
+    # A DNS name instead of addresses: a ServiceEntry endpoint resolved where it is dialled.
+    hostname: str = ""
 
     @property
     def identity(self) -> spiffe.SpiffeId:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from typing import TypeVar
 
 from google.protobuf import any_pb2, empty_pb2, message, struct_pb2
@@ -98,6 +99,7 @@ def workload_to_proto(wl: workload.Workload) -> workload_pb2.Workload:
         name=wl.name,
         namespace=wl.namespace,
         addresses=[address.packed for address in wl.addresses],
+        hostname=wl.hostname,
         network=wl.network,
         tunnel_protocol=_TUNNEL_TO_PB[wl.tunnel_protocol],
         trust_domain="" if wl.trust_domain == spiffe.DEFAULT_TRUST_DOMAIN else wl.trust_domain,
@@ -175,7 +177,20 @@ def workload_from_proto(pb: workload_pb2.Workload) -> workload.Workload:
         application_tunnel=_application_tunnel(name, pb),
         waypoint=_gateway_from_proto(name, "waypoint", pb),
         labels=_labels(name, pb),
+        hostname=_hostname(name, pb.hostname),
     )
+
+
+# A DNS name (RFC 1123): what a resolver can be asked for; anything else is refused here.
+_DNS_NAME = re.compile(
+    r"^(?=.{1,253}$)([a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?)(\.[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?)*\.?$"
+)
+
+
+def _hostname(name: str, raw: str) -> str:
+    if raw and not _DNS_NAME.match(raw):
+        raise ResourceError(name, "hostname", f"not a DNS name: {raw!r}")
+    return raw
 
 
 def _labels(name: str, pb: workload_pb2.Workload) -> tuple[tuple[str, str], ...]:

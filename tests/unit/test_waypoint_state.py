@@ -3,6 +3,7 @@ VIPs to services, default routes, subsets by pod labels, bound policies, all-or-
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from typing import Any
 
@@ -182,3 +183,36 @@ def test_tracing_sampling_comes_from_the_most_specific_telemetry() -> None:
     silenced = _telemetry("shop", 100.0)
     silenced["spec"]["tracing"][0]["disableSpanReporting"] = True
     assert _loaded(mesh, silenced).tracing_sample_percent() == 0.0
+
+
+def test_external_endpoints_are_dialled_by_name_and_outside_the_mesh() -> None:
+    """A ServiceEntry's DNS endpoint is dialled by its name over plain TCP; mesh pods over
+    HBONE; an address nobody knows is tried over HBONE (no identity can match it)."""
+    host = "api.example.com"
+    key = ids.service_key("shop", host)
+    external = workload.Service(
+        name="api",
+        namespace="shop",
+        hostname=host,
+        addresses=(ipaddress.ip_address("240.240.0.1"),),
+        ports=(workload.PortMapping(80, 8080),),
+    )
+    endpoint = workload.Workload(
+        uid=ids.WorkloadUid("Kubernetes/networking.istio.io/ServiceEntry/shop/api/api.internal"),
+        name="api",
+        namespace="shop",
+        addresses=(),
+        hostname="api.internal",
+        node="",
+        services=(workload.ServiceBinding(key, (workload.PortMapping(80, 8080),)),),
+    )
+    meshed = dataclasses.replace(PODS[0], tunnel_protocol=workload.TunnelProtocol.HBONE)
+    state = state_mod.WaypointState(namespace="shop", name="waypoint")
+    known = [external, endpoint, REVIEWS, meshed, PODS[1]]
+    assert state.apply(types.ADDRESS, [resources.address_resource(o) for o in known], []) == []
+    assert state.resolve("240.240.0.1", 80) == host
+    assert state.find_endpoints(host, None, 80) == [("api.internal", 8080)]
+    assert not state.is_in_mesh(("api.internal", 8080))
+    assert state.is_in_mesh(("10.244.1.5", 8080))  # captured: HBONE
+    assert not state.is_in_mesh(("10.244.2.6", 8080))  # known, not captured: plain TCP
+    assert state.is_in_mesh(("10.9.9.9", 80))  # unknown: HBONE, which fails closed

@@ -828,3 +828,24 @@ def test_waypoint_text_names_it_for_messages(gateway: workload.GatewayAddress, t
 def test_waypoint_names_exactly_one_destination(fields: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="exactly one"):
         workload.GatewayAddress(**fields)  # type: ignore[arg-type]
+
+
+# --- DNS endpoints (ServiceEntry) ---
+
+
+def test_a_dns_endpoint_travels_as_istios_hostname_field() -> None:
+    wl = dataclasses.replace(_full_workload(), addresses=(), hostname="api.example.com")
+    pb = resources.workload_to_proto(wl)
+    assert pb.hostname == "api.example.com"
+    # Field 21 of istio.workload.Workload.
+    assert workload_pb2.Workload.DESCRIPTOR.fields_by_name["hostname"].number == 21
+    name, packed = resources.address_resource(wl)
+    assert resources.decode_address(packed, name=name) == wl
+
+
+@pytest.mark.parametrize("hostname", ["bad host", "-x.example", "a..b", "x" * 254, "ex_ample.com"])
+def test_a_hostname_that_is_not_a_dns_name_is_refused(hostname: str) -> None:
+    pb = resources.workload_to_proto(_full_workload())
+    pb.hostname = hostname
+    with pytest.raises(resources.ResourceError, match="hostname: not a DNS name"):
+        resources.workload_from_proto(pb)
