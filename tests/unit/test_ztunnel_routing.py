@@ -154,6 +154,15 @@ def test_outbound_plan(
         ),
         ([_wl("a", "10.244.1.5")], ("10.96.0.10", 81), "has no port 81"),
         ([], ("127.0.0.1", 15001), "ztunnel's own port 15001"),
+        (
+            [
+                dataclasses.replace(
+                    _wl("a", "10.244.1.5", hbone=False), addresses=(), hostname="api.internal"
+                )
+            ],
+            ("10.96.0.10", 80),
+            "endpoint api.internal of service catalog.shop.svc.cluster.local is a DNS name",
+        ),
     ],
     ids=[
         "no-endpoints",
@@ -161,6 +170,7 @@ def test_outbound_plan(
         "unresolved-named-port",
         "unknown-service-port",
         "self-call",
+        "dns-endpoint-needs-a-waypoint",
     ],
 )
 def test_outbound_refusals(

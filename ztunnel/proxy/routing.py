@@ -115,6 +115,15 @@ def build_outbound(
         pool = local or candidates
         chosen = choose([wl for wl, _ in pool])
         target_port = next(t for wl, t in pool if wl is chosen)
+        if not chosen.addresses:
+            # A ServiceEntry endpoint given as a DNS name: ztunnel has no cluster resolver.
+            return Refusal(
+                f"endpoint {chosen.hostname or chosen.name} of service {service.hostname} is a"
+                " DNS name, which only a waypoint resolves (label the ServiceEntry or its"
+                " namespace istio.io/use-waypoint)",
+                Flag.CONNECT,
+                service=service,
+            )
         return _to_workload(source, original, chosen, target_port, service)
 
     destination = state.workloads.find_by_address(ip, source.network)
