@@ -21,6 +21,7 @@ import collections
 import dataclasses
 
 from controller.translate import policies as policy_translate
+from controller.translate import serviceentries as entry_translate
 from controller.translate import services as svc_translate
 from controller.translate import waypoints
 from controller.translate import workloads as wl_translate
@@ -74,6 +75,10 @@ class Translator:
         )
         self._namespace_labels: dict[str, dict[str, str]] = {}
         self._workloads: dict[_Key, workload.Workload] = {}
+        # ServiceEntries, and the services (one per host) and endpoints each became.
+        self._entries: dict[_Key, svc_translate.KubeObject] = {}
+        self._entry_services: dict[_Key, tuple[workload.Service, ...]] = {}
+        self._entry_workloads: dict[_Key, tuple[workload.Workload, ...]] = {}
         self._services: dict[_Key, workload.Service] = {}
         self._identities: dict[tuple[str, str, str], set[_Key]] = collections.defaultdict(set)
         self._policies = policy_translate.PolicyIndex(
@@ -95,6 +100,8 @@ class Translator:
                 return self._apply_service(obj, deleted=deleted)
             case "Namespace":
                 return self._apply_namespace(obj, deleted=deleted)
+            case entry_translate.KIND:
+                return self._apply_service_entry(obj, deleted=deleted)
             case policy_translate.AUTHORIZATION_POLICY:
                 update = self._policies.apply_authorization_policy(obj, deleted=deleted)
                 return self._apply_policy_update(update)
@@ -105,9 +112,15 @@ class Translator:
 
     def snapshot(self) -> Changes:
         """Everything currently known, as if it had all just been added."""
+        entry_workloads = [w for ws in self._entry_workloads.values() for w in ws]
+        entry_services = [s for ss in self._entry_services.values() for s in ss]
         return Changes(
-            workloads=tuple(sorted(self._workloads.values(), key=lambda w: w.uid)),
-            services=tuple(sorted(self._services.values(), key=lambda s: s.key)),
+            workloads=tuple(
+                sorted([*self._workloads.values(), *entry_workloads], key=lambda w: w.uid)
+            ),
+            services=tuple(
+                sorted([*self._services.values(), *entry_services], key=lambda s: s.key)
+            ),
             policies=tuple(self._policies.policies()),
         )
 
@@ -239,6 +252,47 @@ class Translator:
                 changed.append(new)
         return tuple(sorted(changed, key=lambda s: s.key))
 
+    # --- service entries ---
+
+    def _apply_service_entry(self, entry: svc_translate.KubeObject, *, deleted: bool) -> Changes:
+        key = svc_translate.object_key(entry)
+        if deleted:
+            self._entries.pop(key, None)
+        else:
+            self._entries[key] = entry
+        return self._refresh_entry(key)
+
+    def _refresh_entry(self, key: _Key) -> Changes:
+        """Rebuild one ServiceEntry's services and endpoints; what changed."""
+        entry = self._entries.get(key)
+        services: tuple[workload.Service, ...] = ()
+        endpoints: tuple[workload.Workload, ...] = ()
+        if entry is not None:
+            services = entry_translate.build_services(
+                entry,
+                namespace_labels=self._namespace_labels.get(key[0]) or {},
+                domain=self._domain,
+            )
+            endpoints = entry_translate.build_endpoints(
+                entry, services, cluster_id=self._cluster_id
+            )
+        old_services = {s.key: s for s in self._entry_services.pop(key, ())}
+        old_endpoints = {w.uid: w for w in self._entry_workloads.pop(key, ())}
+        if services:
+            self._entry_services[key] = services
+        if endpoints:
+            self._entry_workloads[key] = endpoints
+        new_services = {s.key: s for s in services}
+        new_endpoints = {w.uid: w for w in endpoints}
+        return Changes(
+            workloads=tuple(
+                w for u, w in sorted(new_endpoints.items()) if old_endpoints.get(u) != w
+            ),
+            removed_workloads=tuple(sorted(old_endpoints.keys() - new_endpoints.keys())),
+            services=tuple(s for k, s in sorted(new_services.items()) if old_services.get(k) != s),
+            removed_services=tuple(sorted(old_services.keys() - new_services.keys())),
+        )
+
     # --- policies ---
 
     def _apply_policy_update(self, update: policy_translate.PolicyUpdate) -> Changes:
@@ -270,8 +324,19 @@ class Translator:
             self._namespace_labels[namespace] = labels
             if waypoints.waypoint_labels(labels) == before:
                 return Changes()
-            # Only services take a waypoint from their namespace (see `waypoints`).
-            return Changes(services=self._refresh_services(namespace))
+            # Only services (and ServiceEntries) take a waypoint from their namespace.
+            entries = [self._refresh_entry(k) for k in sorted(self._entries) if k[0] == namespace]
+            return Changes(
+                services=tuple(
+                    sorted(
+                        [
+                            *self._refresh_services(namespace),
+                            *(s for c in entries for s in c.services),
+                        ],
+                        key=lambda s: s.key,
+                    )
+                )
+            )
         self._namespace_labels.pop(namespace, None)
         # Kubernetes deletes a namespace's pods and services (with their own events) before the
         # namespace goes, so this only matters if those events were missed: drop the leftovers.

@@ -1,0 +1,137 @@
+"""ServiceEntry -> model Services and their endpoint Workloads, as istiod builds them for ztunnel
+and waypoints. Pure.
+
+- Each host that is not a wildcard becomes a Service named after the ServiceEntry, with that
+  hostname (a wildcard host names no address to send to: it gets nothing, as in Istio's
+  ambient mode). Its addresses are `spec.addresses` (single IPs; CIDR ranges are left out), or
+  else the address the controller allocated for that host (``status.addresses``, Istio's
+  auto-allocation). Its ports are `spec.ports`, number to targetPort (or number).
+- A waypoint comes from the ServiceEntry's ``istio.io/use-waypoint`` label or its Namespace's,
+  as for a Service: egress through a waypoint is how it is routed and observed.
+- Endpoints: with resolution STATIC or DNS, one Workload per `spec.endpoints` entry (an IP
+  address, or a DNS name a waypoint resolves when it dials); with DNS and no endpoints, each
+  host resolves itself; with NONE, none (the destination is not known here). An endpoint's port
+  for a service port is its own ``ports[<port name>]``, else the port's targetPort, else its
+  number. Endpoints are outside the mesh (no HBONE): the waypoint dials them in plain TCP.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from typing import Any
+
+from controller.translate import waypoints
+from meshcore.identity import spiffe
+from meshcore.model import ids, workload
+
+KIND = "ServiceEntry"
+_RESOLVED = ("STATIC", "DNS", "DNS_ROUND_ROBIN")
+_DNS = ("DNS", "DNS_ROUND_ROBIN")
+
+KubeObject = Mapping[str, Any]
+
+
+def _ip(text: object) -> ids.IpAddress | None:
+    try:
+        return ipaddress.ip_address(str(text))
+    except ValueError:
+        return None
+
+
+def _allocated(entry: KubeObject) -> dict[str, ids.IpAddress]:
+    """Host -> the address the controller allocated for it (status.addresses)."""
+    out: dict[str, ids.IpAddress] = {}
+    for item in (entry.get("status") or {}).get("addresses") or ():
+        if isinstance(item, Mapping) and (ip := _ip(item.get("value"))) is not None:
+            out.setdefault(str(item.get("host", "")), ip)
+    return out
+
+
+def _port_mappings(spec: Mapping[str, Any]) -> tuple[workload.PortMapping, ...]:
+    return tuple(
+        workload.PortMapping(int(p["number"]), int(p.get("targetPort") or p["number"]))
+        for p in spec.get("ports") or ()
+    )
+
+
+def build_services(
+    entry: KubeObject, *, namespace_labels: Mapping[str, str], domain: str
+) -> tuple[workload.Service, ...]:
+    meta = entry.get("metadata") or {}
+    spec = entry.get("spec") or {}
+    namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+    fixed = tuple(ip for a in spec.get("addresses") or () if (ip := _ip(a)) is not None)
+    allocated = _allocated(entry)
+    waypoint = waypoints.find_waypoint(
+        meta.get("labels") or {}, namespace, namespace_labels, domain=domain
+    )
+    out = []
+    for host in spec.get("hosts") or ():
+        if host.startswith("*"):
+            continue
+        addresses = fixed or ((allocated[host],) if host in allocated else ())
+        out.append(
+            workload.Service(
+                name=name,
+                namespace=namespace,
+                hostname=host,
+                addresses=addresses,
+                ports=_port_mappings(spec),
+                waypoint=waypoint,
+            )
+        )
+    return tuple(out)
+
+
+def build_endpoints(
+    entry: KubeObject, services: tuple[workload.Service, ...], *, cluster_id: str
+) -> tuple[workload.Workload, ...]:
+    meta = entry.get("metadata") or {}
+    spec = entry.get("spec") or {}
+    resolution = spec.get("resolution") or "NONE"
+    if resolution not in _RESOLVED or not services:
+        return ()
+    namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+    ports = spec.get("ports") or ()
+    listed: list[Mapping[str, Any]] = list(spec.get("endpoints") or ())
+    if not listed and resolution in _DNS:
+        listed = [{"address": s.hostname} for s in services]  # each host resolves itself
+    out = []
+    seen: set[str] = set()
+    for endpoint in listed:
+        address = str(endpoint.get("address", ""))
+        if address in seen:
+            continue  # one endpoint per address (the first)
+        seen.add(address)
+        own_ports = endpoint.get("ports") or {}
+        mappings = tuple(
+            workload.PortMapping(
+                int(p["number"]),
+                int(own_ports.get(p.get("name")) or p.get("targetPort") or p["number"]),
+            )
+            for p in ports
+        )
+        ip = _ip(address)
+        out.append(
+            workload.Workload(
+                uid=ids.WorkloadUid(
+                    f"{cluster_id}/networking.istio.io/ServiceEntry/{namespace}/{name}/{address}"
+                ),
+                name=name,
+                namespace=namespace,
+                addresses=(ip,) if ip is not None else (),
+                hostname="" if ip is not None else address,
+                node="",
+                service_account=str(
+                    endpoint.get("serviceAccount") or spiffe.DEFAULT_SERVICE_ACCOUNT
+                ),
+                canonical_name=name,
+                workload_name=name,
+                services=tuple(workload.ServiceBinding(s.key, mappings) for s in services),
+                cluster_id=cluster_id,
+                network=str(endpoint.get("network") or ""),
+                labels=tuple(sorted((endpoint.get("labels") or {}).items())),
+            )
+        )
+    return tuple(out)
