@@ -4,6 +4,7 @@ API objects, the current time and (for nodes) the playground's process states.""
 from __future__ import annotations
 
 import datetime
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -217,6 +218,8 @@ def build_rows(
     elif rtype == kinds.PEER_AUTHENTICATIONS:
         headers = ["NAME", "MODE", "AGE"]
         rows = [[objects.name(p), podfields.mtls_mode(p), age(p, now)] for p in items]
+    elif rtype == kinds.SERVICE_ENTRIES:
+        headers, rows = build_service_entry_rows(items, now)
     elif rtype == resources.NAMESPACES:
         headers = ["NAME", "STATUS", "AGE"]
         if wide:
@@ -297,4 +300,26 @@ def build_deployment_rows(
                 ",".join(f"{k}={v}" for k, v in sorted(selector.items())) or "<none>",
             ]
         rows.append(row)
+    return headers, rows
+
+
+def build_service_entry_rows(
+    items: Sequence[Mapping[str, Any]], now: datetime.datetime
+) -> tuple[list[str], list[list[str]]]:
+    """Istio's printer columns: NAME HOSTS LOCATION RESOLUTION AGE. HOSTS is the list as JSON,
+    as kubectl prints an array column; an unset LOCATION or RESOLUTION is blank, as there."""
+    headers = ["NAME", "HOSTS", "LOCATION", "RESOLUTION", "AGE"]
+    rows = []
+    for entry in items:
+        spec = podfields.spec(entry)
+        hosts = spec.get("hosts")
+        rows.append(
+            [
+                objects.name(entry),
+                json.dumps(hosts, separators=(",", ":")) if isinstance(hosts, list) else "",
+                str(spec.get("location") or ""),
+                str(spec.get("resolution") or ""),
+                age(entry, now),
+            ]
+        )
     return headers, rows

@@ -82,6 +82,9 @@ VIRTUAL_SERVICES = ResourceType(
 DESTINATION_RULES = ResourceType(
     "networking.istio.io", "v1", "DestinationRule", "destinationrules", namespaced=True
 )
+SERVICE_ENTRIES = ResourceType(
+    "networking.istio.io", "v1", "ServiceEntry", "serviceentries", namespaced=True
+)
 # Gateway API (a waypoint is a Gateway of class istio-waypoint; HTTPRoutes bind to Services).
 GATEWAYS = ResourceType("gateway.networking.k8s.io", "v1", "Gateway", "gateways", namespaced=True)
 HTTP_ROUTES = ResourceType(

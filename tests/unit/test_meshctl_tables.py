@@ -175,3 +175,16 @@ def test_node_rows() -> None:
     assert rows == [
         ["node1", "Ready", "172.30.0.10", "10.244.0.0/24", "Running", "90s", "v1.31.0-playground"]
     ]
+
+
+def test_service_entry_rows_are_istios_columns() -> None:
+    entry = {
+        "metadata": {"name": "api", "namespace": "shop", "creationTimestamp": CREATED},
+        "spec": {"hosts": ["api.example.com", "*.example.org"], "resolution": "DNS"},
+    }
+    headers, rows = tables.build_rows(
+        resources.SERVICE_ENTRIES, [entry], now=NOW, all_namespaces=True
+    )
+    assert headers == ["NAMESPACE", "NAME", "HOSTS", "LOCATION", "RESOLUTION", "AGE"]
+    # An unset location is blank, as kubectl prints a CRD's missing column.
+    assert rows == [["shop", "api", '["api.example.com","*.example.org"]', "", "DNS", "90s"]]

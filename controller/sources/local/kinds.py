@@ -23,6 +23,7 @@ from controller.sources.local import (
     gatewayschemas,
     policyschemas,
     schemas,
+    serviceentryschemas,
     telemetryschemas,
     trafficschemas,
     validation,
@@ -296,12 +297,14 @@ def build_security_kinds(
 NETWORKING_GROUP = "networking.istio.io"
 VIRTUAL_SERVICES = resources.VIRTUAL_SERVICES
 DESTINATION_RULES = resources.DESTINATION_RULES
+SERVICE_ENTRIES = resources.SERVICE_ENTRIES
 NETWORKING_EXTRA_VERSIONS = ("v1beta1", "v1alpha3")
 
 
 def build_traffic_kinds() -> list[ServedKind]:
-    """networking.istio.io: VirtualService and DestinationRule, validated and stored; each write
-    is answered with what the mesh does not act on."""
+    """networking.istio.io: VirtualService, DestinationRule and ServiceEntry, validated and
+    stored; each write is answered with what the mesh does not act on. A ServiceEntry's status
+    holds the addresses `serviceentries` allocates for it."""
     return [
         ServedKind(
             VIRTUAL_SERVICES,
@@ -319,6 +322,14 @@ def build_traffic_kinds() -> list[ServedKind]:
             tracks_generation=True,
             extra_versions=NETWORKING_EXTRA_VERSIONS,
             find_warnings=trafficschemas.find_unenforced,
+        ),
+        ServedKind(
+            SERVICE_ENTRIES,
+            serviceentryschemas.SERVICE_ENTRY,
+            short_names=("se",),
+            tracks_generation=True,
+            extra_versions=NETWORKING_EXTRA_VERSIONS,
+            find_warnings=serviceentryschemas.find_unenforced,
         ),
     ]
 
