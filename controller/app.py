@@ -19,6 +19,7 @@ from controller.sources.local import (
     kinds,
     persistence,
     policystatus,
+    serviceentries,
     waypoints,
 )
 from controller.sources.local import errors as local_errors
@@ -73,6 +74,8 @@ async def run(cfg: config_mod.Config) -> None:
     policy_status = policystatus.PolicyStatusController(
         store, root_namespace=cfg.root_namespace, dry_run_enabled=cfg.dry_run_policies
     )
+    # ServiceEntries without spec.addresses get a VIP per host in their status.
+    service_entry_addresses = serviceentries.ServiceEntryAllocator(store)
     waypoint_deployer = waypoints.WaypointDeployer(
         store,
         waypoints.WaypointSettings(
@@ -127,6 +130,9 @@ async def run(cfg: config_mod.Config) -> None:
             feeding = group.create_task(feed.run(), name="feed")
             deploying = group.create_task(deployment_controller.run(), name="deployments")
             statusing = group.create_task(policy_status.run(), name="policy-status")
+            allocating = group.create_task(
+                service_entry_addresses.run(), name="service-entry-addresses"
+            )
             waypointing = group.create_task(waypoint_deployer.run(), name="waypoints")
             await feed.synced.wait()
             await grpc_server.start()
@@ -140,6 +146,7 @@ async def run(cfg: config_mod.Config) -> None:
             feeding.cancel()
             deploying.cancel()
             statusing.cancel()
+            allocating.cancel()
             waypointing.cancel()
     finally:
         ads.close()

@@ -16,6 +16,7 @@ import pytest
 from google.protobuf import any_pb2
 
 from meshcore.identity import ca_client, csr, spiffe
+from meshcore.kube import client as kube_client
 from meshcore.kube import resources
 from meshcore.model import workload
 from meshcore.xds import client as xds_client
@@ -217,3 +218,52 @@ def test_bad_configuration_is_reported() -> None:
     assert result.returncode == 2
     assert "CONTROLLER_STATE_DIR is required" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+SERVICE_ENTRY = {
+    "apiVersion": "networking.istio.io/v1",
+    "kind": "ServiceEntry",
+    "metadata": {"name": "external", "namespace": "shop"},
+    "spec": {"hosts": ["api.example.com"], "resolution": "DNS"},
+}
+
+
+def test_a_service_entry_gets_its_address_and_keeps_it_over_a_restart(
+    controller: Controller,
+) -> None:
+    async def allocated(api: kube_client.ApiClient) -> list[dict[str, Any]]:
+        """The status addresses, once the allocator wrote them (watched, not polled)."""
+        created = await api.get(resources.SERVICE_ENTRIES, "external", "shop")
+        found = (created.get("status") or {}).get("addresses")
+        if found:
+            return list(found)
+        version = created["metadata"]["resourceVersion"]
+        async with asyncio.timeout(10):
+            events = api.watch(resources.SERVICE_ENTRIES, "shop", resource_version=version)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    found = (event.object.get("status") or {}).get("addresses")
+                    if found:
+                        return list(found)
+        raise AssertionError("the watch ended before the addresses were written")
+
+    async def main() -> None:
+        controller.start()
+        api = await controller.wait_ready()
+        try:
+            await api.create(NAMESPACE)
+            await api.create(SERVICE_ENTRY)
+            before = await allocated(api)
+            assert before == [{"host": "api.example.com", "value": "240.240.0.1"}]
+        finally:
+            await api.close()
+
+        controller.stop()
+        controller.start()
+        api = await controller.wait_ready()
+        try:
+            assert await allocated(api) == before
+        finally:
+            await api.close()
+
+    asyncio.run(main())
