@@ -32,6 +32,7 @@ logger = logging.getLogger("controller.feed")
 TRANSLATED_KINDS = (
     resources.NAMESPACES,
     resources.SERVICES,
+    resources.SERVICE_ENTRIES,
     policy_translate.AUTHORIZATION_POLICIES,
     policy_translate.PEER_AUTHENTICATIONS,
     resources.PODS,

@@ -169,6 +169,10 @@ class Kubelet:
         # Informers: services (hosts files, kube-proxy), every pod (kube-proxy endpoints) and
         # this node's pods (the pod runtime), the last with a field selector like kubelet's.
         self.services = informer.Informer(api, resources.SERVICES, handler=self._on_service)
+        # ServiceEntry hosts resolve in every pod (the playground's DNS is its hosts files).
+        self.entries = informer.Informer(
+            api, resources.SERVICE_ENTRIES, handler=self._on_service_entry
+        )
         self.all_pods = informer.Informer(api, resources.PODS, handler=self._on_any_pod)
         self.node_pods = informer.Informer(
             api,
@@ -183,7 +187,9 @@ class Kubelet:
     # -- PodHost ------------------------------------------------------------------------------
 
     def find_service_names(self) -> list[sandbox.ServiceName]:
-        return sandbox.build_service_names(self.services.items(), self.all_pods.items())
+        return sandbox.build_service_names(
+            self.services.items(), self.all_pods.items(), self.entries.items()
+        )
 
     def read_node_token(self) -> str:
         """This node's credential (read at each use: the file may be rewritten)."""
@@ -208,9 +214,11 @@ class Kubelet:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.services.run(), name="informer-services")
                 tg.create_task(self.all_pods.run(), name="informer-pods")
+                tg.create_task(self.entries.run(), name="informer-service-entries")
                 tg.create_task(self.proxy.run(), name="kube-proxy")
                 await self.services.wait_synced()
                 await self.all_pods.wait_synced()
+                await self.entries.wait_synced()
                 self.proxy.mark_dirty()
                 tg.create_task(self.node_pods.run(), name="informer-node-pods")
                 await self.node_pods.wait_synced()
@@ -288,6 +296,9 @@ class Kubelet:
 
     async def _on_service(self, event: objects.WatchEvent) -> None:
         self.proxy.mark_dirty()
+        self._refresh_hosts_files()
+
+    async def _on_service_entry(self, event: objects.WatchEvent) -> None:
         self._refresh_hosts_files()
 
     async def _on_any_pod(self, event: objects.WatchEvent) -> None:

@@ -52,6 +52,8 @@ class ServiceName:
     namespace: str
     name: str
     cluster_ip: str
+    # A ServiceEntry host: answered as this one name, in every namespace.
+    host: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -163,12 +165,42 @@ def find_pod_dirs(node_state_dir: str) -> list[str]:
         return []
 
 
+def _entry_names(entries: Iterable[Mapping[str, Any]]) -> list[ServiceName]:
+    """A ServiceEntry's hosts at their address: the first IPv4 of `spec.addresses`, else the one
+    the controller allocated (``status.addresses``), as Istio's DNS proxy answers with
+    auto-allocation. Wildcard hosts and hosts without an address are not listed."""
+    out = []
+    for entry in entries:
+        meta, spec = entry.get("metadata") or {}, entry.get("spec") or {}
+        fixed = [a for a in spec.get("addresses") or () if _is_ipv4(a)]
+        allocated = {
+            str(a.get("host")): str(a.get("value"))
+            for a in (entry.get("status") or {}).get("addresses") or ()
+            if isinstance(a, Mapping) and _is_ipv4(a.get("value"))
+        }
+        for host in spec.get("hosts") or ():
+            ip = fixed[0] if fixed else allocated.get(host)
+            if ip and not str(host).startswith("*"):
+                namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+                out.append(ServiceName(namespace, name, ip, host=str(host)))
+    return out
+
+
+def _is_ipv4(value: object) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(str(value)), ipaddress.IPv4Address)
+    except ValueError:
+        return False
+
+
 def build_service_names(
-    services: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]] = ()
+    services: Iterable[Mapping[str, Any]],
+    pods: Iterable[Mapping[str, Any]] = (),
+    entries: Iterable[Mapping[str, Any]] = (),
 ) -> list[ServiceName]:
     """Name -> address entries: a service's ClusterIP, or for a headless service the IP of each
-    serving pod it selects (what cluster DNS would answer)."""
-    out: list[ServiceName] = []
+    serving pod it selects (what cluster DNS would answer); and ServiceEntry hosts."""
+    out: list[ServiceName] = _entry_names(entries)
     pod_list = list(pods)
     for svc in services:
         meta = svc.get("metadata") or {}
@@ -181,7 +213,7 @@ def build_service_names(
             out.extend(ServiceName(namespace, name, ip) for ip in ips)
         elif ip := podfields.cluster_ip(svc):
             out.append(ServiceName(namespace, name, ip))
-    return sorted(out, key=lambda s: (s.namespace, s.name))
+    return sorted(out, key=lambda s: (s.namespace, s.name, s.host))
 
 
 def build_hosts_file(
@@ -199,6 +231,9 @@ def build_hosts_file(
     if pod_ip:
         lines.append(f"{pod_ip}\t{pod_name}")
     for svc in services:
+        if svc.host:
+            lines.append(f"{svc.cluster_ip}\t{svc.host}")
+            continue
         names = [
             f"{svc.name}.{svc.namespace}.svc.{CLUSTER_DOMAIN}",
             f"{svc.name}.{svc.namespace}.svc",

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.netns
 
 NS = "shop"
 OBS = "observability"
+OUTSIDE = "outside"
 URL = f"http://reviews.{NS}"
 FRONTEND = f"cluster.local/ns/{NS}/sa/frontend"
 BACKENDS = (
@@ -127,6 +128,10 @@ def cluster() -> Iterator[Playground]:
                 mh.namespace(OBS, ambient=False),
                 l7.collector_pod("collector", OBS),
                 mh.service("collector", OBS, 4318, 4318),
+                # Outside the mesh: what a ServiceEntry calls "external".
+                mh.namespace(OUTSIDE, ambient=False),
+                l7.backend("httpbin", OUTSIDE, "external", app="httpbin"),
+                l7.http_service("httpbin", OUTSIDE),
                 mh.namespace(NS, ambient=True),
                 l7.backend("reviews-v1", NS, "v1", app="reviews"),
                 l7.backend("reviews-v2", NS, "v2", app="reviews"),
@@ -148,6 +153,7 @@ def cluster() -> Iterator[Playground]:
             mh.wait_captured(pg, NS, client)
         pg.wait_pod_ready(OBS, "collector")
         pg.call(lambda api: commands.wait_deployments_ready(api, NS, BACKENDS, 120))
+        pg.call(lambda api: commands.wait_deployments_ready(api, OUTSIDE, ["httpbin"], 120))
         done = _meshctl(pg, "waypoint", "apply", "-n", NS)
         assert done.returncode == 0, done.stderr
         assert "waypoint shop/waypoint ready" in done.stdout
@@ -561,3 +567,61 @@ def test_bad_routes_are_rejected_with_the_field_path_and_routing_goes_on(
         assert field in done.stderr, done.stderr
         # The stored route is the good one, and it still routes.
         assert l7.versions(l7.request(cluster, NS, "frontend", URL, count=5)) == {"v2": 5}
+
+
+def test_egress_to_a_service_entry_host_is_routed_and_observed_in_the_waypoint(
+    cluster: Playground,
+) -> None:
+    host = "api.external.example"
+    entry = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "ServiceEntry",
+        "metadata": {"name": "external-api", "namespace": NS},
+        "spec": {
+            "hosts": [host],
+            "location": "MESH_EXTERNAL",
+            "resolution": "DNS",
+            "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+            # Resolved by the waypoint when it dials: here, a Service outside the mesh.
+            "endpoints": [{"address": f"httpbin.{OUTSIDE}.svc.cluster.local"}],
+        },
+    }
+    route = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "external-api", "namespace": NS},
+        "spec": {
+            "hosts": [host],
+            "http": [
+                {
+                    "route": [{"destination": {"host": host}}],
+                    "headers": {"request": {"set": {"x-egress": "through-waypoint"}}},
+                }
+            ],
+        },
+    }
+    with _configured(cluster, entry, route):
+        # The controller allocates the host an address; every pod resolves the host to it.
+        def allocated() -> str | None:
+            status = cluster.get(resources.SERVICE_ENTRIES, "external-api", NS).get("status") or {}
+            return next((a["value"] for a in status.get("addresses") or ()), None)
+
+        vip = mh.wait_until(allocated, what="the ServiceEntry's allocated address")
+        assert vip.startswith("240.240.")
+
+        def answered() -> bool:
+            result = l7.request(cluster, NS, "frontend", f"http://{host}/egress")[0]
+            return bool(result["status"] == 200)
+
+        _until("egress through the waypoint", answered, timeout=60)
+        [result] = l7.request(cluster, NS, "frontend", f"http://{host}/egress")
+        assert result["body"]["version"] == "external"
+        assert result["body"]["headers"]["x-egress"] == "through-waypoint"  # routed
+        assert result["body"]["headers"]["host"] == host
+        metrics = _waypoint_metrics(cluster)
+        assert any(
+            line.startswith("istio_requests_total{")
+            and f'destination_service="{host}"' in line
+            and 'response_code="200"' in line
+            for line in metrics.splitlines()
+        ), "the egress request is not in the waypoint's istio_requests_total"  # observed

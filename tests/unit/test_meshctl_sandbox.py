@@ -30,6 +30,29 @@ def test_hosts_file_lists_services_with_short_names_for_own_namespace() -> None:
     assert not any(line.startswith("None") or " hl." in line for line in lines)
 
 
+def test_service_entry_hosts_resolve_everywhere_at_their_given_or_allocated_address() -> None:
+    def entry(name: str, hosts: list[str], **more: Any) -> dict[str, Any]:
+        spec: dict[str, Any] = {"hosts": hosts, **more.pop("spec", {})}
+        return {"metadata": {"name": name, "namespace": "egress"}, "spec": spec, **more}
+
+    names = sandbox.build_service_names(
+        [],
+        entries=[
+            entry(
+                "api",
+                ["api.example.com", "*.example.org", "late.example.com"],
+                status={"addresses": [{"host": "api.example.com", "value": "240.240.0.1"}]},
+            ),
+            entry("fixed", ["db.example.com"], spec={"addresses": ["10.9.0.0/24", "192.0.2.5"]}),
+        ],
+    )
+    lines = sandbox.build_hosts_file("shop", "client", "10.244.0.7", names).splitlines()
+    assert "240.240.0.1\tapi.example.com" in lines
+    assert "192.0.2.5\tdb.example.com" in lines  # the first single address, not the range
+    # No address yet, or a wildcard: nothing to answer.
+    assert not any("late.example.com" in line or "example.org" in line for line in lines)
+
+
 def _serving(name: str, ip: str, *, ready: bool = True, ns: str = "shop") -> dict[str, Any]:
     return {
         "metadata": {"name": name, "namespace": ns, "labels": {"app": "db"}},

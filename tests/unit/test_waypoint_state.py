@@ -208,7 +208,13 @@ def test_external_endpoints_are_dialled_by_name_and_outside_the_mesh() -> None:
     )
     meshed = dataclasses.replace(PODS[0], tunnel_protocol=workload.TunnelProtocol.HBONE)
     state = state_mod.WaypointState(namespace="shop", name="waypoint")
-    known = [external, endpoint, REVIEWS, meshed, PODS[1]]
+    known: list[workload.Workload | workload.Service] = [
+        external,
+        endpoint,
+        REVIEWS,
+        meshed,
+        PODS[1],
+    ]
     assert state.apply(types.ADDRESS, [resources.address_resource(o) for o in known], []) == []
     assert state.resolve("240.240.0.1", 80) == host
     assert state.find_endpoints(host, None, 80) == [("api.internal", 8080)]
