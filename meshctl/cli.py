@@ -94,7 +94,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     get.add_argument(
         "kind",
         metavar="KIND",
-        help="namespaces|pods|services|nodes|deployments|authorizationpolicies|peerauthentications|workloads",
+        help="namespaces|pods|services|nodes|deployments|authorizationpolicies|peerauthentications|workloads|vs|dr|se|gateways|httproutes|telemetries",
     )
     get.add_argument("name", nargs="?")
     get.add_argument("-A", "--all-namespaces", action="store_true")
