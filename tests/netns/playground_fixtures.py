@@ -110,6 +110,19 @@ class Playground:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def meshctl(
+        self, *args: str, stdin: str | None = None, timeout: float = 150.0
+    ) -> subprocess.CompletedProcess[str]:
+        """The real ``meshctl`` against this playground, in a subprocess; output captured."""
+        return subprocess.run(
+            [sys.executable, "-m", "meshctl", "--state-dir", self.state_dir, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
     # -- facts --------------------------------------------------------------------------------
 
     @property
@@ -215,6 +228,18 @@ class Playground:
         with contextlib.suppress(OSError):
             return "\n".join(self.logs(component, node).splitlines()[-30:])
         return ""
+
+
+@contextlib.contextmanager
+def started(pg: Playground) -> Iterator[Playground]:
+    """`pg` started, and stopped on the way out (also when the test failed), having left no
+    namespace, link or process behind."""
+    try:
+        pg.start()
+        yield pg
+    finally:
+        report = pg.stop()
+        assert report.is_clean, f"playground teardown left things behind: {report.leftovers}"
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.netns import mesh_helpers as mh
-from tests.netns.playground_fixtures import Playground
+from tests.netns.playground_fixtures import Playground, started
 
 pytestmark = pytest.mark.netns
 
@@ -27,13 +27,8 @@ TUNNEL_ANNOTATION = "ambient.istio.io/application-tunnel"
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Playground]:
-    pg = Playground()
-    try:
-        pg.start()
+    with started(Playground()) as pg:
         yield pg
-    finally:
-        report = pg.stop()
-        assert report.is_clean, f"playground teardown left things behind: {report.leftovers}"
 
 
 def _app_pod(ns: str) -> dict[str, Any]:

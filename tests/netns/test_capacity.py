@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 from meshcore.kube import resources
 from meshctl.playground import sandbox
 from tests.netns import mesh_helpers as mh
-from tests.netns.playground_fixtures import Playground
+from tests.netns.playground_fixtures import Playground, started
 
 pytestmark = pytest.mark.netns
 
@@ -29,13 +28,8 @@ REJECTED = (
 
 @pytest.fixture
 def cluster() -> Iterator[Playground]:
-    pg = Playground().max_pods(2)
-    try:
-        pg.start()
+    with started(Playground().max_pods(2)) as pg:
         yield pg
-    finally:
-        report = pg.stop()
-        assert report.is_clean, f"playground teardown left things behind: {report.leftovers}"
 
 
 def _get(cluster: Playground, name: str) -> dict[str, Any]:
@@ -88,13 +82,7 @@ def _traces_of(cluster: Playground, uid: str) -> list[str]:
 
 
 def _meshctl(cluster: Playground, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "meshctl", "--state-dir", cluster.state_dir, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = cluster.meshctl(*args, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout
 

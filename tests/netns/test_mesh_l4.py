@@ -28,7 +28,7 @@ from meshcore.kube import resources
 from meshctl import commands
 from meshctl.demo import manifests as demo
 from tests.netns import mesh_helpers as mh
-from tests.netns.playground_fixtures import Playground
+from tests.netns.playground_fixtures import Playground, started
 
 pytestmark = pytest.mark.netns
 
@@ -105,13 +105,8 @@ def _expected_download() -> str:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Playground]:
-    pg = Playground()
-    try:
-        pg.start()
+    with started(Playground()) as pg:
         yield pg
-    finally:
-        report = pg.stop()
-        assert report.is_clean, f"playground teardown left things behind: {report.leftovers}"
 
 
 def _deploy_sink_and_client(cluster: Playground, ns: str, *, ambient: bool) -> None:

@@ -27,7 +27,7 @@ from meshcore.kube import client as kube_client
 from meshcore.kube import resources
 from meshctl.playground import procs, record
 from tests.netns import mesh_helpers as mh
-from tests.netns.playground_fixtures import Playground
+from tests.netns.playground_fixtures import Playground, started
 
 pytestmark = pytest.mark.netns
 
@@ -142,9 +142,7 @@ ECHO = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Playground]:
-    pg = Playground().nodes(3)
-    try:
-        pg.start()
+    with started(Playground().nodes(3)) as pg:
         patch = {"metadata": {"labels": BACKEND}}
         for node in ("node2", "node3"):
 
@@ -153,9 +151,6 @@ def cluster() -> Iterator[Playground]:
 
             pg.call(label)
         yield pg
-    finally:
-        report = pg.stop()
-        assert report.is_clean, f"playground teardown left things behind: {report.leftovers}"
 
 
 def _pod_env() -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.netns import mesh_helpers as mh
-from tests.netns.playground_fixtures import Playground
+from tests.netns.playground_fixtures import Playground, started
 
 pytestmark = pytest.mark.netns
 
@@ -83,13 +83,8 @@ HOLDER = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Playground]:
-    pg = Playground().nodes(3)
-    try:
-        pg.start()
+    with started(Playground().nodes(3)) as pg:
         yield pg
-    finally:
-        report = pg.stop()
-        assert report.is_clean, f"playground teardown left things behind: {report.leftovers}"
 
 
 def _pinned(pod: dict[str, Any], node: str) -> dict[str, Any]:
@@ -121,27 +116,14 @@ def _ping(cluster: Playground, ns: str, client: str, host: str, port: int) -> st
     return done.stdout.strip()
 
 
-def _meshctl(
-    cluster: Playground, *args: str, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "meshctl", "--state-dir", cluster.state_dir, *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def _apply(cluster: Playground, *docs: dict[str, Any]) -> subprocess.CompletedProcess[str]:
-    done = _meshctl(cluster, "apply", "-f", "-", stdin=yaml.safe_dump_all(docs, sort_keys=False))
+    done = cluster.meshctl("apply", "-f", "-", stdin=yaml.safe_dump_all(docs, sort_keys=False))
     assert done.returncode == 0, done.stderr
     return done
 
 
 def _delete(cluster: Playground, *docs: dict[str, Any]) -> None:
-    done = _meshctl(cluster, "delete", "-f", "-", stdin=yaml.safe_dump_all(docs, sort_keys=False))
+    done = cluster.meshctl("delete", "-f", "-", stdin=yaml.safe_dump_all(docs, sort_keys=False))
     assert done.returncode == 0, done.stderr
 
 
@@ -228,8 +210,8 @@ def test_allow_list_by_principal_admits_one_client_and_refuses_another(cluster: 
         )
     )
     # meshctl check explains it without sending traffic.
-    allowed = _meshctl(cluster, "check", "-n", ns, "frontend", "server:7000")
-    refused = _meshctl(cluster, "check", "-n", ns, "intruder", "server:7000")
+    allowed = cluster.meshctl("check", "-n", ns, "frontend", "server:7000")
+    refused = cluster.meshctl("check", "-n", ns, "intruder", "server:7000")
     assert allowed.returncode == 0, allowed.stderr
     assert "ALLOW" in allowed.stdout
     assert f"{ns}/frontend-only" in allowed.stdout
@@ -252,7 +234,7 @@ def test_deny_on_one_port_leaves_the_other_open(cluster: Playground) -> None:
     mh.wait_until(lambda: _has_policy(cluster, "node2", ns, "no-7001"), what="the policy on node2")
     assert _ping(cluster, ns, "client", server_ip, 7000) == "ok"
     assert _ping(cluster, ns, "client", server_ip, 7001) != "ok"
-    check = _meshctl(cluster, "check", "-n", ns, "client", "server:7001")
+    check = cluster.meshctl("check", "-n", ns, "client", "server:7001")
     assert "DENY" in check.stdout
     assert f"{ns}/no-7001" in check.stdout
 
@@ -374,12 +356,12 @@ def test_policies_with_l7_fields_are_applied_with_warnings(cluster: Playground) 
     assert _ping(cluster, ns, "client", cluster.pod_ip(ns, "server"), 7000) != "ok"
     status = mh.wait_until(
         lambda: (
-            _meshctl(
-                cluster, "get", "authorizationpolicies", "get-only", "-n", ns, "-o", "yaml"
+            cluster.meshctl(
+                "get", "authorizationpolicies", "get-only", "-n", ns, "-o", "yaml"
             ).stdout
             if "UnsupportedValue"
-            in _meshctl(
-                cluster, "get", "authorizationpolicies", "get-only", "-n", ns, "-o", "yaml"
+            in cluster.meshctl(
+                "get", "authorizationpolicies", "get-only", "-n", ns, "-o", "yaml"
             ).stdout
             else None
         ),
@@ -403,8 +385,7 @@ def test_bad_policies_are_rejected_whole(cluster: Playground) -> None:
         ),
     ]
     for spec, message in cases:
-        done = _meshctl(
-            cluster,
+        done = cluster.meshctl(
             "apply",
             "-f",
             "-",
@@ -412,5 +393,5 @@ def test_bad_policies_are_rejected_whole(cluster: Playground) -> None:
         )
         assert done.returncode != 0
         assert message in done.stderr, done.stderr
-    listed = _meshctl(cluster, "get", "authorizationpolicies", "-n", ns)
+    listed = cluster.meshctl("get", "authorizationpolicies", "-n", ns)
     assert "bad" not in listed.stdout

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,7 +23,7 @@ from meshcore.kube import resources
 from meshctl import commands
 from tests.netns import l7_apps as l7
 from tests.netns import mesh_helpers as mh
-from tests.netns.playground_fixtures import Playground
+from tests.netns.playground_fixtures import Playground, started
 
 pytestmark = pytest.mark.netns
 
@@ -44,19 +42,6 @@ BACKENDS = (
 )
 
 
-def _meshctl(
-    cluster: Playground, *args: str, stdin: str | None = None, timeout: float = 150
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "meshctl", "--state-dir", cluster.state_dir, *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def _dump(*docs: dict[str, Any]) -> str:
     return yaml.safe_dump_all(docs, sort_keys=False)
 
@@ -64,12 +49,12 @@ def _dump(*docs: dict[str, Any]) -> str:
 @contextlib.contextmanager
 def _configured(cluster: Playground, *docs: dict[str, Any]) -> Iterator[None]:
     """`meshctl apply` the docs for the test's duration, `meshctl delete` them after."""
-    done = _meshctl(cluster, "apply", "-f", "-", stdin=_dump(*docs))
+    done = cluster.meshctl("apply", "-f", "-", stdin=_dump(*docs))
     assert done.returncode == 0, done.stderr
     try:
         yield
     finally:
-        done = _meshctl(cluster, "delete", "-f", "-", stdin=_dump(*docs))
+        done = cluster.meshctl("delete", "-f", "-", stdin=_dump(*docs))
         assert done.returncode == 0, done.stderr
 
 
@@ -120,9 +105,7 @@ REVIEWS_SUBSETS = _subsets("reviews", "v1", "v2", "premium")
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Playground]:
-    pg = Playground().nodes(2).otlp_endpoint(f"http://collector.{OBS}:4318")
-    try:
-        pg.start()
+    with started(Playground().nodes(2).otlp_endpoint(f"http://collector.{OBS}:4318")) as pg:
         pg.apply(
             mh.manifest(
                 mh.namespace(OBS, ambient=False),
@@ -154,13 +137,10 @@ def cluster() -> Iterator[Playground]:
         pg.wait_pod_ready(OBS, "collector")
         pg.call(lambda api: commands.wait_deployments_ready(api, NS, BACKENDS, 120))
         pg.call(lambda api: commands.wait_deployments_ready(api, OUTSIDE, ["httpbin"], 120))
-        done = _meshctl(pg, "waypoint", "apply", "-n", NS)
+        done = pg.meshctl("waypoint", "apply", "-n", NS)
         assert done.returncode == 0, done.stderr
         assert "waypoint shop/waypoint ready" in done.stdout
         yield pg
-    finally:
-        report = pg.stop()
-        assert report.is_clean, f"playground teardown left things behind: {report.leftovers}"
 
 
 def test_waypoint_is_deployed_and_carries_the_namespace_traffic(cluster: Playground) -> None:
@@ -523,7 +503,7 @@ def test_metrics_and_a_trace_span_are_produced_and_the_trace_id_crosses(
         ]
         assert lines, f"no {name} for reviews with reporter=waypoint, response_code=200"
     # And one JSON access-log record for the request, in the waypoint's log.
-    logs = _meshctl(cluster, "logs", "-n", NS, "deploy/waypoint").stdout
+    logs = cluster.meshctl("logs", "-n", NS, "deploy/waypoint").stdout
     records = []
     for line in logs.splitlines():
         with contextlib.suppress(ValueError):
@@ -562,7 +542,7 @@ def test_bad_routes_are_rejected_with_the_field_path_and_routing_goes_on(
         _until("the good route", lambda: _get(cluster)["body"]["version"] == "v2")
         bad = yaml.safe_load(_dump(good))
         change(bad)
-        done = _meshctl(cluster, "apply", "-f", "-", stdin=_dump(bad))
+        done = cluster.meshctl("apply", "-f", "-", stdin=_dump(bad))
         assert done.returncode == 1
         assert field in done.stderr, done.stderr
         # The stored route is the good one, and it still routes.

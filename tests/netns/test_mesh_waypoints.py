@@ -19,7 +19,7 @@ import pytest
 
 from meshcore.kube import resources
 from tests.netns import mesh_helpers as mh
-from tests.netns.playground_fixtures import Playground
+from tests.netns.playground_fixtures import Playground, started
 
 pytestmark = pytest.mark.netns
 
@@ -66,13 +66,8 @@ print("ok" if data == b"ok" else "refused")
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Playground]:
-    pg = Playground()
-    try:
-        pg.start()
+    with started(Playground()) as pg:
         yield pg
-    finally:
-        report = pg.stop()
-        assert report.is_clean, f"playground teardown left things behind: {report.leftovers}"
 
 
 def _call(cluster: Playground, host: str, port: int) -> str:
