@@ -48,3 +48,25 @@ def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None
     with pytest.raises(config.ConfigError) as bad:
         config.Config.from_env({**BASE, **env})
     assert message in str(bad.value)
+
+
+def test_waypoint_settings() -> None:
+    cfg = config.Config.from_env(BASE)
+    assert cfg.waypoint_command[1:] == ("-m", "waypoint")  # this interpreter, by default
+    assert (cfg.waypoint_xds_address, cfg.waypoint_otlp_endpoint) == ("", "")
+    cfg = config.Config.from_env(
+        {
+            **BASE,
+            "WAYPOINT_COMMAND": "/opt/py/bin/python -X 'dev mode' -m waypoint",
+            "WAYPOINT_XDS_ADDRESS": "dns:///controller:15012",
+            "WAYPOINT_OTLP_ENDPOINT": "http://collector.obs:4318",
+        }
+    )
+    assert cfg.waypoint_command == ("/opt/py/bin/python", "-X", "dev mode", "-m", "waypoint")
+    assert cfg.waypoint_xds_address == "dns:///controller:15012"
+    assert cfg.waypoint_otlp_endpoint == "http://collector.obs:4318"
+
+
+def test_a_waypoint_command_that_does_not_parse_is_named() -> None:
+    with pytest.raises(config.ConfigError, match=r"WAYPOINT_COMMAND=.*No closing quotation"):
+        config.Config.from_env({**BASE, "WAYPOINT_COMMAND": "python -m 'waypoint"})
