@@ -152,11 +152,16 @@ class WaypointState:
         }
         self._members: dict[ids.ServiceKey, list[workload.Workload]] = {}
         self._by_address: dict[str, workload.Workload] = {}
+        # The addresses of the pods that name this waypoint as their own.
+        me = (self._namespace, f"{self._name}.{self._namespace}.svc.{self._domain}")
+        self._own_workloads: set[str] = set()
         for wl in sorted(self._workloads.values(), key=lambda w: w.uid):
             for binding in wl.services:
                 self._members.setdefault(binding.service, []).append(wl)
             for address in wl.addresses:
                 self._by_address[str(address)] = wl
+                if wl.waypoint is not None and wl.waypoint.hostname == me:
+                    self._own_workloads.add(str(address))
             if wl.hostname:
                 self._by_address[wl.hostname] = wl  # a DNS endpoint is dialled by its name
 
@@ -192,7 +197,13 @@ class WaypointState:
     # -- tunnel.ServiceResolver --
 
     def resolve(self, address: str, port: int) -> str | None:
-        return self._vips.get((str(ipaddress.ip_address(address)), port))
+        """The service a VIP:port names; or, for a pod whose own ``istio.io/use-waypoint`` names
+        this waypoint, the pod's address itself (its traffic is routed to that very pod)."""
+        normalized = str(ipaddress.ip_address(address))
+        service = self._vips.get((normalized, port))
+        if service is not None:
+            return service
+        return normalized if normalized in self._own_workloads else None
 
     # -- engine.RouteTables --
 
@@ -200,7 +211,7 @@ class WaypointState:
         table = self._table_by_host.get(host)
         if table is not None:
             return table
-        if host not in self._by_host:
+        if host not in self._by_host and host not in self._own_workloads:
             return None
         table = self._default_tables.get((host, port))
         if table is None:
@@ -224,6 +235,9 @@ class WaypointState:
         self, host: str, subset: str | None, port: int | None
     ) -> Sequence[upstream.Endpoint]:
         service = self._by_host.get(host)
+        if service is None and host in self._own_workloads and port is not None:
+            wl = self._by_address[host]  # a pod's own traffic: to that pod, at the port asked
+            return [(host, port)] if wl.is_healthy and subset is None else ()
         if service is None or port is None or service.port(port) is None:
             return ()
         selector: tuple[tuple[str, str], ...] = ()

@@ -2,8 +2,8 @@
 
 A Service's own label wins over its Namespace's; the value ``none`` on the Service opts it out
 of the namespace's waypoint. A Pod takes a waypoint from its own label only (for calls to its
-IP): a namespace's waypoint serves the namespace's service addresses, as Istio's default
-``istio.io/waypoint-for: service`` does, and would refuse calls to a pod address.
+IP, which that waypoint then serves): a namespace's label is for its services, as Istio's
+default ``istio.io/waypoint-for: service`` has it.
 `istio.io/use-waypoint-namespace`, read from the same object as
 `istio.io/use-waypoint`, names the waypoint's namespace (default: that object's namespace).
 

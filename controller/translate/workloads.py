@@ -106,8 +106,8 @@ def build_workload(
         authorization_policies=authorization_policies,
         cluster_id=cluster_id,
         application_tunnel=_application_tunnel(annotations, namespace, name),
-        # Only the pod's own label: a namespace's waypoint serves its services' addresses
-        # (Istio's default istio.io/waypoint-for: service), not calls to a pod's own IP.
+        # Only the pod's own label: a namespace's label is for its services' addresses
+        # (Istio's default istio.io/waypoint-for: service), not for calls to its pods' IPs.
         waypoint=waypoints.find_waypoint(labels, namespace, {}, domain=domain),
         labels=tuple(sorted(labels.items())),
     )

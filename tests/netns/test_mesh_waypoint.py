@@ -605,3 +605,38 @@ def test_egress_to_a_service_entry_host_is_routed_and_observed_in_the_waypoint(
             and 'response_code="200"' in line
             for line in metrics.splitlines()
         ), "the egress request is not in the waypoint's istio_requests_total"  # observed
+
+
+def test_a_pod_labelled_use_waypoint_has_calls_to_its_ip_go_through_the_waypoint(
+    cluster: Playground,
+) -> None:
+    [pod] = cluster.call(
+        lambda api: api.list(resources.PODS, NS, label_selector="version=premium")
+    ).items
+    name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
+    url = f"http://{ip}:{l7.PORT}/by-ip"
+
+    def answer() -> dict[str, Any]:
+        [result] = l7.request(cluster, NS, "frontend", url)
+        assert result["status"] == 200, result
+        return dict(result["body"])
+
+    # The namespace's waypoint is for its services: a call to the pod IP goes direct.
+    assert "traceparent" not in answer()["headers"]
+
+    def label(value: str | None) -> None:
+        patch: dict[str, Any] = {"metadata": {"labels": {"istio.io/use-waypoint": value}}}
+        cluster.call(lambda api: api.patch(resources.PODS, name, NS, patch))
+
+    label("waypoint")
+    try:
+        _until("the pod's calls through the waypoint", lambda: "traceparent" in answer()["headers"])
+        assert answer()["pod"] == name  # on to that very pod
+        metrics = _waypoint_metrics(cluster)
+        assert any(
+            line.startswith("istio_requests_total{") and f'destination_service="{ip}"' in line
+            for line in metrics.splitlines()
+        )
+    finally:
+        label(None)
+    _until("the pod's calls direct again", lambda: "traceparent" not in answer()["headers"])

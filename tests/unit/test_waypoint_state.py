@@ -222,3 +222,25 @@ def test_external_endpoints_are_dialled_by_name_and_outside_the_mesh() -> None:
     assert state.is_in_mesh(("10.244.1.5", 8080))  # captured: HBONE
     assert not state.is_in_mesh(("10.244.2.6", 8080))  # known, not captured: plain TCP
     assert state.is_in_mesh(("10.9.9.9", 80))  # unknown: HBONE, which fails closed
+
+
+def test_a_pod_naming_this_waypoint_has_its_own_traffic_routed_to_it() -> None:
+    """`istio.io/use-waypoint` on a pod: calls to its IP reach the waypoint, which serves them
+    (policies bound to the waypoint apply) and sends them on to that pod; a pod naming another
+    waypoint, or none, is not served here."""
+    mine = workload.GatewayAddress(hostname=("shop", "waypoint.shop.svc.cluster.local"))
+    other = workload.GatewayAddress(hostname=("shop", "other.shop.svc.cluster.local"))
+    labelled = dataclasses.replace(PODS[0], waypoint=mine)
+    elsewhere = dataclasses.replace(PODS[1], waypoint=other)
+    state = state_mod.WaypointState(namespace="shop", name="waypoint")
+    known: list[workload.Workload | workload.Service] = [REVIEWS, labelled, elsewhere]
+    assert state.apply(types.ADDRESS, [resources.address_resource(o) for o in known], []) == []
+    assert state.resolve("10.244.1.5", 9999) == "10.244.1.5"
+    assert state.resolve("10.244.2.6", 8080) is None
+    table = state.find_route_table("10.244.1.5", 9999)
+    assert table is not None
+    [route] = table.routes
+    assert [(d.host, d.port) for d in route.destinations] == [("10.244.1.5", 9999)]
+    assert state.find_endpoints("10.244.1.5", None, 9999) == [("10.244.1.5", 9999)]
+    assert state.find_endpoints("10.244.1.5", "v1", 9999) == ()  # no subsets for a pod
+    assert state.find_route_table("10.244.2.6", 8080) is None
