@@ -21,6 +21,7 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
+from controller.translate import services as svc_translate
 from controller.translate import waypoints
 from meshcore.identity import spiffe
 from meshcore.model import ids, workload
@@ -48,11 +49,33 @@ def _allocated(entry: KubeObject) -> dict[str, ids.IpAddress]:
     return out
 
 
-def _port_mappings(spec: Mapping[str, Any]) -> tuple[workload.PortMapping, ...]:
-    return tuple(
-        workload.PortMapping(int(p["number"]), int(p.get("targetPort") or p["number"]))
-        for p in spec.get("ports") or ()
-    )
+def _port_mappings(entry: KubeObject) -> tuple[workload.PortMapping, ...]:
+    """The ports; a port the API would have refused fails the whole entry (named)."""
+    meta, spec = entry.get("metadata") or {}, entry.get("spec") or {}
+    out = []
+    for i, p in enumerate(spec.get("ports") or ()):
+        try:
+            out.append(
+                workload.PortMapping(int(p["number"]), int(p.get("targetPort") or p["number"]))
+            )
+        except (KeyError, TypeError, ValueError):
+            raise svc_translate.TranslateError(
+                KIND,
+                str(meta.get("namespace", "")),
+                str(meta.get("name", "")),
+                f"spec.ports[{i}]",
+                f"not a port: {p!r}",
+            ) from None
+    return tuple(out)
+
+
+def _own_port(value: object, default: int) -> int:
+    """An endpoint's own port for a service port, when it gives a usable one."""
+    try:
+        port = int(str(value))
+    except ValueError:
+        return default
+    return port if 0 < port < 65536 else default
 
 
 def build_services(
@@ -66,6 +89,7 @@ def build_services(
     waypoint = waypoints.find_waypoint(
         meta.get("labels") or {}, namespace, namespace_labels, domain=domain
     )
+    ports = _port_mappings(entry)
     out = []
     for host in spec.get("hosts") or ():
         if host.startswith("*"):
@@ -77,7 +101,7 @@ def build_services(
                 namespace=namespace,
                 hostname=host,
                 addresses=addresses,
-                ports=_port_mappings(spec),
+                ports=ports,
                 waypoint=waypoint,
             )
         )
@@ -93,7 +117,9 @@ def build_endpoints(
     if resolution not in _RESOLVED or not services:
         return ()
     namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
-    ports = spec.get("ports") or ()
+    mapped = [
+        (p.get("name"), m) for p, m in zip(spec.get("ports") or (), services[0].ports, strict=True)
+    ]
     listed: list[Mapping[str, Any]] = list(spec.get("endpoints") or ())
     if not listed and resolution in _DNS:
         listed = [{"address": s.hostname} for s in services]  # each host resolves itself
@@ -106,11 +132,8 @@ def build_endpoints(
         seen.add(address)
         own_ports = endpoint.get("ports") or {}
         mappings = tuple(
-            workload.PortMapping(
-                int(p["number"]),
-                int(own_ports.get(p.get("name")) or p.get("targetPort") or p["number"]),
-            )
-            for p in ports
+            workload.PortMapping(m.service_port, _own_port(own_ports.get(port_name), m.target_port))
+            for port_name, m in mapped
         )
         ip = _ip(address)
         out.append(

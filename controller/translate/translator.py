@@ -267,15 +267,19 @@ class Translator:
         entry = self._entries.get(key)
         services: tuple[workload.Service, ...] = ()
         endpoints: tuple[workload.Workload, ...] = ()
+        errors: tuple[str, ...] = ()
         if entry is not None:
-            services = entry_translate.build_services(
-                entry,
-                namespace_labels=self._namespace_labels.get(key[0]) or {},
-                domain=self._domain,
-            )
-            endpoints = entry_translate.build_endpoints(
-                entry, services, cluster_id=self._cluster_id
-            )
+            try:
+                services = entry_translate.build_services(
+                    entry,
+                    namespace_labels=self._namespace_labels.get(key[0]) or {},
+                    domain=self._domain,
+                )
+                endpoints = entry_translate.build_endpoints(
+                    entry, services, cluster_id=self._cluster_id
+                )
+            except svc_translate.TranslateError as exc:
+                errors = (str(exc),)  # left out until a later event fixes it
         old_services = {s.key: s for s in self._entry_services.pop(key, ())}
         old_endpoints = {w.uid: w for w in self._entry_workloads.pop(key, ())}
         if services:
@@ -291,6 +295,7 @@ class Translator:
             removed_workloads=tuple(sorted(old_endpoints.keys() - new_endpoints.keys())),
             services=tuple(s for k, s in sorted(new_services.items()) if old_services.get(k) != s),
             removed_services=tuple(sorted(old_services.keys() - new_services.keys())),
+            errors=errors,
         )
 
     # --- policies ---

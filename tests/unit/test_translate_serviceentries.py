@@ -146,3 +146,21 @@ def test_translator_adds_changes_and_removes_an_entrys_services_and_endpoints() 
     assert gone.removed_services == (ids.service_key("shop", "api2.example.com"),)
     assert tr.snapshot().services == ()
     assert tr.snapshot().workloads == ()
+
+
+def test_an_entry_with_a_port_the_api_would_refuse_is_left_out_and_named() -> None:
+    tr = translator.Translator(
+        trust_domain="cluster.local", cluster_id=CLUSTER, domain="cluster.local"
+    )
+    bad = _entry()
+    bad["spec"]["ports"][0]["number"] = "eighty"
+    changes = tr.apply("ADDED", bad)
+    assert changes.services == ()
+    assert changes.workloads == ()
+    assert changes.errors == (
+        "ServiceEntry shop/api: spec.ports[0]: not a port: "
+        "{'number': 'eighty', 'name': 'http', 'protocol': 'HTTP', "
+        "'targetPort': 8080}",
+    )
+    # Fixed, it appears.
+    assert [s.hostname for s in tr.apply("MODIFIED", _entry()).services] == ["api.example.com"]
