@@ -6,13 +6,15 @@ outliers, authorizes per request and reports metrics and traces there.
 Every request goes client pod -> its ztunnel -> (HBONE) waypoint pod -> (HBONE, the waypoint's
 identity) the backend's ztunnel -> backend pod. Configuration reaches the waypoint over xDS a
 moment after it is applied, so each test first waits for the behaviour it configured to appear
-(by sending requests until it does), then measures.
+(by sending requests until it does), then measures. A namespace labelled with a waypoint that does
+not exist has its service calls refused, never sent around it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -154,9 +156,24 @@ def test_waypoint_is_deployed_and_carries_the_namespace_traffic(cluster: Playgro
     assert result["status"] == 200, result
     # The waypoint added its span to the trace context: the request went through it.
     assert "traceparent" in result["body"]["headers"]
+    # The client's ztunnel dialled the waypoint pod over HBONE, asking for the service's VIP
+    # and port as the app did, and checked the waypoint's identity.
+    waypoint_id = f"spiffe://cluster.local/ns/{NS}/sa/waypoint"
+    vip = cluster.get(resources.SERVICES, "reviews", NS)["spec"]["clusterIP"]
+    outbound = [
+        r
+        for node in ("node1", "node2")
+        for r in mh.access_log(cluster, node)
+        if r["direction"] == "outbound"
+        and r["src.workload"] == "frontend"
+        and str(r.get("dst.workload", "")).startswith("waypoint-")
+    ]
+    assert outbound, "no call from frontend to the waypoint in the ztunnel access logs"
+    assert {(r["dst.hbone_addr"], r["dst.identity"], r["error"]) for r in outbound} == {
+        (f"{vip}:80", waypoint_id, None)
+    }
     # The backend's ztunnel saw the waypoint's identity: the connections it counts as
     # destination for reviews pods come from the waypoint, none from the client directly.
-    waypoint_id = f"spiffe://cluster.local/ns/{NS}/sa/waypoint"
     opened = [
         line
         for node in ("node1", "node2")
@@ -640,3 +657,83 @@ def test_a_pod_labelled_use_waypoint_has_calls_to_its_ip_go_through_the_waypoint
     finally:
         label(None)
     _until("the pod's calls direct again", lambda: "traceparent" not in answer()["headers"])
+
+
+# A namespace labelled with a waypoint that does not exist: its calls must be refused.
+GATED = "gated"
+USE_WAYPOINT = "istio.io/use-waypoint"
+# Answers "ok" to every connection.
+OK_SERVER = """\
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8080))
+s.listen()
+while True:
+    c, _ = s.accept()
+    c.sendall(b"ok")
+    c.close()
+"""
+# Prints "ok" when the server answered, else "refused".
+TCP_CLIENT = """\
+import socket, sys
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+    data = s.recv(2)
+except OSError:
+    data = b""
+print("ok" if data == b"ok" else "refused")
+"""
+
+
+def _tcp_call(cluster: Playground, host: str, port: int) -> str:
+    argv = [sys.executable, "-c", TCP_CLIENT, host, str(port)]
+    done = cluster.exec(GATED, "client", argv, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def _until_tcp(cluster: Playground, host: str, port: int, outcome: str, what: str) -> None:
+    mh.wait_until(lambda: _tcp_call(cluster, host, port) == outcome, timeout=30, what=what)
+
+
+def test_a_missing_waypoint_refuses_instead_of_going_direct(cluster: Playground) -> None:
+    sink = mh.python_pod("sink", GATED, OK_SERVER, sa="sink", port=8080)
+    client = mh.sleeper_pod("client", GATED, sa="client")
+    client["spec"]["nodeName"] = "node1"  # its ztunnel's access log is node1's
+    cluster.apply(
+        mh.manifest(
+            mh.namespace(GATED, ambient=True), sink, mh.service("sink", GATED, 80, 8080), client
+        )
+    )
+    for pod in ("sink", "client"):
+        cluster.wait_pod_ready(GATED, pod)
+        mh.wait_captured(cluster, GATED, pod)
+    sink_ip = cluster.pod_ip(GATED, "sink")
+    _until_tcp(cluster, f"sink.{GATED}", 80, "ok", "the service to answer through the mesh")
+
+    cluster.label_namespace(GATED, {USE_WAYPOINT: "waypoint"})
+    _until_tcp(cluster, f"sink.{GATED}", 80, "refused", "the service call to be refused")
+    refused = [
+        r
+        for r in mh.access_log(cluster)
+        if r["direction"] == "outbound" and r["src.namespace"] == GATED and r["error"]
+    ]
+    waypoint = f"waypoint {GATED}/waypoint (waypoint.{GATED}.svc.cluster.local) is unknown"
+    assert waypoint in refused[-1]["error"]
+    assert f"service sink.{GATED}.svc.cluster.local must go through it" in refused[-1]["error"]
+    # A namespace's waypoint is for its services' addresses: the pod IP is still served.
+    assert _tcp_call(cluster, sink_ip, 8080) == "ok"
+    # The pod's own label sends calls to its IP through a waypoint too: refused alike.
+    pod_patch = {"metadata": {"labels": {USE_WAYPOINT: "waypoint"}}}
+    cluster.call(lambda api: api.patch(resources.PODS, "sink", GATED, pod_patch))
+    _until_tcp(cluster, sink_ip, 8080, "refused", "the pod IP call to be refused")
+
+    # `none` on the Service opts it out of the namespace's waypoint.
+    patch = {"metadata": {"labels": {USE_WAYPOINT: "none"}}}
+    cluster.call(lambda api: api.patch(resources.SERVICES, "sink", GATED, patch))
+    _until_tcp(cluster, f"sink.{GATED}", 80, "ok", "the opted-out service to answer again")
+
+    unlabel: dict[str, Any] = {"metadata": {"labels": {USE_WAYPOINT: None}}}
+    cluster.call(lambda api: api.patch(resources.PODS, "sink", GATED, unlabel))
+    _until_tcp(cluster, sink_ip, 8080, "ok", "the pod to answer once its label is gone")
