@@ -20,14 +20,13 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from meshcore import ambient_labels
 from meshcore.kube import client as kube_client
 from meshcore.kube import errors as kube_errors
 from meshcore.kube import objects, resources
 from meshctl import commands, errors, manifest
 
-WAYPOINT_CLASS = "istio-waypoint"
-USE_WAYPOINT_LABEL = "istio.io/use-waypoint"
-WAYPOINT_FOR_LABEL = "istio.io/waypoint-for"
+USE_WAYPOINT_LABEL = ambient_labels.USE_WAYPOINT
 DEFAULT_NAME = "waypoint"
 _POLL = 0.25
 
@@ -39,10 +38,10 @@ def build_gateway(name: str, namespace: str, waypoint_for: str = "service") -> d
         "metadata": {
             "name": name,
             "namespace": namespace,
-            "labels": {WAYPOINT_FOR_LABEL: waypoint_for},
+            "labels": {ambient_labels.WAYPOINT_FOR: waypoint_for},
         },
         "spec": {
-            "gatewayClassName": WAYPOINT_CLASS,
+            "gatewayClassName": ambient_labels.WAYPOINT_CLASS,
             "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
         },
     }

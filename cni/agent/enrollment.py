@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from cni.redirect import iptables
+from meshcore import ambient_labels
 from meshcore.kube import objects
 from meshcore.wire import zds
 
-DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
+DATAPLANE_MODE_LABEL = ambient_labels.DATAPLANE_MODE
 DATAPLANE_MODE_AMBIENT = "ambient"
 DATAPLANE_MODE_NONE = "none"
 SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"

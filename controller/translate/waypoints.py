@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from meshcore import ambient_labels
 from meshcore.model import ids, workload
 
-USE_WAYPOINT_LABEL = "istio.io/use-waypoint"
-USE_WAYPOINT_NAMESPACE_LABEL = "istio.io/use-waypoint-namespace"
-GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+USE_WAYPOINT_LABEL = ambient_labels.USE_WAYPOINT
+USE_WAYPOINT_NAMESPACE_LABEL = ambient_labels.USE_WAYPOINT_NAMESPACE
+GATEWAY_NAME_LABEL = ambient_labels.GATEWAY_NAME
 OPT_OUT = "none"
 # The Namespace labels a waypoint depends on: a change to any other leaves every waypoint as is.
 NAMESPACE_LABELS = (USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL)

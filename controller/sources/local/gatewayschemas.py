@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from controller.sources.local import schemas, trafficschemas, validation
-from meshcore import durations
+from meshcore import ambient_labels, durations
 
 V = validation
 
-WAYPOINT_CLASS = "istio-waypoint"
+WAYPOINT_CLASS = ambient_labels.WAYPOINT_CLASS
 WAYPOINT_PORT = 15008
 PROTOCOLS = ("HTTP", "HTTPS", "TLS", "TCP", "UDP", "HBONE")
 PATH_MATCH_TYPES = ("Exact", "PathPrefix", "RegularExpression")

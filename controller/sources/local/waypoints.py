@@ -29,15 +29,15 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from controller.sources.local import gatewayschemas, reconciler
+from controller.sources.local import reconciler
 from controller.sources.local import store as store_mod
-from meshcore import log
+from meshcore import ambient_labels, log
 from meshcore.kube import objects, resources
 
 _LOG = logging.getLogger("controller.waypoints")
 
-GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
-DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
+GATEWAY_NAME_LABEL = ambient_labels.GATEWAY_NAME
+DATAPLANE_MODE_LABEL = ambient_labels.DATAPLANE_MODE
 MANAGED_LABEL = "gateway.istio.io/managed"
 MANAGED_VALUE = "istio.io-mesh-controller"
 TOKEN_VOLUME = "istio-token"
@@ -68,7 +68,7 @@ class WaypointSettings:
 def is_waypoint(gateway: Mapping[str, Any] | None) -> bool:
     if gateway is None or objects.metadata(gateway).get("deletionTimestamp"):
         return False
-    return (gateway.get("spec") or {}).get("gatewayClassName") == gatewayschemas.WAYPOINT_CLASS
+    return (gateway.get("spec") or {}).get("gatewayClassName") == ambient_labels.WAYPOINT_CLASS
 
 
 def build_owner_reference(gateway: Mapping[str, Any]) -> dict[str, Any]:
