@@ -24,6 +24,7 @@ from typing import Any
 from controller.translate import services as svc_translate
 from controller.translate import waypoints
 from meshcore.identity import spiffe
+from meshcore.kube import serviceentries as kube_entries
 from meshcore.model import ids, workload
 
 KIND = "ServiceEntry"
@@ -33,20 +34,11 @@ _DNS = ("DNS", "DNS_ROUND_ROBIN")
 KubeObject = Mapping[str, Any]
 
 
-def _ip(text: object) -> ids.IpAddress | None:
+def _ip(text: str) -> ids.IpAddress | None:
     try:
-        return ipaddress.ip_address(str(text))
+        return ipaddress.ip_address(text)
     except ValueError:
         return None
-
-
-def _allocated(entry: KubeObject) -> dict[str, ids.IpAddress]:
-    """Host -> the address the controller allocated for it (status.addresses)."""
-    out: dict[str, ids.IpAddress] = {}
-    for item in (entry.get("status") or {}).get("addresses") or ():
-        if isinstance(item, Mapping) and (ip := _ip(item.get("value"))) is not None:
-            out.setdefault(str(item.get("host", "")), ip)
-    return out
 
 
 def _port_mappings(entry: KubeObject) -> tuple[workload.PortMapping, ...]:
@@ -82,19 +74,13 @@ def build_services(
     entry: KubeObject, *, namespace_labels: Mapping[str, str], domain: str
 ) -> tuple[workload.Service, ...]:
     meta = entry.get("metadata") or {}
-    spec = entry.get("spec") or {}
     namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
-    fixed = tuple(ip for a in spec.get("addresses") or () if (ip := _ip(a)) is not None)
-    allocated = _allocated(entry)
     waypoint = waypoints.find_waypoint(
         meta.get("labels") or {}, namespace, namespace_labels, domain=domain
     )
     ports = _port_mappings(entry)
     out = []
-    for host in spec.get("hosts") or ():
-        if host.startswith("*"):
-            continue
-        addresses = fixed or ((allocated[host],) if host in allocated else ())
+    for host, addresses in kube_entries.find_host_addresses(entry).items():
         out.append(
             workload.Service(
                 name=name,

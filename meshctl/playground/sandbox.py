@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from meshcore import files, netns
+from meshcore.kube import serviceentries as kube_entries
 from meshctl import errors, podfields
 
 SANDBOX_FILE = "sandbox.json"
@@ -166,31 +167,17 @@ def find_pod_dirs(node_state_dir: str) -> list[str]:
 
 
 def _entry_names(entries: Iterable[Mapping[str, Any]]) -> list[ServiceName]:
-    """A ServiceEntry's hosts at their address: the first IPv4 of `spec.addresses`, else the one
-    the controller allocated (``status.addresses``), as Istio's DNS proxy answers with
-    auto-allocation. Wildcard hosts and hosts without an address are not listed."""
+    """A ServiceEntry's hosts at their first IPv4 address, as Istio's DNS proxy answers with
+    auto-allocation; hosts without one (wildcards, not allocated yet) are not listed."""
     out = []
     for entry in entries:
-        meta, spec = entry.get("metadata") or {}, entry.get("spec") or {}
-        fixed = [a for a in spec.get("addresses") or () if _is_ipv4(a)]
-        allocated = {
-            str(a.get("host")): str(a.get("value"))
-            for a in (entry.get("status") or {}).get("addresses") or ()
-            if isinstance(a, Mapping) and _is_ipv4(a.get("value"))
-        }
-        for host in spec.get("hosts") or ():
-            ip = fixed[0] if fixed else allocated.get(host)
-            if ip and not str(host).startswith("*"):
-                namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
-                out.append(ServiceName(namespace, name, ip, host=str(host)))
+        meta = entry.get("metadata") or {}
+        namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+        for host, addresses in kube_entries.find_host_addresses(entry).items():
+            ipv4 = [a for a in addresses if a.version == 4]
+            if ipv4:
+                out.append(ServiceName(namespace, name, str(ipv4[0]), host=host))
     return out
-
-
-def _is_ipv4(value: object) -> bool:
-    try:
-        return isinstance(ipaddress.ip_address(str(value)), ipaddress.IPv4Address)
-    except ValueError:
-        return False
 
 
 def build_service_names(
