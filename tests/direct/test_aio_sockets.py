@@ -92,3 +92,54 @@ def test_cancelled_connect_stops_watching_the_socket() -> None:
                     f.close()
 
     asyncio.run(main())
+
+
+def test_connect_established_within_the_call_is_done_without_waiting() -> None:
+    # On loopback the handshake completes inside connect(2), which still says EINPROGRESS;
+    # start_connect asks again and reports the connection as made.
+    with socket.create_server(("127.0.0.1", 0)) as server, _client() as sock:
+        address = server.getsockname()
+        assert sockets.start_connect(sock, address) is True
+        assert sock.getpeername() == address
+
+
+def test_refusal_within_the_call_raises_at_once() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        address = server.getsockname()
+    with _client() as sock, pytest.raises(ConnectionRefusedError):
+        sockets.start_connect(sock, address)
+
+
+def test_pending_connect_is_left_to_finish_connect() -> None:
+    async def main() -> None:
+        # A full backlog holds the SYN: the connect stays pending until the listener accepts.
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen(0)
+            address = server.getsockname()
+            fillers = [_client() for _ in range(4)]
+            try:
+                for f in fillers:
+                    f.connect_ex(address)
+                with _client() as sock:
+                    assert sockets.start_connect(sock, address) is False
+                    task = asyncio.ensure_future(sockets.finish_connect(sock))
+                    await asyncio.sleep(0)
+                    assert not task.done()
+                    for f in fillers:
+                        f.close()
+                    server.setblocking(False)
+                    loop = asyncio.get_running_loop()
+                    accepted = []
+                    async with asyncio.timeout(5):
+                        while not task.done():
+                            accepted.append((await loop.sock_accept(server))[0])
+                        await task
+                    for conn in accepted:
+                        conn.close()
+                    assert sock.getpeername() == address
+            finally:
+                for f in fillers:
+                    f.close()
+
+    asyncio.run(main())
