@@ -7,6 +7,12 @@ creation happens inside the pod's namespace: the event loop thread steps in and 
 `socket()` (`netns.call_in`, microseconds; a worker thread per pod cost a thread hop, ~0.12 ms
 and two loop wake-ups, on every new connection), and serves the socket from then on.
 
+Upstream sockets are made `SPARE_SOCKETS` at a time in one such trip, and handed out one per
+connect: the trip (two setns) costs about as much as making four sockets. Only creation depends
+on the thread's namespace; the options, the transparent bind and the connect act on the
+socket's own namespace, wherever the thread is. The spares are plain unbound sockets, at most
+`SPARE_SOCKETS` per address family, and are closed with the network.
+
 Every socket carries SO_MARK 0x539, which the in-pod rules exempt from redirection (spec 3.1).
 """
 
@@ -18,14 +24,18 @@ import os
 import socket
 import struct
 from collections.abc import Callable
+from typing import TypeVar
 
 from meshcore import netns
 from meshcore.aio import sockets
+
+T = TypeVar("T")
 
 SO_MARK = 36
 SO_ORIGINAL_DST = 80
 IP_TRANSPARENT = 19
 INPOD_MARK = 0x539
+SPARE_SOCKETS = 8  # upstream sockets made per trip into the pod's namespace
 
 
 class PodNetwork:
@@ -33,6 +43,8 @@ class PodNetwork:
         self._fd = os.dup(netns_fd)
         self.name = name
         self.inode = netns.inode(netns_fd)
+        # Unused upstream sockets made in the pod, by address family (popped from the end).
+        self._spares: dict[int, list[socket.socket]] = {}
 
     def listen(self, port: int, host: str = "0.0.0.0", backlog: int = 4096) -> socket.socket:
         """A listening socket on `port` in the pod. SO_REUSEPORT lets an old and a new ztunnel
@@ -67,40 +79,65 @@ class PodNetwork:
         With `source_ip` the socket binds transparently to that address first, so the peer
         sees the original client (the in-pod connmark rules route the replies back to us).
         """
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-
-        def make() -> socket.socket:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, INPOD_MARK)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if source_ip is not None:
-                    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-                    sock.bind((source_ip, 0))
-                sock.setblocking(False)
-            except BaseException:
-                sock.close()
-                raise
-            return sock
-
-        sock = self._make(make)
+        sock = self._upstream_socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
         try:
-            async with asyncio.timeout(timeout):
-                await sockets.connect(sock, address)
+            if source_ip is not None:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                sock.bind((source_ip, 0))
+            if not sockets.start_connect(sock, address):
+                async with asyncio.timeout(timeout):
+                    await sockets.finish_connect(sock)
         except BaseException:
             sock.close()
             raise
         return sock
 
-    def _make(self, make: Callable[[], socket.socket]) -> socket.socket:
+    def _upstream_socket(self, family: int) -> socket.socket:
+        spares = self._spares.get(family)
+        if not spares:
+            spares = self._make(lambda: _new_upstream_sockets(family, SPARE_SOCKETS))
+            self._spares[family] = spares
+        return spares.pop()
+
+    def _make(self, make: Callable[[], T]) -> T:
         if self._fd < 0:
             raise RuntimeError(f"the network of pod {self.name} is closed")
         return netns.call_in(self._fd, make)
 
     def close(self) -> None:
+        for spares in self._spares.values():
+            for sock in spares:
+                sock.close()
+        self._spares.clear()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _new_upstream_sockets(family: int, count: int) -> list[socket.socket]:
+    """Up to `count` upstream sockets, made in the calling thread's namespace: fewer when the
+    process runs out of descriptors part way, an OSError when not even one can be made."""
+    made: list[socket.socket] = []
+    for _ in range(count):
+        try:
+            made.append(_new_upstream_socket(family))
+        except OSError:
+            if not made:
+                raise
+            break
+    return made
+
+
+def _new_upstream_socket(family: int) -> socket.socket:
+    """A non-blocking TCP socket with the in-pod mark and no Nagle delay."""
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, INPOD_MARK)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:
