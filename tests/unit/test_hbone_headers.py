@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 
 import pytest
 
@@ -285,9 +286,28 @@ def test_new_traceparent_never_emits_zero_ids() -> None:
 
 
 def test_new_traceparent_is_random_by_default() -> None:
-    values = {hbone.new_traceparent() for _ in range(50)}
-    assert len(values) == 50
+    # 500 crosses several refills of the pooled random bytes (170 traceparents each).
+    values = {hbone.new_traceparent() for _ in range(500)}
+    assert len(values) == 500
     assert all(hbone.is_valid_traceparent(v) for v in values)
+
+
+def test_a_forked_child_never_reuses_its_parents_random_bytes() -> None:
+    hbone.new_traceparent()  # the pool now holds bytes both processes would otherwise share
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next value and leave without running pytest's exit
+        os.close(read_end)
+        os.write(write_end, hbone.new_traceparent().encode())
+        os._exit(0)
+    os.close(write_end)
+    try:
+        child = os.read(read_end, 100).decode()
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    assert hbone.is_valid_traceparent(child)
+    assert child != hbone.new_traceparent()
 
 
 def test_new_traceparent_rejects_a_short_random_source() -> None:
