@@ -209,7 +209,9 @@ class HboneProtocol(asyncio.Protocol):
         self.codec = codec
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, HboneStreamEnd] = {}
-        self.closed: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        # Kept: asyncio.get_running_loop() costs a getpid(2) per call, several per connection.
+        self.loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[str | None] = self.loop.create_future()
         self.is_lost = False
         self.goaway_received = False
         self.peer_identity: spiffe.SpiffeId | None = None
@@ -363,7 +365,7 @@ class HboneClientProtocol(HboneProtocol):
 
     def __init__(self, settings: hbone.HboneSettings | None = None) -> None:
         super().__init__(hbone.HboneConnection(client_side=True, settings=settings))
-        self.idle_since: float = asyncio.get_running_loop().time()
+        self.idle_since: float = self.loop.time()
         self.on_idle: Callable[[HboneClientProtocol], None] | None = None
         self.pings_acknowledged = 0
         self.keepalive_failure: str | None = None
@@ -393,14 +395,14 @@ class HboneClientProtocol(HboneProtocol):
     def open_stream(self, authority: str, headers: Sequence[tuple[str, str]]) -> HboneStreamEnd:
         stream_id = self.codec.open_tunnel(authority, headers)
         stream = HboneStreamEnd(self, stream_id)
-        stream.response = asyncio.get_running_loop().create_future()
+        stream.response = self.loop.create_future()
         self.streams[stream_id] = stream
         self.flush()
         return stream
 
     def start_keepalive(self, interval: float, timeout: float) -> None:
         """PING the peer every `interval`; abort when an ACK is `timeout` overdue."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
 
         def tick() -> None:
             self._keepalive = None
@@ -455,7 +457,7 @@ class HboneClientProtocol(HboneProtocol):
 
     def on_stream_count_changed(self) -> None:
         if not self.streams:
-            self.idle_since = asyncio.get_running_loop().time()
+            self.idle_since = self.loop.time()
             if self.on_idle is not None:
                 self.on_idle(self)
 

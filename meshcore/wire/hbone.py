@@ -100,6 +100,7 @@ _HLEN: Final = frames.HEADER_LEN
 # Frames of a fixed payload length (RFC 9113 section 6), checked before the payload arrives.
 _FIXED_LENGTH: Final = {frames.PRIORITY: 5, frames.RST_STREAM: 4, frames.PING: 8, _WINDOW_UPDATE: 4}
 _Phase = hbone_state.Phase
+_ESTABLISHED: Final = _Phase.ESTABLISHED
 _Op = hbone_state.Op
 _StreamState = hbone_state.StreamState
 
@@ -305,7 +306,16 @@ class HboneConnection(hbone_control.ControlFrames):
         0 means the window is closed: wait for `WindowOpened`. Frames never exceed the peer's
         SETTINGS_MAX_FRAME_SIZE.
         """
-        stream = self._transition(stream_id, _Op.SEND)
+        stream = self._streams.get(stream_id)
+        if (
+            stream is None
+            or stream.phase is not _ESTABLISHED
+            or stream.local_ended
+            or stream.closed
+            or self._dead
+        ):
+            # Not the everyday case: let the transition table name what is wrong.
+            stream = self._transition(stream_id, _Op.SEND)
         size = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
         window = stream.send_window if stream.send_window < self._send_conn else self._send_conn
         taken = size if size < window else window
