@@ -19,6 +19,7 @@ from typing import Final
 
 import hpack
 import hpack.exceptions
+import hpack.table
 
 RawHeaders = list[tuple[bytes, bytes]]
 
@@ -86,17 +87,96 @@ def encode_response(status: int, headers: Sequence[tuple[str, str]]) -> bytes:
 
 class BlockDecoder:
     """The peer's HPACK state. `decode` raises one of `HPACK_ERRORS` on a bad block: that is a
-    connection error (COMPRESSION_ERROR), since the shared table may now disagree."""
+    connection error (COMPRESSION_ERROR), since the shared table may now disagree.
 
-    __slots__ = ("_decoder",)
+    Blocks made only of static-table references and literals without indexing and without
+    Huffman coding (what `encode_request` and `encode_response` produce) are read by
+    `_decode_plain`; they cannot touch the dynamic table, so any other block is handed whole
+    to `hpack`, which keeps the table.
+    """
+
+    __slots__ = ("_decoder", "_max_list")
 
     def __init__(self, max_header_list_size: int) -> None:
         self._decoder = hpack.Decoder(max_header_list_size=max_header_list_size)
+        self._max_list = max_header_list_size
 
     def decode(self, block: bytes) -> RawHeaders:
-        return [
-            (bytes(name), bytes(value)) for name, value in self._decoder.decode(block, raw=True)
-        ]
+        fields = _decode_plain(block, self._max_list)
+        if fields is not None:
+            return fields
+        decoded = self._decoder.decode(block, raw=True)
+        return [(bytes(name), bytes(value)) for name, value in decoded]
+
+
+_STATIC: Final = hpack.table.HeaderTable.STATIC_TABLE
+
+
+def _plain_integer(block: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
+    """An HPACK integer at `pos`; (-1, pos) when it runs past the block or is absurdly long."""
+    limit = (1 << prefix_bits) - 1
+    value = block[pos] & limit
+    pos += 1
+    if value < limit:
+        return value, pos
+    shift = 0
+    end = len(block)
+    while pos < end and shift <= 28:
+        byte = block[pos]
+        pos += 1
+        value += (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    return -1, pos
+
+
+def _plain_string(block: bytes, pos: int) -> tuple[bytes | None, int]:
+    """A string literal without Huffman coding at `pos`; None for anything else."""
+    if pos >= len(block) or block[pos] & 0x80:
+        return None, pos
+    length, pos = _plain_integer(block, pos, 7)
+    if length < 0 or pos + length > len(block):
+        return None, pos
+    return block[pos : pos + length], pos + length
+
+
+def _decode_plain(block: bytes, max_list: int) -> RawHeaders | None:
+    """The fields of a block that cannot change the dynamic table; None to let `hpack` read it
+    (which also reports the errors)."""
+    fields: RawHeaders = []
+    pos = 0
+    end = len(block)
+    size = 0
+    while pos < end:
+        first = block[pos]
+        if first & 0x80:  # indexed field
+            index, pos = _plain_integer(block, pos, 7)
+            if not 1 <= index <= len(_STATIC):
+                return None
+            name, value = _STATIC[index - 1]
+        elif first & 0xE0:  # incremental indexing or a table size update
+            return None
+        else:  # literal without indexing (0x00) or never indexed (0x10)
+            index, pos = _plain_integer(block, pos, 4)
+            if index == 0:
+                literal_name, pos = _plain_string(block, pos)
+                if literal_name is None:
+                    return None
+                name = literal_name
+            elif 1 <= index <= len(_STATIC):
+                name = _STATIC[index - 1][0]
+            else:
+                return None
+            literal_value, pos = _plain_string(block, pos)
+            if literal_value is None:
+                return None
+            value = literal_value
+        size += len(name) + len(value) + 32
+        if size > max_list:
+            return None
+        fields.append((name, value))
+    return fields
 
 
 def _field_problem(name: bytes, value: bytes) -> str | None:

@@ -1,4 +1,4 @@
-"""Hypothesis on HBONE's frame splitter (DATA and WINDOW_UPDATE handled without h2): hostile
+"""Hypothesis on HBONE's frame reader (DATA and WINDOW_UPDATE streamed through): hostile
 frames on an open tunnel only raise RemoteProtocolError, and how the bytes are cut into reads
 never changes what the application sees."""
 
