@@ -23,6 +23,10 @@ Invariants:
 - Nothing but `RemoteProtocolError` (with a GOAWAY queued) escapes `receive_data()`; misuse by
   the caller raises `LocalProtocolError`.
 
+A client may send DATA (and END_STREAM) before the response: optimistic data, so that a client's
+first bytes travel right behind its CONNECT instead of one round trip later. A server delivers
+them as usual; the application holds them until it accepts, and a rejection drops them.
+
 Receiving: DATA payloads are delivered as they arrive, without waiting for the whole frame
 (reads are up to 256 KiB, frames up to 1 MiB); every other frame is handled once it is whole.
 Sending: a DATA frame is its 9-byte header and payload in one bytes object (one TLS record).
@@ -341,7 +345,7 @@ class HboneConnection(hbone_control.ControlFrames):
     def send_window(self, stream_id: int) -> int:
         """How many bytes `send_data` would take now (0 if the stream cannot send)."""
         stream = self._find_live(stream_id)
-        if stream.local_ended or stream.phase is not _Phase.ESTABLISHED:
+        if stream.local_ended or (stream.phase is not _ESTABLISHED and not self._client):
             return 0
         return max(0, min(self._send_conn, stream.send_window))
 
@@ -625,7 +629,7 @@ class HboneConnection(hbone_control.ControlFrames):
             )
             return
         stream.send_window += increment
-        if not stream.local_ended and stream.phase is _Phase.ESTABLISHED:
+        if not stream.local_ended and (stream.phase is _ESTABLISHED or self._client):
             events.append(WindowOpened(stream_id))
 
     def _credit(self, stream_id: int, stream: hbone_state.StreamState | None, nbytes: int) -> None:

@@ -80,6 +80,10 @@ class Op(enum.Enum):
 # they lead to. Rejection, resets and full closure remove the stream instead of moving it.
 TRANSITIONS: Final[dict[tuple[bool, Phase, Op], Phase]] = {
     # (client_side, phase, op) -> next phase
+    # A client may send before the response (optimistic data): the server holds the bytes
+    # until it has connected upstream and accepted, and drops them if it rejects.
+    (True, Phase.REQUESTED, Op.SEND): Phase.REQUESTED,
+    (True, Phase.REQUESTED, Op.END): Phase.REQUESTED,
     (True, Phase.ESTABLISHED, Op.SEND): Phase.ESTABLISHED,
     (True, Phase.ESTABLISHED, Op.END): Phase.ESTABLISHED,
     (False, Phase.REQUESTED, Op.ACCEPT): Phase.ESTABLISHED,

@@ -234,6 +234,41 @@ def test_accept_gives_tunnel_established_with_headers() -> None:
     assert pair.client.open_streams == pair.server.open_streams == 1
 
 
+def test_optimistic_data_arrives_before_the_server_answers() -> None:
+    pair = HbonePair.start()
+    sid = pair.client.open_tunnel(AUTHORITY)
+    assert pair.client.send_window(sid) == 4 << 20  # the server's stream window, not 0
+    assert pair.client.send_data(sid, b"GET / HTTP/1.1\r\n\r\n") == 18
+    pair.client.end_stream(sid)
+    pair.pump()
+    assert pair.server_events == [
+        hbone.TunnelRequested(sid, "CONNECT", AUTHORITY, ()),
+        hbone.DataReceived(sid, b"GET / HTTP/1.1\r\n\r\n", 18),
+        hbone.StreamEnded(sid),
+    ]
+    pair.server.accept_tunnel(sid)
+    pair.server.send_data(sid, b"HTTP/1.1 200 OK\r\n\r\n")
+    pair.server.end_stream(sid)
+    pair.pump()
+    assert pair.client_events[0] == hbone.TunnelEstablished(sid, ())
+    assert received(pair.client_events, sid) == b"HTTP/1.1 200 OK\r\n\r\n"
+    assert pair.client.open_streams == pair.server.open_streams == 0
+
+
+def test_optimistic_data_to_a_rejected_tunnel_is_dropped_and_credited() -> None:
+    settings = hbone.HboneSettings(connection_window=65_535)
+    pair = HbonePair.start(server_settings=settings)
+    sid = pair.client.open_tunnel(AUTHORITY)
+    assert pair.client.send_data(sid, b"x" * 60_000) == 60_000
+    pair.pump()
+    pair.server.reject_tunnel(sid, 401)
+    pair.pump()
+    assert hbone.TunnelRejected(sid, 401, ()) in pair.client_events
+    assert pair.client.open_streams == pair.server.open_streams == 0
+    # The dropped bytes went back to the connection window: the next stream may send again.
+    assert pair.client.send_window(pair.client.open_tunnel(AUTHORITY)) == 65_535
+
+
 @pytest.mark.parametrize("status", [401, 503], ids=["rbac-deny", "upstream-failed"])
 def test_reject_gives_tunnel_rejected_and_frees_the_stream(status: int) -> None:
     pair = HbonePair.start(client_settings=hbone.HboneSettings(max_concurrent_streams=1))
@@ -599,8 +634,6 @@ def test_graceful_close_refuses_to_abandon_open_streams_or_raise_last_stream_id(
 def test_stream_misuse_raises_documented_errors() -> None:
     pair = HbonePair.start()
     sid = pair.client.open_tunnel(AUTHORITY)
-    with pytest.raises(hbone.StreamStateError, match="requested"):
-        pair.client.send_data(sid, b"early")  # not established yet
     with pytest.raises(hbone.UnknownStreamError):
         pair.client.send_data(sid + 2, b"x")
     with pytest.raises(hbone.UnknownStreamError):

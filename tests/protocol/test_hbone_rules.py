@@ -264,3 +264,16 @@ def test_stock_h2_sees_our_settings_applied_and_acknowledged() -> None:
     assert pair.theirs.remote_settings.initial_window_size == 4 << 20
     assert pair.theirs.remote_settings.max_frame_size == 1 << 20
     assert pair.theirs.remote_settings[h2.settings.SettingCodes.ENABLE_PUSH] == 0
+
+
+def test_a_stock_h2_server_takes_our_optimistic_data() -> None:
+    pair = StockPair.start(our_side_client=True)
+    sid = pair.ours.open_tunnel(AUTHORITY)
+    pair.ours.send_data(sid, b"hello")
+    pair.pump()
+    kinds = [type(e) for e in pair.their_events if e.__class__.__module__ == "h2.events"]
+    assert kinds.index(h2.events.RequestReceived) < kinds.index(h2.events.DataReceived)
+    assert pair.their_data(sid) == b"hello"
+    pair.theirs.send_headers(sid, [(":status", "200")])
+    pair.pump()
+    assert hbone.TunnelEstablished(sid, ()) in pair.our_events
