@@ -102,12 +102,32 @@ class ConnectionRecord:
     response_bytes: int = 0
     started: float = dataclasses.field(default_factory=time.monotonic)
     is_open: bool = False
+    # The last labels() and what they were made of: a connection is counted when it opens and
+    # again when it ends, and its labels seldom change in between.
+    _labels: tuple[str, ...] = dataclasses.field(default=(), init=False, repr=False)
+    _labels_of: tuple[object, ...] = dataclasses.field(default=(), init=False, repr=False)
 
     @property
     def reporter(self) -> str:
         return "source" if self.direction == "outbound" else "destination"
 
     def labels(self) -> tuple[str, ...]:
+        of = (
+            self.direction,
+            self.source,
+            self.source_identity,
+            self.destination,
+            self.destination_identity,
+            self.service,
+            self.flag,
+            self.mutual_tls,
+        )
+        if of != self._labels_of:
+            self._labels = self._make_labels()
+            self._labels_of = of
+        return self._labels
+
+    def _make_labels(self) -> tuple[str, ...]:
         svc = self.service
         return (
             self.reporter,
@@ -198,6 +218,8 @@ class Telemetry:
         self._access_log(record)
 
     def _access_log(self, record: ConnectionRecord) -> None:
+        if not access_logger.isEnabledFor(logging.INFO):
+            return  # not even the fields are worth making (benchmarks log at warning)
         src, dst = record.source, record.destination
         src_id = record.source_identity or (src.identity if src else None)
         dst_id = record.destination_identity or (dst.identity if dst else None)

@@ -121,3 +121,18 @@ def test_counts_land_in_the_same_series_across_cache_resets(
     assert value("istio_tcp_received_bytes_total", "a") == 20
     assert value("istio_tcp_connections_opened_total", "c") == 1
     assert registry.get_sample_value("istio_tcp_sockets_open", {"reporter": "source"}) == 0
+
+
+def test_labels_follow_changes_made_after_they_were_first_read() -> None:
+    record = telemetry.ConnectionRecord(
+        direction="outbound", src_addr="", dst_addr="", source=_wl("client", "web")
+    )
+    before = dict(zip(telemetry.LABEL_NAMES, record.labels(), strict=True))
+    assert (before["response_flags"], before["destination_workload"]) == ("-", "unknown")
+    record.flag = "CONNECT"
+    record.destination = _wl("catalog", "catalog")
+    record.mutual_tls = True
+    after = dict(zip(telemetry.LABEL_NAMES, record.labels(), strict=True))
+    assert after["response_flags"] == "CONNECT"
+    assert after["destination_workload"] == "catalog-deploy"
+    assert after["connection_security_policy"] == "mutual_tls"
