@@ -133,7 +133,7 @@ class InboundProxy:
         peer = conn.peer_address or ("0.0.0.0", 0)
         # Indexed, not unpacked: an IPv6 peername is (host, port, flowinfo, scope_id).
         peer_ip_text, peer_port = peer[0], peer[1]
-        peer_ip = ipaddress.ip_address(peer_ip_text)
+        peer_ip = routing.parse_ip(peer_ip_text)
         forwarded_for, forwarded_host = _forwarded(event.headers)
         record = telemetry.ConnectionRecord(
             direction="inbound",
@@ -231,7 +231,7 @@ class PlaintextInboundProxy:
         try:
             original = pod_network.original_dst(down.transport.get_extra_info("socket"))
             record.dst_addr = telemetry.format_addr(original)
-            peer_ip = ipaddress.ip_address(peer[0])
+            peer_ip = routing.parse_ip(peer[0])
             record.source = inputs.state.workloads.find_by_address(peer_ip)
             local = await _local_workload(inputs, pod)
             record.destination = local
@@ -245,9 +245,7 @@ class PlaintextInboundProxy:
                 local,
                 peer_identity=None,
                 source_ip=peer_ip,
-                authority=hbone_wire.format_authority(
-                    ipaddress.ip_address(original[0]), original[1]
-                ),
+                authority=routing.format_authority(original[0], original[1]),
             )
             if isinstance(plan, routing.Refusal):
                 # Refused before the app is dialled: it never sees the connection.
@@ -331,7 +329,7 @@ def _local_ip(
     if not isinstance(sockname, tuple):
         return None
     try:
-        return ipaddress.ip_address(sockname[0])
+        return routing.parse_ip(sockname[0])
     except ValueError:
         return None
 
