@@ -39,11 +39,27 @@ class PodContext:
     network: pod_network.PodNetwork
     relays: set[relay.Relay] = dataclasses.field(default_factory=set)
     is_closing: bool = False
+    # The last workload found, and the state generation it was found in: every connection
+    # looks it up, and it changes only when an xDS update lands.
+    _found: tuple[int, workload.Workload] | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def find_workload(self, state: proxy_state.ProxyState) -> workload.Workload | None:
-        return state.find_local_workload(
+        found = self._found
+        if (
+            found is not None
+            and found[0] == state.generation
+            # A store changed in place (tests do) keeps the generation: the record must be
+            # the one the store holds under its uid.
+            and state.workloads.find(found[1].uid) is found[1]
+        ):
+            return found[1]
+        wl = state.find_local_workload(
             self.node, self.info.namespace, self.info.service_account, self.info.name
         )
+        self._found = (state.generation, wl) if wl is not None else None
+        return wl
 
     def fallback_workload(self) -> workload.Workload:
         """A stand-in built from ZDS facts while xDS has not delivered the pod yet."""
