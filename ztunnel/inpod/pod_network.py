@@ -19,10 +19,8 @@ Every socket carries SO_MARK 0x539, which the in-pod rules exempt from redirecti
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import socket
-import struct
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -143,5 +141,4 @@ def _new_upstream_socket(family: int) -> socket.socket:
 def original_dst(sock: socket.socket) -> tuple[str, int]:
     """Where the app meant to connect before the nat REDIRECT (IPv4 SO_ORIGINAL_DST)."""
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    port = struct.unpack("!H", raw[2:4])[0]
-    return (str(ipaddress.IPv4Address(raw[4:8])), port)
+    return (socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big"))
