@@ -33,6 +33,8 @@ class OutboundProxy:
         self._inputs = inputs
         self._pod = pod
         self._tasks = tasks.TaskSet()
+        # The baggage header of the last source workload seen (the pod's own, nearly always).
+        self._baggage: tuple[workload.Workload | None, str] = (None, "")
         self.pool = pool.HbonePool(
             self._connect_hbone,
             max_streams=inputs.config.pool_max_streams,
@@ -57,8 +59,7 @@ class OutboundProxy:
             source_identity=pod.identity,
         )
         try:
-            sock = down.transport.get_extra_info("socket")
-            original = pod_network.original_dst(sock)
+            original = pod_network.original_dst(down.transport.get_extra_info("socket"))
             record.dst_addr = telemetry.format_addr(original)
             source = pod.find_workload(inputs.state) or pod.fallback_workload()
             record.source = source
@@ -70,7 +71,7 @@ class OutboundProxy:
                 return
             record.destination, record.service = plan.destination, plan.service
             if plan.destination is not None:
-                record.destination_identity = plan.destination.identity
+                record.destination_identity = routing.identity_of(plan.destination)
             if plan.route is routing.Route.HBONE:
                 upstream: relay.End = await self._open_tunnel(down, plan, peer, record)
             else:
@@ -116,12 +117,16 @@ class OutboundProxy:
             destination=plan.target,
             source_ip=peer[0],
         )
-        async with asyncio.timeout(self._inputs.config.connect_timeout):
-            conn = await self.pool.fetch(key)
-            stream = conn.open_stream(plan.authority, _request_headers(plan, peer))
-            assert stream.response is not None
-            waiters: set[asyncio.Future[object]] = {stream.response, down.closed_early()}  # type: ignore[arg-type]
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._inputs.config.connect_timeout
+        conn = self.pool.find_ready(key)
+        if conn is None:
+            async with asyncio.timeout_at(deadline):
+                conn = await self.pool.fetch(key)
+        stream = conn.open_stream(plan.authority, self._request_headers(plan, peer))
+        assert stream.response is not None
+        if not stream.response.done():
+            await tasks.wait_any(stream.response, down.closed_early(), deadline=deadline)
         if not stream.response.done():
             stream.abort()
             raise hbone.HboneConnectError(
@@ -132,6 +137,21 @@ class OutboundProxy:
             flag = routing.Flag.DENY.value if status == 401 else routing.Flag.CONNECT.value
             raise hbone.HboneConnectError(f"HBONE CONNECT refused with {status}", flag, status)
         return stream
+
+    def _request_headers(
+        self, plan: routing.OutboundPlan, peer: tuple[str, int]
+    ) -> list[tuple[str, str]]:
+        src = plan.source
+        host = plan.service.hostname if plan.service is not None else None
+        cached_for, baggage = self._baggage
+        if cached_for is not src:
+            baggage = hbone_wire.baggage_header(_baggage(src))
+            self._baggage = (src, baggage)
+        return [
+            ("forwarded", hbone_wire.forwarded_header(peer[0], peer[1], host)),
+            ("baggage", baggage),
+            ("traceparent", hbone_wire.new_traceparent()),
+        ]
 
     async def _connect_hbone(self, key: pool.PoolKey) -> hbone.HboneClientProtocol:
         inputs = self._inputs
@@ -150,16 +170,6 @@ class OutboundProxy:
             timeout=inputs.config.connect_timeout,
             keepalive=(inputs.config.pool_keepalive_interval, inputs.config.pool_keepalive_timeout),
         )
-
-
-def _request_headers(plan: routing.OutboundPlan, peer: tuple[str, int]) -> list[tuple[str, str]]:
-    src = plan.source
-    host = plan.service.hostname if plan.service is not None else None
-    return [
-        ("forwarded", hbone_wire.forwarded_header(peer[0], peer[1], host)),
-        ("baggage", hbone_wire.baggage_header(_baggage(src))),
-        ("traceparent", hbone_wire.new_traceparent()),
-    ]
 
 
 def _baggage(src: workload.Workload) -> dict[str, str]:

@@ -5,8 +5,10 @@ Invariants:
   address, source IP); streams of different keys never share a connection.
 - A new connection is opened only when every pooled one for the key is unusable or already
   carries `max_streams` streams; the check happens when a connection is taken from the pool.
-- Takers of one key are serialised by a per-key lock, so a burst of new streams waits for the
-  first connection instead of each opening its own (no connection storm).
+- A taker that finds room on a pooled connection takes it at once (`find_ready`, no await, so
+  its stream is opened before anyone else looks). Takers that need a new connection are
+  serialised by a per-key lock (`fetch`), so a burst of new streams waits for the first
+  connection instead of each opening its own (no connection storm).
 - A connection with no streams for longer than `idle_timeout` is closed and dropped.
 """
 
@@ -45,6 +47,13 @@ class HbonePool:
         self._locks: dict[PoolKey, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._reaper: asyncio.TimerHandle | None = None
         self.connections_opened = 0
+
+    def find_ready(self, key: PoolKey) -> hbone.HboneClientProtocol | None:
+        """A pooled connection with room for one more stream right now, or None (then `fetch`)."""
+        for conn in self._conns.get(key, ()):
+            if not conn.is_lost and conn.is_usable and len(conn.streams) < self._max_streams:
+                return conn
+        return None
 
     async def fetch(self, key: PoolKey) -> hbone.HboneClientProtocol:
         """A connection on which the caller may open one stream right away (without awaiting)."""
