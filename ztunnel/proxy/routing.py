@@ -44,6 +44,8 @@ parse_ip: Callable[[str], ids.IpAddress] = functools.lru_cache(maxsize=_MEMO_SIZ
     ipaddress.ip_address
 )
 format_authority = functools.lru_cache(maxsize=_MEMO_SIZE)(hbone.format_authority)
+# An inbound request's authority is one of the pod's own address:port pairs.
+_parse_authority = functools.lru_cache(maxsize=_MEMO_SIZE)(hbone.parse_authority)
 _spiffe_id = functools.lru_cache(maxsize=_MEMO_SIZE)(spiffe.SpiffeId.for_workload)
 
 
@@ -345,7 +347,7 @@ def build_inbound(
     if method != "CONNECT":
         return Refusal(f"method {method} is not CONNECT", Flag.CONNECT, status=400)
     try:
-        ip, port = hbone.parse_authority(authority)
+        ip, port = _parse_authority(authority)
     except hbone.InvalidAuthorityError as exc:
         return Refusal(str(exc), Flag.CONNECT, status=400)
     tunnel = local.application_tunnel if is_hbone else None
