@@ -450,6 +450,9 @@ class HboneClientProtocol(HboneProtocol):
             status = 200 if isinstance(event, hbone.TunnelEstablished) else event.status
             stream.response.set_result((status, event.headers))
             if isinstance(event, hbone.TunnelRejected):
+                if stream.relay is not None:
+                    # Relayed before the answer (optimistic data): the refusal ends the relay.
+                    stream.fail(f"HBONE CONNECT refused with {status}")
                 # The server ended the stream with its error response.
                 stream.remote_ended = True
                 stream.local_ended = True

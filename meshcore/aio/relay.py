@@ -135,7 +135,6 @@ class TcpEnd(asyncio.Protocol):
     """
 
     __slots__ = (
-        "_closed_early",
         "_early",
         "_early_eof",
         "_on_connected",
@@ -153,7 +152,6 @@ class TcpEnd(asyncio.Protocol):
         self._relay: Relay | None = None
         self._side = 0
         self._reading_paused = True
-        self._closed_early: asyncio.Future[str | None] | None = None
         self._early: list[bytes] = []
         self._early_eof = False
         self.lost_error: str | None = None
@@ -190,8 +188,6 @@ class TcpEnd(asyncio.Protocol):
         self.lost_error = _describe(exc) if exc is not None else None
         if self._relay is not None:
             self._relay.on_closed(self._side, self.lost_error)
-        if self._closed_early is not None and not self._closed_early.done():
-            self._closed_early.set_result(self.lost_error)
 
     def pause_writing(self) -> None:
         if self._relay is not None:
@@ -240,14 +236,6 @@ class TcpEnd(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
-
-    def closed_early(self) -> asyncio.Future[str | None]:
-        """Resolves if the connection is lost before a relay attaches (the client gave up)."""
-        if self._closed_early is None:
-            self._closed_early = asyncio.get_running_loop().create_future()
-            if self.is_lost:
-                self._closed_early.set_result(self.lost_error)
-        return self._closed_early
 
 
 def _describe(exc: BaseException) -> str:

@@ -24,13 +24,20 @@ from tests.netns.playground_fixtures import Playground, started
 
 pytestmark = pytest.mark.netns
 
-# Echo on two ports, so a policy can treat them differently.
+# Echo on two ports, so a policy can treat them differently; port 7002 answers with how many
+# connections and bytes ever reached port 7001.
 ECHO = textwrap.dedent(
     """
     import socket, threading
-    def serve(conn):
+    seen = {"conns": 0, "bytes": 0}
+    def serve(conn, port):
         with conn:
+            if port == 7002:
+                conn.sendall(f"{seen['conns']} {seen['bytes']}\\n".encode())
+                return
             while data := conn.recv(65536):
+                if port == 7001:
+                    seen["bytes"] += len(data)
                 conn.sendall(data)
     def listen(port):
         srv = socket.socket()
@@ -39,9 +46,21 @@ ECHO = textwrap.dedent(
         srv.listen(128)
         while True:
             conn, _ = srv.accept()
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+            if port == 7001:
+                seen["conns"] += 1
+            threading.Thread(target=serve, args=(conn, port), daemon=True).start()
     threading.Thread(target=listen, args=(7001,), daemon=True).start()
+    threading.Thread(target=listen, args=(7002,), daemon=True).start()
     listen(7000)
+    """
+)
+
+# What the server saw on port 7001: "<connections> <bytes>".
+SEEN = textwrap.dedent(
+    """
+    import socket, sys
+    s = socket.create_connection((sys.argv[1], 7002), timeout=5)
+    print(s.makefile().readline().strip())
     """
 )
 
@@ -234,6 +253,10 @@ def test_deny_on_one_port_leaves_the_other_open(cluster: Playground) -> None:
     mh.wait_until(lambda: _has_policy(cluster, "node2", ns, "no-7001"), what="the policy on node2")
     assert _ping(cluster, ns, "client", server_ip, 7000) == "ok"
     assert _ping(cluster, ns, "client", server_ip, 7001) != "ok"
+    # The client's bytes left right behind its CONNECT (optimistic data); the refusal must
+    # have dropped them: the app on 7001 never saw a connection, let alone a byte.
+    seen = cluster.exec(ns, "client", [sys.executable, "-c", SEEN, server_ip], timeout=30)
+    assert seen.stdout.strip() == "0 0", seen.stderr
     check = cluster.meshctl("check", "-n", ns, "client", "server:7001")
     assert "DENY" in check.stdout
     assert f"{ns}/no-7001" in check.stdout

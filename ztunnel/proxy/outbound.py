@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import typing
 
 from meshcore import log
 from meshcore.aio import hbone, relay, tasks
@@ -73,10 +74,11 @@ class OutboundProxy:
             if plan.destination is not None:
                 record.destination_identity = routing.identity_of(plan.destination)
             if plan.route is routing.Route.HBONE:
-                upstream: relay.End = await self._open_tunnel(down, plan, peer, record)
+                stream, link = await self._open_tunnel(down, plan, peer, record)
+                await session.run(inputs, pod, down, stream, record, started=link)
             else:
                 upstream = await self._open_passthrough(plan)
-            await session.run(self._inputs, self._pod, down, upstream, record)
+                await session.run(inputs, pod, down, upstream, record)
         except hbone.HboneConnectError as exc:
             record.flag, record.error = exc.flag, str(exc)
             down.abort()
@@ -107,7 +109,11 @@ class OutboundProxy:
         plan: routing.OutboundPlan,
         peer: tuple[str, int],
         record: telemetry.ConnectionRecord,
-    ) -> hbone.HboneStreamEnd:
+    ) -> tuple[hbone.HboneStreamEnd, relay.Relay]:
+        """A CONNECT stream, established, already relayed to the client: the client's first
+        bytes go out right behind the CONNECT (optimistic data) instead of a round trip later.
+        The destination holds them until it has authorized the call and connected the app, and
+        drops them if it refuses; here a refusal aborts the relay."""
         assert plan.authority is not None
         record.mutual_tls = True
         record.hbone_addr = plan.authority
@@ -124,19 +130,29 @@ class OutboundProxy:
             async with asyncio.timeout_at(deadline):
                 conn = await self.pool.fetch(key)
         stream = conn.open_stream(plan.authority, self._request_headers(plan, peer))
-        assert stream.response is not None
-        if not stream.response.done():
-            await tasks.wait_any(stream.response, down.closed_early(), deadline=deadline)
-        if not stream.response.done():
-            stream.abort()
+        response = stream.response
+        assert response is not None
+        link = session.start(self._pod, down, stream)
+        try:
+            if not response.done():
+                await tasks.wait_any(response, link.done, deadline=deadline)
+        except BaseException:
+            session.abandon(self._pod, link, "no CONNECT response in time")
+            raise
+        if not response.done():
+            session.abandon(self._pod, link, "client closed before the tunnel was established")
             raise hbone.HboneConnectError(
                 "client closed before the tunnel was established", routing.Flag.NONE.value
             )
-        status, _headers = stream.response.result()
+        if response.exception() is not None:
+            session.abandon(self._pod, link, "HBONE stream failed")
+            raise typing.cast(BaseException, response.exception())
+        status, _headers = response.result()
         if status != 200:
+            session.abandon(self._pod, link, f"HBONE CONNECT refused with {status}")
             flag = routing.Flag.DENY.value if status == 401 else routing.Flag.CONNECT.value
             raise hbone.HboneConnectError(f"HBONE CONNECT refused with {status}", flag, status)
-        return stream
+        return stream, link
 
     def _request_headers(
         self, plan: routing.OutboundPlan, peer: tuple[str, int]

@@ -26,6 +26,21 @@ async def tcp_end(sock: socket.socket) -> relay.TcpEnd:
     return end
 
 
+def start(pod: PodContext, client: relay.End, upstream: relay.End) -> relay.Relay:
+    """Join `client` and `upstream` now, before `run`: bytes flow at once (outbound sends a
+    client's first bytes right behind its CONNECT). Registered on the pod like `run`'s own;
+    a caller that gives up before `run` calls `abandon`."""
+    link = relay.Relay()
+    pod.relays.add(link)
+    link.start(client, upstream)
+    return link
+
+
+def abandon(pod: PodContext, link: relay.Relay, reason: str) -> None:
+    link.abort(reason)
+    pod.relays.discard(link)
+
+
 async def run(
     inputs: ProxyInputs,
     pod: PodContext,
@@ -34,14 +49,16 @@ async def run(
     record: telemetry.ConnectionRecord,
     *,
     tracked: connection_manager.TrackedConnection | None = None,
+    started: relay.Relay | None = None,
 ) -> None:
     """Relay `client` <-> `upstream` until both are done; fill `record` with what happened.
 
     The relay is registered on the pod while it runs, so removing the pod aborts it. With
     `tracked` (an authorized inbound connection), a policy update that now denies it aborts the
-    relay too, and the connection is recorded with the DENY flag.
+    relay too, and the connection is recorded with the DENY flag. `started` is the relay `start`
+    already joined the ends with.
     """
-    link = relay.Relay()
+    link = started if started is not None else relay.Relay()
     pod.relays.add(link)
 
     def close_denied(reason: str) -> None:
@@ -51,7 +68,8 @@ async def run(
         link.abort(reason)
 
     try:
-        link.start(client, upstream)
+        if started is None:
+            link.start(client, upstream)
         inputs.telemetry.opened(record)
         if tracked is not None:
             tracked.bind(close_denied)
