@@ -17,6 +17,7 @@ without a cycle; ``meshcore.wire.hbone`` re-exports every public name.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -144,16 +145,25 @@ def parse_authority(authority: str) -> tuple[IPAddress, int]:
 def format_authority(ip: IPAddress | str, port: int) -> str:
     """The ``:authority`` for an address: ``1.2.3.4:80`` or ``[::1]:80``."""
     try:
-        address = ipaddress.ip_address(ip)
+        host = _authority_host(ip)
     except ValueError:
         raise InvalidAuthorityError(ip, "not an IP address") from None
     if not 1 <= port <= 65535:
         raise InvalidAuthorityError(f"{ip}:{port}", f"port {port} is outside 1..65535")
+    if host is None:
+        raise InvalidAuthorityError(f"{ip}:{port}", "IPv6 zone ids are not allowed")
+    return f"{host}:{port}"
+
+
+# Memoised: every connection formats one of a node's few addresses (errors are not cached).
+@functools.lru_cache(maxsize=4096)
+def _authority_host(ip: IPAddress | str) -> str | None:
+    """``1.2.3.4`` or ``[::1]``; None for an IPv6 address with a zone id; ValueError if not
+    an address."""
+    address = ipaddress.ip_address(ip)
     if isinstance(address, ipaddress.IPv6Address):
-        if address.scope_id is not None:
-            raise InvalidAuthorityError(f"{ip}:{port}", "IPv6 zone ids are not allowed")
-        return f"[{address}]:{port}"
-    return f"{address}:{port}"
+        return None if address.scope_id is not None else f"[{address}]"
+    return str(address)
 
 
 def forwarded_header(src_ip: IPAddress | str, src_port: int, host: str | None = None) -> str:
@@ -162,12 +172,16 @@ def forwarded_header(src_ip: IPAddress | str, src_port: int, host: str | None = 
         node = format_authority(src_ip, src_port)
     except InvalidAuthorityError as exc:
         raise InvalidHeaderError("forwarded for=", exc.value, exc.reason) from None
-    value = f'for="{node}"'
-    if host is not None:
-        if not host or any(ord(c) < 0x20 or ord(c) == 0x7F for c in host):
-            raise InvalidHeaderError("forwarded host=", host, "empty or has control characters")
-        value += f";host={host if _TOKEN.fullmatch(host) else _quote(host)}"
-    return value
+    if host is None:
+        return f'for="{node}"'
+    return f'for="{node}"{_forwarded_host(host)}'
+
+
+@functools.lru_cache(maxsize=4096)
+def _forwarded_host(host: str) -> str:
+    if not host or any(ord(c) < 0x20 or ord(c) == 0x7F for c in host):
+        raise InvalidHeaderError("forwarded host=", host, "empty or has control characters")
+    return f";host={host if _TOKEN.fullmatch(host) else _quote(host)}"
 
 
 def parse_forwarded(value: str) -> tuple[str | None, str | None]:
@@ -255,12 +269,20 @@ def is_valid_traceparent(value: str) -> bool:
 
 def find_field_problem(name: str, value: str) -> str | None:
     """Why (name, value) cannot be sent as an HTTP/2 header field we add, or None if it can."""
+    problem = _name_problem(name)
+    if problem is not None:
+        return problem
+    if _BAD_FIELD_VALUE.search(value):
+        return "the value has CR, LF, NUL or surrounding whitespace"
+    return None
+
+
+@functools.lru_cache(maxsize=256)  # a handful of names, checked on every tunnel
+def _name_problem(name: str) -> str | None:
     if not _FIELD_NAME.fullmatch(name):
         return "the name must be a lowercase token (pseudo-headers are set by the codec)"
     if name in _CONNECTION_SPECIFIC:
         return "connection-specific fields are forbidden in HTTP/2"
-    if _BAD_FIELD_VALUE.search(value):
-        return "the value has CR, LF, NUL or surrounding whitespace"
     return None
 
 

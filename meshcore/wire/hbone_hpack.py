@@ -14,6 +14,7 @@ is a stream error, reported as a reason string for the codec to act on.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Final
 
@@ -34,7 +35,8 @@ _CONNECTION_SPECIFIC: Final = frozenset(
 )
 _REQUEST_PSEUDO: Final = frozenset((b":method", b":scheme", b":authority", b":path", b":protocol"))
 _UPPER: Final = bytes(range(ord("A"), ord("Z") + 1))
-_BAD_VALUE_CHARS: Final = (b"\x00", b"\r", b"\n")
+# RFC 9113 section 8.2.1: NUL, CR or LF anywhere, whitespace at either end.
+_BAD_VALUE: Final = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 
 HPACK_ERRORS: Final = (hpack.exceptions.HPACKError,)
 
@@ -188,11 +190,12 @@ def _field_problem(name: bytes, value: bytes) -> str | None:
         return f"connection-specific field {name.decode('latin-1')!r}"
     if name == b"te" and value != b"trailers":
         return "te other than 'trailers'"
-    if any(c in value for c in _BAD_VALUE_CHARS):
-        return f"field {name!r} has NUL, CR or LF in its value"
-    if value[:1] in (b" ", b"\t") or value[-1:] in (b" ", b"\t"):
+    bad = _BAD_VALUE.search(value)
+    if bad is None:
+        return None
+    if bad.group() in (b" ", b"\t"):
         return f"field {name!r} has surrounding whitespace in its value"
-    return None
+    return f"field {name!r} has NUL, CR or LF in its value"
 
 
 def _split(fields: RawHeaders, allowed: frozenset[bytes]) -> tuple[dict[bytes, bytes], str | None]:
