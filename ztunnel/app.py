@@ -169,4 +169,4 @@ def main() -> None:
         raise SystemExit(2) from None
     log.configure(cfg.log_level)
     check_capabilities()
-    runtime.run(run(cfg))
+    runtime.run(run(cfg), collector_tuned=True)

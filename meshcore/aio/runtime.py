@@ -37,7 +37,9 @@ def tune_gc() -> None:
 
     Measured on the waypoint's HTTP engine (`python -m bench l7`, 64 keep-alive connections):
     p99 19.8 -> 7.8 ms at the same request rate; the full collections over everything the
-    imports created were the tail.
+    imports created were the tail. On ztunnel (`python -m bench dataplane`, 3,000 connections
+    one after another): 3 of 9 repetitions had a connect p99 of 4-15 ms and half the rate
+    before, none of 6 after (p99 under 1.5 ms); memory per connection and idle unchanged.
     """
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
