@@ -251,6 +251,77 @@ def test_rejected_tunnel_reports_status(mesh_ca: ca_mod.CertificateAuthority) ->
     _run(main)
 
 
+async def _optimistic_exchange(
+    conn: hbone.HboneClientProtocol, authority: str, payload: bytes
+) -> tuple[relay.Relay, int, bytes]:
+    """As ztunnel's outbound does: the relay starts before the CONNECT is answered, and the app
+    has already written and half-closed by then."""
+    loop = asyncio.get_running_loop()
+    app_sock, proxy_sock = socket.socketpair()
+    app_sock.setblocking(False)
+    proxy_sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=app_sock)
+    writer.write(payload)
+    writer.write_eof()
+    _, down = await loop.create_connection(relay.TcpEnd, sock=proxy_sock)
+    stream = conn.open_stream(authority, [])
+    link = relay.Relay()
+    link.start(down, stream)
+    assert stream.response is not None
+    status, _ = await asyncio.wait_for(stream.response, 5)
+    received = bytearray()
+    try:
+        while chunk := await reader.read(1 << 18):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    await asyncio.wait_for(link.done, 5)
+    writer.close()
+    return link, status, bytes(received)
+
+
+def test_optimistic_data_reaches_the_backend_once_accepted(
+    mesh_ca: ca_mod.CertificateAuthority,
+) -> None:
+    async def main() -> None:
+        h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
+        h.backend_reply = b"pong"
+        await h.start()
+        try:
+            conn = await h.connect(workload_certs.issue(mesh_ca, CLIENT_ID), [SERVER_ID])
+            up = _pattern(100_000, b"early")
+            link, status, got = await _optimistic_exchange(conn, f"127.0.0.1:{h.backend_port}", up)
+            assert (status, got, link.error) == (200, b"pong", None)
+            assert h.backend_received.hexdigest() == hashlib.sha256(up).hexdigest()
+            assert link.received == [len(up), 4]
+            conn.close()
+        finally:
+            await h.close()
+
+    _run(main)
+
+
+def test_a_refusal_ends_a_relay_that_started_before_the_answer(
+    mesh_ca: ca_mod.CertificateAuthority,
+) -> None:
+    async def main() -> None:
+        h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
+        await h.start()
+        try:
+            conn = await h.connect(workload_certs.issue(mesh_ca, CLIENT_ID), [SERVER_ID])
+            link, status, got = await _optimistic_exchange(conn, "127.0.0.1:1", b"secret")
+            assert (status, got) == (400, b"")
+            assert link.error == "HBONE CONNECT refused with 400"
+            assert h.backend_received.digest() == hashlib.sha256().digest()  # nothing arrived
+            assert not conn.streams
+            assert conn.is_usable
+            conn.close()
+        finally:
+            await h.close()
+
+    _run(main)
+
+
 def test_unexpected_server_identity_is_refused(mesh_ca: ca_mod.CertificateAuthority) -> None:
     async def main() -> None:
         h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))

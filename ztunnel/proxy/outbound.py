@@ -140,10 +140,12 @@ class OutboundProxy:
             session.abandon(self._pod, link, "no CONNECT response in time")
             raise
         if not response.done():
-            session.abandon(self._pod, link, "client closed before the tunnel was established")
-            raise hbone.HboneConnectError(
-                "client closed before the tunnel was established", routing.Flag.NONE.value
-            )
+            # The relay ended first: the client went away (or the pod did).
+            reason = "client closed before the tunnel was established"
+            if link.error:
+                reason += f" ({link.error})"
+            session.abandon(self._pod, link, reason)
+            raise hbone.HboneConnectError(reason, routing.Flag.NONE.value)
         if response.exception() is not None:
             session.abandon(self._pod, link, "HBONE stream failed")
             raise typing.cast(BaseException, response.exception())
