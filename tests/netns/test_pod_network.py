@@ -78,6 +78,38 @@ def test_source_ip_is_what_the_peer_sees(namespaces: Namespaces) -> None:
         network.close()
 
 
+def test_the_clients_port_is_kept_when_free_and_left_to_the_kernel_when_not(
+    namespaces: Namespaces,
+) -> None:
+    network, pod = _pod_network(namespaces)
+    listener = netns_util.tcp_listener(pod, 8080, host=POD_IP)
+    try:
+
+        async def main() -> tuple[socket.socket, socket.socket]:
+            first = await network.connect(
+                (POD_IP, 8080), timeout=5, source_ip=CLIENT_IP, source_port=40123
+            )
+            # The same client port again while the first holds it: the kernel picks another.
+            second = await network.connect(
+                (POD_IP, 8080), timeout=5, source_ip=CLIENT_IP, source_port=40123
+            )
+            return first, second
+
+        first, second = asyncio.run(main())
+        with first, second:
+            peers = []
+            for _ in range(2):
+                accepted, peer = listener.accept()
+                accepted.close()
+                peers.append(peer)
+            assert peers[0] == (CLIENT_IP, 40123)
+            assert peers[1][0] == CLIENT_IP
+            assert peers[1][1] != 40123
+    finally:
+        listener.close()
+        network.close()
+
+
 def test_a_failed_connect_closes_its_socket(namespaces: Namespaces) -> None:
     network, _pod = _pod_network(namespaces)
     try:

@@ -175,7 +175,11 @@ class InboundProxy:
             with inputs.connections.track(plan.authorized, local) as tracked:
                 try:
                     app = await _connect_app(
-                        inputs, pod, plan.target, peer_ip_text, header=plan.proxy_header
+                        inputs,
+                        pod,
+                        plan.target,
+                        (peer_ip_text, source_port),
+                        header=plan.proxy_header,
                     )
                 except (OSError, TimeoutError) as exc:
                     conn.reject(event.stream_id, 503)
@@ -254,7 +258,9 @@ class PlaintextInboundProxy:
                 return
             # Tracked from the decision on (no await in between): see the HBONE path.
             with inputs.connections.track(plan.authorized, local) as tracked:
-                app = await _connect_app(inputs, pod, plan.target, peer[0])
+                # The client's own port is not reused here: its connection, redirected to
+                # us, shares this namespace, and the same 4-tuple would be taken for it.
+                app = await _connect_app(inputs, pod, plan.target, (peer[0], None))
                 if tracked.revocation is not None:
                     app.abort()
                     down.abort()
@@ -294,11 +300,13 @@ async def _connect_app(
     inputs: ProxyInputs,
     pod: PodContext,
     target: tuple[str, int],
-    client_ip: str,
+    client: tuple[str, int | None],
     *,
     header: bytes | None = None,
 ) -> relay.TcpEnd:
-    """Connect to the app from inside the pod, keeping the client's address when possible.
+    """Connect to the app from inside the pod, keeping the client's address (and, when given,
+    its port) when possible. Only HBONE callers give the port: there the client's own
+    connection lives in another namespace.
 
     `header` (an application tunnel's PROXY header) is sent before the relay exists, so it is
     the app's first bytes and the relay's data path stays as it is; a failure to send it counts
@@ -306,7 +314,9 @@ async def _connect_app(
     """
     timeout = inputs.config.connect_timeout
     try:
-        sock = await pod.network.connect(target, timeout=timeout, source_ip=client_ip)
+        sock = await pod.network.connect(
+            target, timeout=timeout, source_ip=client[0], source_port=client[1]
+        )
     except OSError as exc:
         if exc.errno not in _SPOOF_UNAVAILABLE:
             raise
