@@ -240,12 +240,19 @@ class HookedNetwork:
         self.hook: Callable[[], Awaitable[None]] | None = None
 
     async def connect(
-        self, address: tuple[str, int], *, timeout: float, source_ip: str | None = None
+        self,
+        address: tuple[str, int],
+        *,
+        timeout: float,
+        source_ip: str | None = None,
+        source_port: int | None = None,
     ) -> socket.socket:
         hook, self.hook = self.hook, None
         if hook is not None:
             await hook()
-        return await self.real.connect(address, timeout=timeout, source_ip=source_ip)
+        return await self.real.connect(
+            address, timeout=timeout, source_ip=source_ip, source_port=source_port
+        )
 
     def close(self) -> None:
         self.real.close()
