@@ -96,6 +96,7 @@ _DEFAULT_MAX_FRAME: Final = 1 << 14
 _UNLIMITED_STREAMS: Final = 2**32 - 1
 # length (24 bits as 16 + 8), type, flags, stream id: one pack per outgoing DATA frame.
 _HEADER: Final = struct.Struct(">HBBBI")
+_unpack_header: Final = _HEADER.unpack_from
 _DATA: Final = frames.DATA
 _HEADERS: Final = frames.HEADERS
 _CONTINUATION: Final = frames.CONTINUATION
@@ -374,7 +375,7 @@ class HboneConnection(hbone_control.ControlFrames):
             raise LocalProtocolError(f"consumed({stream_id}, {nbytes}): negative byte count")
         if self._dead:
             return
-        stream = self._find(stream_id)
+        stream = self._streams.get(stream_id) or self._find(stream_id)
         if stream is None or nbytes == 0:
             return
         if nbytes > stream.unconsumed:
@@ -426,11 +427,16 @@ class HboneConnection(hbone_control.ControlFrames):
             if end - offset < _HLEN:
                 self._need = _HLEN
                 break
-            length = int.from_bytes(data[offset : offset + 3], "big")
-            frame_type = data[offset + 3]
-            flags = data[offset + 4]
-            stream_id = int.from_bytes(data[offset + 5 : offset + 9], "big") & 0x7FFFFFFF
-            self._check_frame_header(length, frame_type, flags, max_frame)
+            high, low, frame_type, flags, stream_id = _unpack_header(data, offset)
+            length = high << 8 | low
+            stream_id &= 0x7FFFFFFF
+            if (
+                frame_type != _DATA
+                or length > max_frame
+                or self._block is not None
+                or not self._settings_seen
+            ):
+                self._check_frame_header(length, frame_type, flags, max_frame)
             if frame_type == _DATA and not flags & frames.PADDED:
                 offset += _HLEN
                 self._begin_data(stream_id, length, flags, events)
