@@ -34,7 +34,6 @@ Sending: a DATA frame is its 9-byte header and payload in one bytes object (one 
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from typing import Final, TypeAlias
 
@@ -92,11 +91,10 @@ _MAX_STREAM_ID: Final = 2**31 - 1
 _MAX_WINDOW: Final = hbone_state.MAX_WINDOW
 _DEFAULT_CONNECTION_WINDOW: Final = hbone_state.DEFAULT_CONNECTION_WINDOW
 _DEFAULT_STREAM_WINDOW: Final = hbone_state.DEFAULT_STREAM_WINDOW
-_DEFAULT_MAX_FRAME: Final = 1 << 14
 _UNLIMITED_STREAMS: Final = 2**32 - 1
-# length (24 bits as 16 + 8), type, flags, stream id: one pack per outgoing DATA frame.
-_HEADER: Final = struct.Struct(">HBBBI")
-_unpack_header: Final = _HEADER.unpack_from
+# One pack per outgoing DATA frame, one unpack per incoming frame.
+_HEADER: Final = frames.HEADER
+_unpack_header: Final = frames.HEADER.unpack_from
 _DATA: Final = frames.DATA
 _HEADERS: Final = frames.HEADERS
 _CONTINUATION: Final = frames.CONTINUATION
@@ -133,7 +131,7 @@ class HboneConnection(hbone_control.ControlFrames):
         self._reset_by_us: dict[int, None] = {}  # recent resets, oldest first (bounded)
         # The peer's settings (defaults until its SETTINGS frame arrives).
         self._settings_seen = False
-        self._peer_max_frame = _DEFAULT_MAX_FRAME
+        self._peer_max_frame = hbone_state.DEFAULT_MAX_FRAME_SIZE
         self._peer_initial_window = _DEFAULT_STREAM_WINDOW
         self._peer_max_streams = _UNLIMITED_STREAMS
         self._decoder = hbone_hpack.BlockDecoder(settings.max_header_list_size)

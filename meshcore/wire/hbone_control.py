@@ -8,7 +8,7 @@ frames whose header it has already checked (size, stream 0, order).
 
 from __future__ import annotations
 
-from typing import Final, Protocol
+from typing import Protocol
 
 from meshcore.wire import hbone_events as ev
 from meshcore.wire import hbone_frames as frames
@@ -16,7 +16,6 @@ from meshcore.wire import hbone_headers, hbone_hpack
 from meshcore.wire import hbone_state as _s
 
 Events = list[ev.Event]
-_DEFAULT_MAX_FRAME: Final = 1 << 14
 
 
 class _Codec(Protocol):
@@ -105,7 +104,7 @@ class ControlFrames:
                 window_delta += value - self._peer_initial_window
                 self._peer_initial_window = value
             elif code == frames.SETTINGS_MAX_FRAME_SIZE:
-                if not _DEFAULT_MAX_FRAME <= value < 1 << 24:
+                if not _s.DEFAULT_MAX_FRAME_SIZE <= value <= _s.MAX_FRAME_SIZE:
                     raise self._connection_error(
                         _s.PROTOCOL_ERROR,
                         f"SETTINGS_MAX_FRAME_SIZE {value} is outside 2**14..2**24-1",

@@ -44,7 +44,8 @@ SETTINGS_ENABLE_CONNECT_PROTOCOL: Final = 0x8
 
 MAX_WINDOW_INCREMENT: Final = 2**31 - 1
 _STREAM_MASK: Final = 0x7FFFFFFF
-_HEADER: Final = struct.Struct(">HBBBI")  # length as 16 + 8 bits, type, flags, stream id
+# The 9-byte frame header: length as 16 + 8 bits, type, flags, stream id (reserved bit included).
+HEADER: Final = struct.Struct(">HBBBI")
 _SETTING: Final = struct.Struct(">HI")
 _TWO_WORDS: Final = struct.Struct(">II")
 
@@ -61,18 +62,14 @@ def parse_frame_header(buf: bytes | bytearray, offset: int = 0) -> FrameHeader:
     """The 9-byte header at `offset`; the reserved stream-id bit is ignored, as RFC 9113 says."""
     if len(buf) - offset < HEADER_LEN:
         raise ValueError(f"a frame header needs {HEADER_LEN} bytes, got {len(buf) - offset}")
-    return FrameHeader(
-        int.from_bytes(buf[offset : offset + 3], "big"),
-        buf[offset + 3],
-        buf[offset + 4],
-        int.from_bytes(buf[offset + 5 : offset + 9], "big") & _STREAM_MASK,
-    )
+    high, low, frame_type, flags, stream_id = HEADER.unpack_from(buf, offset)
+    return FrameHeader(high << 8 | low, frame_type, flags, stream_id & _STREAM_MASK)
 
 
 def build_frame_header(length: int, frame_type: int, flags: int, stream_id: int) -> bytes:
     if not 0 <= length < 1 << 24:
         raise ValueError(f"frame length {length} does not fit 24 bits")
-    return _HEADER.pack(length >> 8, length & 0xFF, frame_type, flags, stream_id & _STREAM_MASK)
+    return HEADER.pack(length >> 8, length & 0xFF, frame_type, flags, stream_id & _STREAM_MASK)
 
 
 def build_data_header(length: int, stream_id: int, *, end_stream: bool = False) -> bytes:

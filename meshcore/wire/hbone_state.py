@@ -23,6 +23,8 @@ COMPRESSION_ERROR: Final = 0x9
 MAX_WINDOW: Final = 2**31 - 1
 DEFAULT_CONNECTION_WINDOW: Final = 65_535
 DEFAULT_STREAM_WINDOW: Final = 65_535
+DEFAULT_MAX_FRAME_SIZE: Final = 1 << 14  # also the least a peer may advertise
+MAX_FRAME_SIZE: Final = (1 << 24) - 1
 
 # --- settings --------------------------------------------------------------------------------
 
@@ -45,7 +47,7 @@ class HboneSettings:
         limits = {
             "stream_window": (1, MAX_WINDOW),
             "connection_window": (DEFAULT_CONNECTION_WINDOW, MAX_WINDOW),
-            "max_frame_size": (1 << 14, (1 << 24) - 1),
+            "max_frame_size": (DEFAULT_MAX_FRAME_SIZE, MAX_FRAME_SIZE),
             "max_concurrent_streams": (1, 2**32 - 1),
             "max_header_list_size": (1, 2**32 - 1),
         }
