@@ -36,8 +36,10 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Header fields we put on the wire: lowercase tokens; values without CR, LF, NUL or
 # surrounding whitespace (RFC 9113 section 8.2.1); no connection-specific fields.
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
-_BAD_FIELD_VALUE = re.compile(r"[\r\n\x00]|\A[ \t]|[ \t]\Z")
-_CONNECTION_SPECIFIC = frozenset(
+# RFC 9113 section 8.2.1, for our fields here and, as bytes, for the peer's in hbone_hpack.
+BAD_FIELD_VALUE_PATTERN = r"[\r\n\x00]|\A[ \t]|[ \t]\Z"
+_BAD_FIELD_VALUE = re.compile(BAD_FIELD_VALUE_PATTERN)
+CONNECTION_SPECIFIC = frozenset(
     {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"}
 )
 PROTOCOL_ERROR = 0x1  # HTTP/2 error code (RFC 9113 section 7)
@@ -281,7 +283,7 @@ def find_field_problem(name: str, value: str) -> str | None:
 def _name_problem(name: str) -> str | None:
     if not _FIELD_NAME.fullmatch(name):
         return "the name must be a lowercase token (pseudo-headers are set by the codec)"
-    if name in _CONNECTION_SPECIFIC:
+    if name in CONNECTION_SPECIFIC:
         return "connection-specific fields are forbidden in HTTP/2"
     return None
 

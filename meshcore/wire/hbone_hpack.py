@@ -22,6 +22,8 @@ import hpack
 import hpack.exceptions
 import hpack.table
 
+from meshcore.wire import hbone_headers
+
 RawHeaders = list[tuple[bytes, bytes]]
 
 # Static table indexes (RFC 7541 appendix A).
@@ -30,13 +32,13 @@ _METHOD_INDEX: Final = 2
 _STATUS_INDEX: Final = 8
 _STATUS_200: Final = b"\x88"  # indexed field 8, ":status: 200"
 
+# The rules our own fields follow (hbone_headers), as bytes; te is allowed as "trailers".
 _CONNECTION_SPECIFIC: Final = frozenset(
-    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
+    name.encode() for name in hbone_headers.CONNECTION_SPECIFIC if name != "te"
 )
 _REQUEST_PSEUDO: Final = frozenset((b":method", b":scheme", b":authority", b":path", b":protocol"))
 _UPPER: Final = bytes(range(ord("A"), ord("Z") + 1))
-# RFC 9113 section 8.2.1: NUL, CR or LF anywhere, whitespace at either end.
-_BAD_VALUE: Final = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
+_BAD_VALUE: Final = re.compile(hbone_headers.BAD_FIELD_VALUE_PATTERN.encode())
 
 HPACK_ERRORS: Final = (hpack.exceptions.HPACKError,)
 
