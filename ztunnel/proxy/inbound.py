@@ -249,7 +249,7 @@ class PlaintextInboundProxy:
                 local,
                 peer_identity=None,
                 source_ip=peer_ip,
-                authority=routing.format_authority(original[0], original[1]),
+                authority=hbone_wire.format_authority(original[0], original[1]),
             )
             if isinstance(plan, routing.Refusal):
                 # Refused before the app is dialled: it never sees the connection.

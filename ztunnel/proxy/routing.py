@@ -36,14 +36,13 @@ T = TypeVar("T")
 Chooser = Callable[[Sequence[T]], T]
 
 # Memos of pure conversions that every connection repeats with the same few inputs (a node
-# talks to a bounded set of addresses and identities): parsing an address, formatting an
-# authority and making a SPIFFE ID each cost microseconds, a hit a fraction of one. Errors
-# are not memoised; they raise every time, as before.
+# talks to a bounded set of addresses and identities): parsing an address and making a SPIFFE
+# ID each cost microseconds, a hit a fraction of one (hbone.format_authority memoises its own
+# address part). Errors are not memoised; they raise every time, as before.
 _MEMO_SIZE = 4096
 parse_ip: Callable[[str], ids.IpAddress] = functools.lru_cache(maxsize=_MEMO_SIZE)(
     ipaddress.ip_address
 )
-format_authority = functools.lru_cache(maxsize=_MEMO_SIZE)(hbone.format_authority)
 # An inbound request's authority is one of the pod's own address:port pairs.
 _parse_authority = functools.lru_cache(maxsize=_MEMO_SIZE)(hbone.parse_authority)
 _spiffe_id = functools.lru_cache(maxsize=_MEMO_SIZE)(spiffe.SpiffeId.for_workload)
@@ -205,7 +204,7 @@ def _via_waypoint(
         route=Route.HBONE,  # whatever the waypoint's tunnel_protocol: it terminates HBONE
         original=original,
         target=(str(chosen.addresses[0]), gateway.hbone_mtls_port),
-        authority=format_authority(original[0], original[1]),
+        authority=hbone.format_authority(original[0], original[1]),
         expected_identities=(identity_of(chosen), *sans),
         source=source,
         destination=chosen,
@@ -281,7 +280,7 @@ def _to_workload(
             route=Route.HBONE,
             original=original,
             target=(address, HBONE_PORT),
-            authority=format_authority(address, port),
+            authority=hbone.format_authority(address, port),
             expected_identities=(identity_of(destination), *sans),
             source=source,
             destination=destination,
