@@ -150,15 +150,20 @@ class Harness:
         self.listener.close()
 
 
+async def _app_and_relay_end() -> tuple[socket.socket, relay.TcpEnd]:
+    """The app's socket, and the other end of its socket pair as a relay end (ztunnel's side)."""
+    app_sock, proxy_sock = socket.socketpair()
+    app_sock.setblocking(False)
+    proxy_sock.setblocking(False)
+    _, down = await asyncio.get_running_loop().create_connection(relay.TcpEnd, sock=proxy_sock)
+    return app_sock, down
+
+
 async def _tunnel_exchange(
     conn: hbone.HboneClientProtocol, authority: str, payload: bytes
 ) -> tuple[int, bytes]:
     """App writes `payload` then half-closes; returns the CONNECT status and what came back."""
-    loop = asyncio.get_running_loop()
-    app_sock, proxy_sock = socket.socketpair()
-    app_sock.setblocking(False)
-    proxy_sock.setblocking(False)
-    _, down = await loop.create_connection(relay.TcpEnd, sock=proxy_sock)
+    app_sock, down = await _app_and_relay_end()
     stream = conn.open_stream(authority, [("forwarded", 'for="127.0.0.1:1"')])
     assert stream.response is not None
     status, _ = await asyncio.wait_for(stream.response, 5)
@@ -256,14 +261,10 @@ async def _optimistic_exchange(
 ) -> tuple[relay.Relay, int, bytes]:
     """As ztunnel's outbound does: the relay starts before the CONNECT is answered, and the app
     has already written and half-closed by then."""
-    loop = asyncio.get_running_loop()
-    app_sock, proxy_sock = socket.socketpair()
-    app_sock.setblocking(False)
-    proxy_sock.setblocking(False)
+    app_sock, down = await _app_and_relay_end()
     reader, writer = await asyncio.open_connection(sock=app_sock)
     writer.write(payload)
     writer.write_eof()
-    _, down = await loop.create_connection(relay.TcpEnd, sock=proxy_sock)
     stream = conn.open_stream(authority, [])
     link = relay.Relay()
     link.start(down, stream)
