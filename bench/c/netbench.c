@@ -3,6 +3,11 @@
  *
  *   netbench s PORT          epoll echo server (one thread; holds 10,000+ connections)
  *   netbench p HOST PORT N   1-byte ping-pong: 1,000 warm-up round trips, then N timed
+ *   netbench i N BLOCK NETNS HOST PORT [NETNS HOST PORT ...]
+ *                            the same ping-pong on several paths at once, interleaved: one
+ *                            connection per path, dialled from network namespace file NETNS;
+ *                            1,000 warm-up round trips each, then BLOCK timed round trips per
+ *                            path in turn until each has N. Prints {"paths": [...]} in order.
  *   netbench r HOST PORT N   N new connections one after another: connect, 1-byte echo, close
  *   netbench h HOST PORT N   open N connections (each proven by a 1-byte echo), print
  *                            "ready N", hold them until stdin closes or sends a line
@@ -12,6 +17,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdio.h>
@@ -101,10 +107,64 @@ static void report(const char *head, long *d, int n, int errors) {
          head, n, errors, n ? d[n / 2] / 1e3 : 0.0, n ? d[(int)(n * 0.99)] / 1e3 : 0.0,
          n ? sum / n / 1e3 : 0.0);
 }
+/* Dial HOST:PORT from inside the network namespace file `ns`; the socket stays in it. */
+static int dial_in(const char *ns, const char *host, int port) {
+  int fd = open(ns, O_RDONLY | O_CLOEXEC);
+  if (fd < 0 || setns(fd, CLONE_NEWNET) != 0) {
+    fprintf(stderr, "%s: %s\n", ns, strerror(errno));
+    if (fd >= 0) close(fd);
+    return -1;
+  }
+  close(fd);
+  int s = dial(host, port);
+  if (s < 0) fprintf(stderr, "connect %s:%d in %s: %s\n", host, port, ns, strerror(errno));
+  return s;
+}
+/* Interleaved ping-pong: a slow spell of the machine lands on every path alike. */
+static int interleaved(int n, int block, int paths, char **spec) {
+  int *socks = malloc(sizeof(int) * (size_t)paths);
+  long **d = malloc(sizeof(long *) * (size_t)paths);
+  for (int p = 0; p < paths; p++) {
+    socks[p] = dial_in(spec[3 * p], spec[3 * p + 1], atoi(spec[3 * p + 2]));
+    if (socks[p] < 0) return 1;
+    d[p] = malloc(sizeof(long) * (size_t)n);
+  }
+  for (int p = 0; p < paths; p++)
+    for (int i = 0; i < 1000; i++)
+      if (echo1(socks[p]) != 0) { fprintf(stderr, "path %d: warm-up failed\n", p); return 1; }
+  for (int done = 0; done < n; done += block) {
+    int k = n - done < block ? n - done : block;
+    for (int p = 0; p < paths; p++)
+      for (int i = done; i < done + k; i++) {
+        long t0 = now_ns();
+        if (echo1(socks[p]) != 0) {
+          fprintf(stderr, "path %d round trip %d: %s\n", p, i,
+                  errno ? strerror(errno) : "closed by peer");
+          return 1;
+        }
+        d[p][i] = now_ns() - t0;
+      }
+  }
+  printf("{\"paths\": [");
+  for (int p = 0; p < paths; p++) {
+    if (p) printf(", ");
+    report("", d[p], n, 0);
+  }
+  printf("]}\n");
+  return 0;
+}
 int main(int argc, char **argv) {
   raise_nofile();
   if (argc == 3 && argv[1][0] == 's') return serve(atoi(argv[2]));
-  if (argc != 5) { fprintf(stderr, "usage: netbench s PORT | p|r|h HOST PORT N\n"); return 2; }
+  if (argc >= 7 && (argc - 4) % 3 == 0 && argv[1][0] == 'i') {
+    int n = atoi(argv[2]), block = atoi(argv[3]);
+    if (n < 1 || block < 1) { fprintf(stderr, "N and BLOCK must be positive\n"); return 2; }
+    return interleaved(n, block, (argc - 4) / 3, argv + 4);
+  }
+  if (argc != 5) { 
+    fprintf(stderr, "usage: netbench s PORT | p|r|h HOST PORT N | i N BLOCK (NETNS HOST PORT)...\n");
+    return 2;
+  }
   const char *host = argv[2];
   int port = atoi(argv[3]), n = atoi(argv[4]);
   long *d = malloc(sizeof(long) * (size_t)(n > 0 ? n : 1));
