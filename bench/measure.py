@@ -6,9 +6,14 @@ Method (copied from /work/shared/reference/perf-baselines.md, own code):
 - proxy CPU: utime+stime from /proc/<pid>/stat of the proxy processes and their descendants
   (both ztunnels; both nginx instances; HAProxy), read just before and after the one-stream
   transfer, per 10^9 bytes moved;
-- latency: `bench/c/netbench.c` 1-byte ping-pong, 1,000 warm-up then 10,000 timed round trips;
+- latency: `bench/c/netbench.c` 1-byte ping-pong, 1,000 warm-up then 10,000 timed round trips
+  per path, all paths at once over one connection each, interleaved in blocks of
+  `LATENCY_BLOCK` round trips: a slow spell of the VM lands on every path alike instead of on
+  whichever ran then (ratios of separate runs seconds apart had spread from 0.8 to 3.1);
 - connection rate: the same program opening connections one after another (connect, 1-byte
-  echo, close), with the latency of each;
+  echo, close), with the latency of each; 100 warm-up connections, then 3,000 per path,
+  interleaved the same way in blocks of `CONNECT_BLOCK`; a path's rate is its connections over
+  the time of its own blocks;
 - memory: VmRSS of the ztunnels idle, and with N connections held open through them; once per
   run, first thing, on fresh ztunnels (see `DataPath.measure_memory`).
 
@@ -47,6 +52,7 @@ NGINX_OUT = {IPERF_PORT: 10000, ECHO_PORT: 10002}  # in the client pod, plain
 NGINX_IN = {IPERF_PORT: 10001, ECHO_PORT: 10003}  # in the server pod, mTLS
 HAPROXY = {IPERF_PORT: 10010, ECHO_PORT: 10012}  # in the client pod
 LATENCY_BLOCK = 1000  # timed round trips on one path before the next path's turn
+CONNECT_BLOCK = 300  # new connections on one path before the next path's turn
 SERVER_NAME = "bench-server"  # what nginx-out verifies the server certificate against
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 PACKAGES = ("nginx-light", "libnginx-mod-stream", "haproxy", "iperf3", "gcc")
@@ -345,22 +351,33 @@ class DataPath:
     def run_repetition(self, log: Callable[[str], None]) -> dict[str, dict[str, float]]:
         rep: dict[str, dict[str, float]] = {}
         paths = self.paths()
-        # Metric by metric, every configuration back to back: the two sides of each ratio are
-        # measured as close together in time as possible (the machine's speed drifts).
+        # Metric by metric, every configuration back to back or interleaved: the two sides of
+        # each ratio are measured as close together in time as possible (the machine's speed
+        # drifts).
         log("  latency")
+        self._all_at_once(rep, self.measure_latencies, paths, log)
+        log("  bulk")
+        for name, path in paths.items():
+            try:
+                rep.setdefault(name, {}).update(self.measure_bulk(path))
+            except (BenchError, OSError, subprocess.TimeoutExpired, ValueError) as exc:
+                log(f"  {name}: bulk: {exc}")
+        log("  conn_rate")
+        self._all_at_once(rep, self.measure_conn_rates, paths, log)
+        return rep
+
+    @staticmethod
+    def _all_at_once(
+        rep: dict[str, dict[str, float]],
+        step: Callable[[Mapping[str, Path]], dict[str, dict[str, float]]],
+        paths: Mapping[str, Path],
+        log: Callable[[str], None],
+    ) -> None:
         try:
-            for name, figures in self.measure_latencies(paths).items():
+            for name, figures in step(paths).items():
                 rep.setdefault(name, {}).update(figures)
         except (BenchError, OSError, subprocess.TimeoutExpired, ValueError, KeyError) as exc:
-            log(f"  latency: {exc}")
-        for step in (self.measure_bulk, self.measure_conn_rate):
-            log(f"  {step.__name__.removeprefix('measure_')}")
-            for name, path in paths.items():
-                try:
-                    rep.setdefault(name, {}).update(step(path))
-                except (BenchError, OSError, subprocess.TimeoutExpired, ValueError) as exc:
-                    log(f"  {name}: {step.__name__}: {exc}")
-        return rep
+            log(f"  {step.__name__}: {exc}")
 
     def measure_idle_rss(self) -> float:
         """The larger of the two ztunnels' RSS with every bench pod enrolled and idle."""
@@ -387,41 +404,43 @@ class DataPath:
         metrics["gbps_8"] = self._iperf(path, 8)[0]
         return metrics
 
-    def measure_latency(self, path: Path) -> dict[str, float]:
-        """One path alone (for exploring by hand; a repetition uses `measure_latencies`)."""
-        argv = [self.netbench, "p", path.host, str(path.ports[ECHO_PORT])]
-        out = self.bench.run(path.client, [*argv, str(self.settings.pingpong_round_trips)], 120)
-        doc = json.loads(out)
-        return {"p50_us": float(doc["p50_us"]), "p99_us": float(doc["p99_us"])}
-
     def measure_latencies(self, paths: Mapping[str, Path]) -> dict[str, dict[str, float]]:
         """Every path's ping-pong p50/p99, measured interleaved (see the module's docstring)."""
+        results = self._interleaved("i", self.settings.pingpong_round_trips, LATENCY_BLOCK, paths)
+        return {
+            name: {"p50_us": float(doc["p50_us"]), "p99_us": float(doc["p99_us"])}
+            for name, doc in results.items()
+        }
+
+    def measure_conn_rates(self, paths: Mapping[str, Path]) -> dict[str, dict[str, float]]:
+        """Every path's new-connection rate and connect latency, measured interleaved."""
+        results = self._interleaved("c", self.settings.new_connections, CONNECT_BLOCK, paths)
+        return {
+            name: {
+                "conn_errors": float(doc["errors"]),
+                "conns_per_s": float(doc["conns_per_s"]),
+                "connect_p50_us": float(doc["p50_us"]),
+                "connect_p99_us": float(doc["p99_us"]),
+            }
+            for name, doc in results.items()
+        }
+
+    def _interleaved(
+        self, mode: str, count: int, block: int, paths: Mapping[str, Path]
+    ) -> dict[str, dict[str, float]]:
+        """`netbench i|c` over all `paths`, each dialled from its own pod's namespace."""
         names = list(paths)
-        argv = [self.netbench, "i", str(self.settings.pingpong_round_trips), str(LATENCY_BLOCK)]
+        argv = [self.netbench, mode, str(count), str(block)]
         for name in names:
             path = paths[name]
             netns_file = os.path.join(NETNS_RUN_DIR, self.bench.netns[path.client])
             argv += [netns_file, path.host, str(path.ports[ECHO_PORT])]
-        # Each path gets its own connection from its own pod; where the program starts is moot.
-        out = self.bench.run(paths[names[0]].client, argv, 60 + len(names) * 60)
+        # Each path gets its own connections from its own pod; where the program starts is moot.
+        out = self.bench.run(paths[names[0]].client, argv, 120 + len(names) * 120)
         results = json.loads(out)["paths"]
         if len(results) != len(names):
             raise BenchError(f"netbench answered for {len(results)} paths, asked {len(names)}")
-        return {
-            name: {"p50_us": float(doc["p50_us"]), "p99_us": float(doc["p99_us"])}
-            for name, doc in zip(names, results, strict=True)
-        }
-
-    def measure_conn_rate(self, path: Path) -> dict[str, float]:
-        argv = [self.netbench, "r", path.host, str(path.ports[ECHO_PORT])]
-        out = self.bench.run(path.client, [*argv, str(self.settings.new_connections)], 300)
-        doc = json.loads(out)
-        return {
-            "conn_errors": float(doc["errors"]),
-            "conns_per_s": float(doc["conns_per_s"]),
-            "connect_p50_us": float(doc["p50_us"]),
-            "connect_p99_us": float(doc["p99_us"]),
-        }
+        return dict(zip(names, results, strict=True))
 
     def measure_held_connections(self) -> dict[str, float]:
         """ztunnel RSS growth per connection while N cross-node connections are held open."""

@@ -8,6 +8,10 @@
  *                            connection per path, dialled from network namespace file NETNS;
  *                            1,000 warm-up round trips each, then BLOCK timed round trips per
  *                            path in turn until each has N. Prints {"paths": [...]} in order.
+ *   netbench c N BLOCK NETNS HOST PORT [NETNS HOST PORT ...]
+ *                            `r` on several paths, interleaved the same way: 100 warm-up
+ *                            connections each, then BLOCK per path in turn until each has N;
+ *                            a path's rate is its connections over the time of its own turns
  *   netbench r HOST PORT N   N new connections one after another: connect, 1-byte echo, close
  *   netbench h HOST PORT N   open N connections (each proven by a 1-byte echo), print
  *                            "ready N", hold them until stdin closes or sends a line
@@ -107,48 +111,97 @@ static void report(const char *head, long *d, int n, int errors) {
          head, n, errors, n ? d[n / 2] / 1e3 : 0.0, n ? d[(int)(n * 0.99)] / 1e3 : 0.0,
          n ? sum / n / 1e3 : 0.0);
 }
-/* Dial HOST:PORT from inside the network namespace file `ns`; the socket stays in it. */
-static int dial_in(const char *ns, const char *host, int port) {
-  int fd = open(ns, O_RDONLY | O_CLOEXEC);
-  if (fd < 0 || setns(fd, CLONE_NEWNET) != 0) {
-    fprintf(stderr, "%s: %s\n", ns, strerror(errno));
-    if (fd >= 0) close(fd);
-    return -1;
-  }
-  close(fd);
-  int s = dial(host, port);
-  if (s < 0) fprintf(stderr, "connect %s:%d in %s: %s\n", host, port, ns, strerror(errno));
-  return s;
+/* One path of an interleaved run: where to dial from and to, and what it measured. */
+struct path {
+  int ns; /* network namespace file, open */
+  const char *name, *host;
+  int port, sock, ok, errors;
+  long spent, *d;
+};
+static int enter(struct path *p) {
+  if (setns(p->ns, CLONE_NEWNET) == 0) return 0;
+  fprintf(stderr, "%s: setns: %s\n", p->name, strerror(errno));
+  return -1;
 }
-/* Interleaved ping-pong: a slow spell of the machine lands on every path alike. */
-static int interleaved(int n, int block, int paths, char **spec) {
-  int *socks = malloc(sizeof(int) * (size_t)paths);
-  long **d = malloc(sizeof(long *) * (size_t)paths);
-  for (int p = 0; p < paths; p++) {
-    socks[p] = dial_in(spec[3 * p], spec[3 * p + 1], atoi(spec[3 * p + 2]));
-    if (socks[p] < 0) return 1;
-    d[p] = malloc(sizeof(long) * (size_t)n);
+/* Ping-pong on every path over one connection each, BLOCK round trips per turn. */
+static int pingpong_turn(struct path *p, int k) {
+  for (int i = 0; i < k; i++) {
+    long t0 = now_ns();
+    if (echo1(p->sock) != 0) {
+      fprintf(stderr, "%s %s:%d round trip %d: %s\n", p->name, p->host, p->port, p->ok,
+              errno ? strerror(errno) : "closed by peer");
+      return -1;
+    }
+    p->d[p->ok++] = now_ns() - t0;
   }
-  for (int p = 0; p < paths; p++)
-    for (int i = 0; i < 1000; i++)
-      if (echo1(socks[p]) != 0) { fprintf(stderr, "path %d: warm-up failed\n", p); return 1; }
+  return 0;
+}
+/* New connections (connect, 1-byte echo, close), BLOCK per turn; failures are counted. */
+static int connect_turn(struct path *p, int k) {
+  if (enter(p) != 0) return -1;
+  long start = now_ns();
+  for (int i = 0; i < k; i++) {
+    long t0 = now_ns();
+    errno = 0;
+    int s = dial(p->host, p->port);
+    if (s < 0 || echo1(s) != 0) {
+      if (p->errors++ < 5)
+        fprintf(stderr, "%s %s:%d connection: %s %s\n", p->name, p->host, p->port,
+                s < 0 ? "connect" : "echo", errno ? strerror(errno) : "closed by peer");
+      if (s >= 0) close(s);
+      continue;
+    }
+    p->d[p->ok++] = now_ns() - t0;
+    close(s);
+  }
+  p->spent += now_ns() - start;
+  return 0;
+}
+/* Interleaved: a slow spell of the machine lands on every path alike. */
+static int interleaved(char mode, int n, int block, int count, char **spec) {
+  struct path *paths = calloc((size_t)count, sizeof(struct path));
+  for (int i = 0; i < count; i++) {
+    struct path *p = &paths[i];
+    p->name = spec[3 * i];
+    p->host = spec[3 * i + 1];
+    p->port = atoi(spec[3 * i + 2]);
+    p->d = malloc(sizeof(long) * (size_t)(n > 1000 ? n : 1000)); /* warm-up fits too */
+    p->ns = open(p->name, O_RDONLY | O_CLOEXEC);
+    if (p->ns < 0) { fprintf(stderr, "%s: %s\n", p->name, strerror(errno)); return 1; }
+  }
+  for (int i = 0; i < count; i++) {
+    struct path *p = &paths[i];
+    if (enter(p) != 0) return 1;
+    if (mode == 'i') {
+      p->sock = dial(p->host, p->port);
+      if (p->sock < 0) {
+        fprintf(stderr, "%s: connect %s:%d: %s\n", p->name, p->host, p->port, strerror(errno));
+        return 1;
+      }
+    }
+  }
+  /* Warm-up, not timed: 1,000 round trips, or 100 connections, per path. */
+  for (int i = 0; i < count; i++) {
+    struct path *p = &paths[i];
+    if (mode == 'i' ? pingpong_turn(p, 1000) : connect_turn(p, 100)) return 1;
+    if (mode == 'c' && p->ok == 0) { fprintf(stderr, "%s: no connection worked\n", p->name); return 1; }
+    p->ok = p->errors = 0;
+    p->spent = 0;
+  }
   for (int done = 0; done < n; done += block) {
     int k = n - done < block ? n - done : block;
-    for (int p = 0; p < paths; p++)
-      for (int i = done; i < done + k; i++) {
-        long t0 = now_ns();
-        if (echo1(socks[p]) != 0) {
-          fprintf(stderr, "path %d round trip %d: %s\n", p, i,
-                  errno ? strerror(errno) : "closed by peer");
-          return 1;
-        }
-        d[p][i] = now_ns() - t0;
-      }
+    for (int i = 0; i < count; i++)
+      if (mode == 'i' ? pingpong_turn(&paths[i], k) : connect_turn(&paths[i], k)) return 1;
   }
   printf("{\"paths\": [");
-  for (int p = 0; p < paths; p++) {
-    if (p) printf(", ");
-    report("", d[p], n, 0);
+  for (int i = 0; i < count; i++) {
+    struct path *p = &paths[i];
+    char head[128] = "";
+    if (mode == 'c')
+      snprintf(head, sizeof head, "\"conns_per_s\": %.1f, \"seconds\": %.3f, ",
+               p->spent ? p->ok / (p->spent / 1e9) : 0.0, p->spent / 1e9);
+    if (i) printf(", ");
+    report(head, p->d, p->ok, p->errors);
   }
   printf("]}\n");
   return 0;
@@ -156,13 +209,13 @@ static int interleaved(int n, int block, int paths, char **spec) {
 int main(int argc, char **argv) {
   raise_nofile();
   if (argc == 3 && argv[1][0] == 's') return serve(atoi(argv[2]));
-  if (argc >= 7 && (argc - 4) % 3 == 0 && argv[1][0] == 'i') {
+  if (argc >= 7 && (argc - 4) % 3 == 0 && (argv[1][0] == 'i' || argv[1][0] == 'c')) {
     int n = atoi(argv[2]), block = atoi(argv[3]);
     if (n < 1 || block < 1) { fprintf(stderr, "N and BLOCK must be positive\n"); return 2; }
-    return interleaved(n, block, (argc - 4) / 3, argv + 4);
+    return interleaved(argv[1][0], n, block, (argc - 4) / 3, argv + 4);
   }
-  if (argc != 5) { 
-    fprintf(stderr, "usage: netbench s PORT | p|r|h HOST PORT N | i N BLOCK (NETNS HOST PORT)...\n");
+  if (argc != 5) {
+    fprintf(stderr, "usage: netbench s PORT | p|r|h HOST PORT N | i|c N BLOCK (NETNS HOST PORT)...\n");
     return 2;
   }
   const char *host = argv[2];

@@ -102,6 +102,23 @@ def test_paths_are_measured_in_turn_each_from_its_own_namespace(
     assert runs(echo_a.order) == expected
 
 
+def test_connection_rates_are_measured_in_turn_each_from_its_own_namespace(
+    netbench: str, echoes: dict[str, tuple[str, Echo]]
+) -> None:
+    (path_a, echo_a), (path_b, echo_b) = echoes["a"], echoes["b"]
+    argv = [netbench, "c", "30", "20", path_a, "127.0.0.1", str(PORT)]
+    argv += [path_b, "127.0.0.1", str(PORT)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+
+    paths = json.loads(done.stdout)["paths"]
+    assert [(p["count"], p["errors"]) for p in paths] == [(30, 0), (30, 0)]
+    assert all(p["conns_per_s"] > 0 and 0 < p["p50_us"] <= p["p99_us"] for p in paths)
+    # One connection per echo: 100 warm-up each, then blocks of 20 in turn, the last one short.
+    assert (echo_a.connections, echo_b.connections) == (130, 130)
+    expected = [("a", 100), ("b", 100), ("a", 20), ("b", 20), ("a", 10), ("b", 10)]
+    assert runs(echo_a.order) == expected
+
+
 def test_a_missing_namespace_is_named_and_nothing_is_measured(
     netbench: str, echoes: dict[str, tuple[str, Echo]]
 ) -> None:
