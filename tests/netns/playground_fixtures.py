@@ -229,6 +229,10 @@ class Playground:
             return "\n".join(self.logs(component, node).splitlines()[-30:])
         return ""
 
+    def log_tails(self, node: str, *components: str) -> str:
+        """The last lines of each of `node`'s `components`' logs, for a failure message."""
+        return "".join(f"\n{c} log tail ({node}):\n{self._tail(c, node)}" for c in components)
+
 
 @contextlib.contextmanager
 def started(pg: Playground) -> Iterator[Playground]:
