@@ -84,18 +84,27 @@ def runs(order: list[str]) -> list[tuple[str, int]]:
     return out
 
 
+def run_both(
+    netbench: str, echoes: dict[str, tuple[str, Echo]], mode: str, count: int, block: int
+) -> list[dict[str, float]]:
+    """`netbench MODE COUNT BLOCK` over both echoes; each path's figures, checked for count."""
+    argv = [netbench, mode, str(count), str(block)]
+    for name in ("a", "b"):
+        # Both servers listen on 127.0.0.1:7000: only a dial from inside each namespace reaches it.
+        argv += [echoes[name][0], "127.0.0.1", str(PORT)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    paths: list[dict[str, float]] = json.loads(done.stdout)["paths"]
+    assert [(p["count"], p["errors"]) for p in paths] == [(count, 0), (count, 0)]
+    assert all(0 < p["p50_us"] <= p["p99_us"] for p in paths)
+    return paths
+
+
 def test_paths_are_measured_in_turn_each_from_its_own_namespace(
     netbench: str, echoes: dict[str, tuple[str, Echo]]
 ) -> None:
-    (path_a, echo_a), (path_b, echo_b) = echoes["a"], echoes["b"]
-    # Both servers listen on 127.0.0.1:7000: only a dial from inside each namespace reaches it.
-    argv = [netbench, "i", "250", "100", path_a, "127.0.0.1", str(PORT)]
-    argv += [path_b, "127.0.0.1", str(PORT)]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    run_both(netbench, echoes, "i", 250, 100)
 
-    paths = json.loads(done.stdout)["paths"]
-    assert [(p["count"], p["errors"]) for p in paths] == [(250, 0), (250, 0)]
-    assert all(0 < p["p50_us"] <= p["p99_us"] for p in paths)
+    echo_a, echo_b = echoes["a"][1], echoes["b"][1]
     assert (echo_a.connections, echo_b.connections) == (1, 1)
     # 1,000 warm-up round trips each, then blocks of 100 in turn, the last one short.
     expected = [("a", 1000), ("b", 1000)] + [("a", 100), ("b", 100)] * 2 + [("a", 50), ("b", 50)]
@@ -105,14 +114,10 @@ def test_paths_are_measured_in_turn_each_from_its_own_namespace(
 def test_connection_rates_are_measured_in_turn_each_from_its_own_namespace(
     netbench: str, echoes: dict[str, tuple[str, Echo]]
 ) -> None:
-    (path_a, echo_a), (path_b, echo_b) = echoes["a"], echoes["b"]
-    argv = [netbench, "c", "30", "20", path_a, "127.0.0.1", str(PORT)]
-    argv += [path_b, "127.0.0.1", str(PORT)]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    paths = run_both(netbench, echoes, "c", 30, 20)
 
-    paths = json.loads(done.stdout)["paths"]
-    assert [(p["count"], p["errors"]) for p in paths] == [(30, 0), (30, 0)]
-    assert all(p["conns_per_s"] > 0 and 0 < p["p50_us"] <= p["p99_us"] for p in paths)
+    assert all(p["conns_per_s"] > 0 for p in paths)
+    echo_a, echo_b = echoes["a"][1], echoes["b"][1]
     # One connection per echo: 100 warm-up each, then blocks of 20 in turn, the last one short.
     assert (echo_a.connections, echo_b.connections) == (130, 130)
     expected = [("a", 100), ("b", 100), ("a", 20), ("b", 20), ("a", 10), ("b", 10)]
