@@ -428,7 +428,10 @@ class DataPath:
     def _interleaved(
         self, mode: str, count: int, block: int, paths: Mapping[str, Path]
     ) -> dict[str, dict[str, float]]:
-        """`netbench i|c` over all `paths`, each dialled from its own pod's namespace."""
+        """`netbench i|c` over all `paths`, each dialled from its own pod's namespace.
+
+        A path that fails outright (a broken ping-pong, no connection at all in the warm-up)
+        ends the whole step for this repetition; netbench's error names its namespace file."""
         names = list(paths)
         argv = [self.netbench, mode, str(count), str(block)]
         for name in names:
