@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -21,6 +22,24 @@ def _client() -> socket.socket:
     sock = socket.socket()
     sock.setblocking(False)
     return sock
+
+
+@contextlib.contextmanager
+def _full_backlog() -> Iterator[tuple[socket.socket, tuple[str, int], list[socket.socket]]]:
+    """A listener whose backlog is full (listener, address, the filler clients): it holds the
+    SYN of any further connect, which stays in progress."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        address = server.getsockname()
+        fillers = [_client() for _ in range(4)]
+        try:
+            for f in fillers:
+                f.connect_ex(address)
+            yield server, address, fillers
+        finally:
+            for f in fillers:
+                f.close()
 
 
 @pytest.mark.parametrize("run", RUNNERS, ids=["uvloop", "asyncio"])
@@ -70,26 +89,14 @@ def test_failed_connect_stops_watching_the_socket() -> None:
 
 def test_cancelled_connect_stops_watching_the_socket() -> None:
     async def main() -> None:
-        # A listener whose backlog is full holds the SYN: the connect stays in progress.
-        with socket.socket() as server:
-            server.bind(("127.0.0.1", 0))
-            server.listen(0)
-            address = server.getsockname()
-            fillers = [_client() for _ in range(4)]
-            try:
-                for f in fillers:
-                    f.connect_ex(address)
-                with _client() as sock:
-                    task = asyncio.ensure_future(sockets.connect(sock, address))
-                    await asyncio.sleep(0)
-                    assert not task.done()  # the SYN waits: the listener's queue is full
-                    task.cancel()
-                    with pytest.raises(asyncio.CancelledError):
-                        await task
-                    assert asyncio.get_running_loop().remove_writer(sock.fileno()) is False
-            finally:
-                for f in fillers:
-                    f.close()
+        with _full_backlog() as (_, address, _), _client() as sock:
+            task = asyncio.ensure_future(sockets.connect(sock, address))
+            await asyncio.sleep(0)
+            assert not task.done()  # the SYN waits: the listener's queue is full
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert asyncio.get_running_loop().remove_writer(sock.fileno()) is False
 
     asyncio.run(main())
 
@@ -112,34 +119,23 @@ def test_refusal_within_the_call_raises_at_once() -> None:
 
 def test_pending_connect_is_left_to_finish_connect() -> None:
     async def main() -> None:
-        # A full backlog holds the SYN: the connect stays pending until the listener accepts.
-        with socket.socket() as server:
-            server.bind(("127.0.0.1", 0))
-            server.listen(0)
-            address = server.getsockname()
-            fillers = [_client() for _ in range(4)]
-            try:
-                for f in fillers:
-                    f.connect_ex(address)
-                with _client() as sock:
-                    assert sockets.start_connect(sock, address) is False
-                    task = asyncio.ensure_future(sockets.finish_connect(sock))
-                    await asyncio.sleep(0)
-                    assert not task.done()
-                    for f in fillers:
-                        f.close()
-                    server.setblocking(False)
-                    loop = asyncio.get_running_loop()
-                    accepted = []
-                    async with asyncio.timeout(5):
-                        while not task.done():
-                            accepted.append((await loop.sock_accept(server))[0])
-                        await task
-                    for conn in accepted:
-                        conn.close()
-                    assert sock.getpeername() == address
-            finally:
-                for f in fillers:
-                    f.close()
+        # The connect stays pending until the listener accepts.
+        with _full_backlog() as (server, address, fillers), _client() as sock:
+            assert sockets.start_connect(sock, address) is False
+            task = asyncio.ensure_future(sockets.finish_connect(sock))
+            await asyncio.sleep(0)
+            assert not task.done()
+            for f in fillers:
+                f.close()
+            server.setblocking(False)
+            loop = asyncio.get_running_loop()
+            accepted = []
+            async with asyncio.timeout(5):
+                while not task.done():
+                    accepted.append((await loop.sock_accept(server))[0])
+                await task
+            for conn in accepted:
+                conn.close()
+            assert sock.getpeername() == address
 
     asyncio.run(main())
