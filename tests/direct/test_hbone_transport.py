@@ -141,6 +141,13 @@ class Harness:
             keepalive=keepalive,
         )
 
+    async def __aenter__(self) -> Harness:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def close(self) -> None:
         for srv in self.servers:
             srv.close()
@@ -203,8 +210,7 @@ def test_ten_megabytes_each_way_through_one_tunnel(mesh_ca: ca_mod.CertificateAu
         h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
         up = _pattern(10 << 20, b"up")
         h.backend_reply = _pattern(10 << 20, b"down")
-        await h.start()
-        try:
+        async with h:
             conn = await h.connect(workload_certs.issue(mesh_ca, CLIENT_ID), [SERVER_ID])
             assert conn.peer_identity == SERVER_ID
             status, got = await _tunnel_exchange(conn, f"127.0.0.1:{h.backend_port}", up)
@@ -212,8 +218,6 @@ def test_ten_megabytes_each_way_through_one_tunnel(mesh_ca: ca_mod.CertificateAu
             assert hashlib.sha256(got).hexdigest() == hashlib.sha256(h.backend_reply).hexdigest()
             assert h.backend_received.hexdigest() == hashlib.sha256(up).hexdigest()
             conn.close()
-        finally:
-            await h.close()
 
     _run(main)
 
@@ -222,8 +226,7 @@ def test_many_concurrent_tunnels_share_one_connection(mesh_ca: ca_mod.Certificat
     async def main() -> None:
         h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
         h.backend_reply = b"pong"
-        await h.start()
-        try:
+        async with h:
             conn = await h.connect(workload_certs.issue(mesh_ca, CLIENT_ID), [SERVER_ID])
             results = await asyncio.gather(
                 *(
@@ -234,8 +237,6 @@ def test_many_concurrent_tunnels_share_one_connection(mesh_ca: ca_mod.Certificat
             assert all(r == (200, b"pong") for r in results)
             assert not conn.streams  # every finished stream was forgotten
             conn.close()
-        finally:
-            await h.close()
 
     _run(main)
 
@@ -243,15 +244,12 @@ def test_many_concurrent_tunnels_share_one_connection(mesh_ca: ca_mod.Certificat
 def test_rejected_tunnel_reports_status(mesh_ca: ca_mod.CertificateAuthority) -> None:
     async def main() -> None:
         h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
-        await h.start()
-        try:
+        async with h:
             conn = await h.connect(workload_certs.issue(mesh_ca, CLIENT_ID), [SERVER_ID])
             status, _ = await _tunnel_exchange(conn, "127.0.0.1:1", b"x")
             assert status == 400
             assert conn.is_usable  # a rejected stream does not spoil the connection
             conn.close()
-        finally:
-            await h.close()
 
     _run(main)
 
@@ -287,8 +285,7 @@ def test_optimistic_data_reaches_the_backend_once_accepted(
     async def main() -> None:
         h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
         h.backend_reply = b"pong"
-        await h.start()
-        try:
+        async with h:
             conn = await h.connect(workload_certs.issue(mesh_ca, CLIENT_ID), [SERVER_ID])
             up = _pattern(100_000, b"early")
             link, status, got = await _optimistic_exchange(conn, f"127.0.0.1:{h.backend_port}", up)
@@ -296,8 +293,6 @@ def test_optimistic_data_reaches_the_backend_once_accepted(
             assert h.backend_received.hexdigest() == hashlib.sha256(up).hexdigest()
             assert link.received == [len(up), 4]
             conn.close()
-        finally:
-            await h.close()
 
     _run(main)
 
@@ -307,8 +302,7 @@ def test_a_refusal_ends_a_relay_that_started_before_the_answer(
 ) -> None:
     async def main() -> None:
         h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
-        await h.start()
-        try:
+        async with h:
             conn = await h.connect(workload_certs.issue(mesh_ca, CLIENT_ID), [SERVER_ID])
             link, status, got = await _optimistic_exchange(conn, "127.0.0.1:1", b"secret")
             assert (status, got) == (400, b"")
@@ -317,8 +311,6 @@ def test_a_refusal_ends_a_relay_that_started_before_the_answer(
             assert not conn.streams
             assert conn.is_usable
             conn.close()
-        finally:
-            await h.close()
 
     _run(main)
 
@@ -326,15 +318,12 @@ def test_a_refusal_ends_a_relay_that_started_before_the_answer(
 def test_unexpected_server_identity_is_refused(mesh_ca: ca_mod.CertificateAuthority) -> None:
     async def main() -> None:
         h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
-        await h.start()
-        try:
+        async with h:
             other = spiffe.SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/other")
             with pytest.raises(hbone.HboneConnectError) as err:
                 await h.connect(workload_certs.issue(mesh_ca, CLIENT_ID), [other])
             assert err.value.flag == "IDENTITY_ERROR"
             assert "sa/server" in str(err.value)
-        finally:
-            await h.close()
 
     _run(main)
 
@@ -342,21 +331,20 @@ def test_unexpected_server_identity_is_refused(mesh_ca: ca_mod.CertificateAuthor
 def test_client_from_another_ca_never_gets_a_tunnel(mesh_ca: ca_mod.CertificateAuthority) -> None:
     async def main() -> None:
         h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
-        await h.start()
-        rogue_ca = ca_mod.CertificateAuthority.generate("cluster.local", now=NOW)
-        rogue = workload_certs.issue(rogue_ca, CLIENT_ID)
-        # The rogue client trusts our root so its own handshake completes (TLS 1.3 gotcha:
-        # the refusal only shows up afterwards), and must still never get a 200.
-        rogue = certs.WorkloadCertificate(
-            identity=rogue.identity,
-            chain_pem=rogue.chain_pem,
-            root_pem=mesh_ca.root_pem,
-            key=rogue.key,
-            not_before=rogue.not_before,
-            not_after=rogue.not_after,
-            serial_number=rogue.serial_number,
-        )
-        try:
+        async with h:
+            rogue_ca = ca_mod.CertificateAuthority.generate("cluster.local", now=NOW)
+            rogue = workload_certs.issue(rogue_ca, CLIENT_ID)
+            # The rogue client trusts our root so its own handshake completes (TLS 1.3 gotcha:
+            # the refusal only shows up afterwards), and must still never get a 200.
+            rogue = certs.WorkloadCertificate(
+                identity=rogue.identity,
+                chain_pem=rogue.chain_pem,
+                root_pem=mesh_ca.root_pem,
+                key=rogue.key,
+                not_before=rogue.not_before,
+                not_after=rogue.not_after,
+                serial_number=rogue.serial_number,
+            )
             try:
                 conn = await h.connect(rogue, [SERVER_ID])
             except hbone.HboneConnectError:
@@ -367,8 +355,6 @@ def test_client_from_another_ca_never_gets_a_tunnel(mesh_ca: ca_mod.CertificateA
                 await asyncio.wait_for(conn.closed, 5)
             assert h.backend_received.hexdigest() == hashlib.sha256(b"").hexdigest()
             assert h.handshake_errors, "the server must have refused the handshake"
-        finally:
-            await h.close()
 
     _run(main)
 
@@ -382,51 +368,51 @@ def test_client_hello_waiting_before_the_accept_is_not_lost(
 
     async def main() -> None:
         h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
-        await h.start()
-        loop = asyncio.get_running_loop()
-        # Take over accepting, so this test decides when the server sees the connection.
-        listener = socket.create_server(("127.0.0.1", 0))
-        listener.setblocking(False)
-        port = listener.getsockname()[1]
-        client_sock = socket.socket()
-        client_sock.setblocking(False)
-        try:
-            await loop.sock_connect(client_sock, ("127.0.0.1", port))
-            client = asyncio.ensure_future(
-                hbone.connect(
-                    client_sock,
-                    context=tls.client_context(workload_certs.issue(mesh_ca, CLIENT_ID)),
-                    expected=[SERVER_ID],
-                    timeout=5,
-                )
-            )
-            server_sock, _ = await loop.sock_accept(listener)
-            # Wait until the ClientHello sits unread in the accepted socket.
-            ready: asyncio.Future[None] = loop.create_future()
-
-            def readable() -> None:
-                if not ready.done():
-                    ready.set_result(None)
-
-            loop.add_reader(server_sock.fileno(), readable)
+        async with h:
+            loop = asyncio.get_running_loop()
+            # Take over accepting, so this test decides when the server sees the connection.
+            listener = socket.create_server(("127.0.0.1", 0))
+            listener.setblocking(False)
+            port = listener.getsockname()[1]
+            client_sock = socket.socket()
+            client_sock.setblocking(False)
             try:
-                await asyncio.wait_for(ready, 5)
+                await loop.sock_connect(client_sock, ("127.0.0.1", port))
+                client = asyncio.ensure_future(
+                    hbone.connect(
+                        client_sock,
+                        context=tls.client_context(workload_certs.issue(mesh_ca, CLIENT_ID)),
+                        expected=[SERVER_ID],
+                        timeout=5,
+                    )
+                )
+                server_sock, _ = await loop.sock_accept(listener)
+                # Wait until the ClientHello sits unread in the accepted socket.
+                ready: asyncio.Future[None] = loop.create_future()
+
+                def readable() -> None:
+                    if not ready.done():
+                        ready.set_result(None)
+
+                loop.add_reader(server_sock.fileno(), readable)
+                try:
+                    await asyncio.wait_for(ready, 5)
+                finally:
+                    loop.remove_reader(server_sock.fileno())
+                h._spawn(h.serve_socket(server_sock))
+                conn = await asyncio.wait_for(client, 5)
+                assert conn.peer_identity == SERVER_ID
+                payload = b"arrived early" * 1000
+                h.backend_reply = b"seen"
+                backend = f"127.0.0.1:{h.backend_port}"
+                status, echoed = await _tunnel_exchange(conn, backend, payload)
+                assert echoed == b"seen"
+                assert status == 200
+                assert h.backend_received.hexdigest() == hashlib.sha256(payload).hexdigest()
+                assert h.handshake_errors == []
+                conn.close()
             finally:
-                loop.remove_reader(server_sock.fileno())
-            h._spawn(h.serve_socket(server_sock))
-            conn = await asyncio.wait_for(client, 5)
-            assert conn.peer_identity == SERVER_ID
-            payload = b"arrived early" * 1000
-            h.backend_reply = b"seen"
-            status, echoed = await _tunnel_exchange(conn, f"127.0.0.1:{h.backend_port}", payload)
-            assert echoed == b"seen"
-            assert status == 200
-            assert h.backend_received.hexdigest() == hashlib.sha256(payload).hexdigest()
-            assert h.handshake_errors == []
-            conn.close()
-        finally:
-            listener.close()
-            await h.close()
+                listener.close()
 
     _run(main)
 
@@ -442,16 +428,13 @@ async def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None
 def test_keepalive_pings_are_acknowledged(mesh_ca: ca_mod.CertificateAuthority) -> None:
     async def main() -> None:
         h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
-        await h.start()
-        try:
+        async with h:
             conn = await h.connect(
                 workload_certs.issue(mesh_ca, CLIENT_ID), [SERVER_ID], keepalive=(0.02, 1.0)
             )
             await _wait_for(lambda: conn.pings_acknowledged >= 3)
             assert conn.is_usable
             conn.close()
-        finally:
-            await h.close()
 
     _run(main)
 
@@ -463,8 +446,7 @@ def test_keepalive_closes_a_connection_whose_peer_went_silent(
 
     async def main() -> None:
         h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
-        await h.start()
-        try:
+        async with h:
             conn = await h.connect(
                 workload_certs.issue(mesh_ca, CLIENT_ID), [SERVER_ID], keepalive=(0.02, 0.2)
             )
@@ -476,7 +458,5 @@ def test_keepalive_closes_a_connection_whose_peer_went_silent(
             assert conn.is_lost
             assert not conn.is_usable
             assert conn.keepalive_failure == "HBONE keepalive: no PING ACK within 0.2s"
-        finally:
-            await h.close()
 
     _run(main)
