@@ -2,17 +2,17 @@
  * under test are Python (method of /work/shared/reference/perf-baselines.md).
  *
  *   netbench s PORT          epoll echo server (one thread; holds 10,000+ connections)
- *   netbench p HOST PORT N   1-byte ping-pong: 1,000 warm-up round trips, then N timed
  *   netbench i N BLOCK NETNS HOST PORT [NETNS HOST PORT ...]
- *                            the same ping-pong on several paths at once, interleaved: one
- *                            connection per path, dialled from network namespace file NETNS;
- *                            1,000 warm-up round trips each, then BLOCK timed round trips per
- *                            path in turn until each has N. Prints {"paths": [...]} in order.
+ *                            1-byte ping-pong on one or more paths, interleaved: one
+ *                            connection per path, dialled from network namespace file NETNS
+ *                            (/proc/self/ns/net: where netbench runs); 1,000 warm-up round
+ *                            trips each, then BLOCK timed round trips per path in turn until
+ *                            each has N. Prints {"paths": [...]} in order.
  *   netbench c N BLOCK NETNS HOST PORT [NETNS HOST PORT ...]
- *                            `r` on several paths, interleaved the same way: 100 warm-up
- *                            connections each, then BLOCK per path in turn until each has N;
- *                            a path's rate is its connections over the time of its own turns
- *   netbench r HOST PORT N   N new connections one after another: connect, 1-byte echo, close
+ *                            new connections one after another (connect, 1-byte echo, close),
+ *                            interleaved the same way: 100 warm-up connections per path, then
+ *                            BLOCK per path in turn until each has N; failures are counted; a
+ *                            path's rate is its connections over the time of its own turns
  *   netbench h HOST PORT N   open N connections (each proven by a 1-byte echo), print
  *                            "ready N", hold them until stdin closes or sends a line
  * Clients print one JSON object on stdout.
@@ -215,50 +215,11 @@ int main(int argc, char **argv) {
     return interleaved(argv[1][0], n, block, (argc - 4) / 3, argv + 4);
   }
   if (argc != 5) {
-    fprintf(stderr, "usage: netbench s PORT | p|r|h HOST PORT N | i|c N BLOCK (NETNS HOST PORT)...\n");
+    fprintf(stderr, "usage: netbench s PORT | h HOST PORT N | i|c N BLOCK (NETNS HOST PORT)...\n");
     return 2;
   }
   const char *host = argv[2];
   int port = atoi(argv[3]), n = atoi(argv[4]);
-  long *d = malloc(sizeof(long) * (size_t)(n > 0 ? n : 1));
-  char head[128];
-  if (argv[1][0] == 'p') {
-    int s = dial(host, port);
-    if (s < 0) { perror("connect"); return 1; }
-    for (int i = 0; i < n + 1000; i++) {
-      long t0 = now_ns();
-      if (echo1(s) != 0) {
-        fprintf(stderr, "round trip %d: %s\n", i, errno ? strerror(errno) : "closed by peer");
-        return 1;
-      }
-      if (i >= 1000) d[i - 1000] = now_ns() - t0;
-    }
-    report("", d, n, 0);
-    return 0;
-  }
-  if (argv[1][0] == 'r') {
-    int ok = 0, errors = 0;
-    long start = now_ns();
-    for (int i = 0; i < n; i++) {
-      long t0 = now_ns();
-      errno = 0;
-      int s = dial(host, port);
-      if (s < 0 || echo1(s) != 0) {
-        /* Counted, not fatal: the rate is of connections that worked; errors are reported. */
-        if (errors++ < 5)
-          fprintf(stderr, "connection %d: %s %s\n", i, s < 0 ? "connect" : "echo",
-                  errno ? strerror(errno) : "closed by peer");
-        if (s >= 0) close(s);
-        continue;
-      }
-      d[ok++] = now_ns() - t0;
-      close(s);
-    }
-    double secs = (now_ns() - start) / 1e9;
-    snprintf(head, sizeof head, "\"conns_per_s\": %.1f, \"seconds\": %.3f, ", ok / secs, secs);
-    report(head, d, ok, errors);
-    return ok ? 0 : 1;
-  }
   if (argv[1][0] == 'h') {
     int *socks = malloc(sizeof(int) * (size_t)n);
     for (int i = 0; i < n; i++) {
