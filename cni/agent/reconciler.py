@@ -54,8 +54,6 @@ logger = logging.getLogger("cni.reconciler")
 
 INITIAL_RETRY = 0.5
 MAX_RETRY = 30.0
-# Fallback for noticing a new ztunnel connection: ZdsServer has no readiness callback (yet).
-ZTUNNEL_POLL_INTERVAL = 0.2
 # How long stopping waits for operations in flight before cancelling them.
 DRAIN_TIMEOUT = 5.0
 
@@ -96,6 +94,8 @@ class ZtunnelLink(Protocol):
     def is_connected(self) -> bool: ...
 
     async def wait_connected(self, timeout: float) -> None: ...
+
+    async def wait_disconnected(self) -> None: ...
 
     async def add_workload(self, uid: str, info: zds.WorkloadInfo, netns_path: str) -> None: ...
 
@@ -181,7 +181,6 @@ class Reconciler:
         dns_capture: bool = False,
         initial_retry: float = INITIAL_RETRY,
         max_retry: float = MAX_RETRY,
-        ztunnel_poll_interval: float = ZTUNNEL_POLL_INTERVAL,
         drain_timeout: float = DRAIN_TIMEOUT,
     ) -> None:
         self._node_name = node_name
@@ -193,7 +192,6 @@ class Reconciler:
         self._dns_capture = dns_capture
         self._initial_retry = initial_retry
         self._max_retry = max_retry
-        self._poll_interval = ztunnel_poll_interval
         self._drain_timeout = drain_timeout
         self._namespaces = informer.Informer(
             api, resources.NAMESPACES, handler=self._on_namespace_event
@@ -323,8 +321,7 @@ class Reconciler:
             except zds_server.ZtunnelTimeoutError:
                 continue
             self.on_ztunnel_ready()
-            while self._zds.is_connected:
-                await asyncio.sleep(self._poll_interval)
+            await self._zds.wait_disconnected()
 
     # -- CNI plugin events ---------------------------------------------------------------------
 

@@ -186,6 +186,8 @@ class ZdsServer:
         # Oldest first; only connections that have said Hello.
         self._conns: list[_Connection] = []
         self._connected = asyncio.Event()
+        self._disconnected = asyncio.Event()
+        self._disconnected.set()
         self._ids = itertools.count(1)
 
     @property
@@ -221,6 +223,10 @@ class ZdsServer:
                 await self._connected.wait()
         except TimeoutError:
             raise ZtunnelTimeoutError(f"no ztunnel connected within {timeout} s") from None
+
+    async def wait_disconnected(self) -> None:
+        """Return once no ztunnel is connected (at once if none is)."""
+        await self._disconnected.wait()
 
     async def add_workload(self, uid: str, info: zds.WorkloadInfo, netns_path: str) -> None:
         """Hand pod `uid` to the newest ztunnel and wait for its Ack (`ack_timeout`).
@@ -301,6 +307,7 @@ class ZdsServer:
             logger.info("ztunnel connected", extra=log.fields(conn=conn.id, version=hello.version))
             self._conns.append(conn)
             self._connected.set()
+            self._disconnected.clear()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(conn.read_acks(), name=f"zds-acks-{conn.id}")
                 await self._replay_snapshot(conn)
@@ -312,6 +319,7 @@ class ZdsServer:
                 self._conns.remove(conn)
             if not self.is_connected:
                 self._connected.clear()
+                self._disconnected.set()
 
     async def _replay_snapshot(self, conn: _Connection) -> None:
         try:

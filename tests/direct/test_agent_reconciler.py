@@ -170,7 +170,7 @@ class Env:
         table = captures.CaptureTable()
         zds_srv = zds_server.ZdsServer(self.zds_path, table.snapshot, ack_timeout=2.0)
         api = client.ApiClient(f"unix://{self.api_path}", timeout=DEADLINE)
-        options = {"ztunnel_poll_interval": 0.02, "drain_timeout": 2.0, **options}
+        options = {"drain_timeout": 2.0, **options}
         rec = reconciler.Reconciler(
             node_name=NODE,
             api=api,
@@ -676,6 +676,31 @@ def test_a_ztunnel_connecting_late_gets_the_pending_pods_enrolled(short_dir: str
                 lambda: env.is_captured(web1, ns1) and env.is_captured(web2, ns2),
                 "the late ztunnel gets both pods",
             )
+
+    run(main)
+
+
+def test_a_restarted_ztunnel_gets_the_pods_that_failed_while_it_was_away(
+    short_dir: str,
+) -> None:
+    async def main() -> None:
+        async with environment(short_dir) as env:
+            agent = await env.start_agent(initial_retry=600.0, max_retry=600.0)
+            await env.start_ztunnel()
+            await env.stop_ztunnel()
+            await asyncio.wait_for(agent.zds.wait_disconnected(), DEADLINE)
+            web1 = await env.pod("web-1")
+            ns1 = env.netns("web-1")
+            await agent.reconciler.on_add(env.add_event(web1, ns1))
+            await env.label_namespace("shop", dict(AMBIENT))
+            await wait_until(
+                lambda: agent.reconciler.find_retrying() == frozenset({objects.uid(web1)}),
+                "the pod failed while ztunnel was away",
+            )
+
+            # Only the reconnect can trigger the enroll: the backoff is far beyond the deadline.
+            await env.start_ztunnel()
+            await wait_until(lambda: env.is_captured(web1, ns1), "the restarted ztunnel has it")
 
     run(main)
 

@@ -220,7 +220,8 @@ def test_snapshot_is_replayed_to_every_new_connection(runner: Runner, sock_path:
             async with running_client(sock_path, first) as client:
                 await asyncio.wait_for(client.wait_ready(), DEADLINE)
             assert first.calls == expected
-            await wait_until(lambda: not server.is_connected)
+            await asyncio.wait_for(server.wait_disconnected(), DEADLINE)
+            assert not server.is_connected
             async with running_client(sock_path, second) as client:
                 await asyncio.wait_for(client.wait_ready(), DEADLINE)
                 assert second.calls == expected
@@ -243,6 +244,7 @@ def test_add_workload_without_ztunnel(runner: Runner, sock_path: str) -> None:
     async def main() -> None:
         async with running_server(sock_path) as server:
             assert not server.is_connected
+            await asyncio.wait_for(server.wait_disconnected(), DEADLINE)  # at once: none yet
             with pytest.raises(zds_server.NoZtunnelError, match=r"^no ztunnel connection$"):
                 await server.add_workload("uid-1", INFO, SELF_NETNS)
             with pytest.raises(zds_server.ZtunnelTimeoutError):
