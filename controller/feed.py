@@ -28,9 +28,10 @@ from meshcore.xds import traffic, types
 logger = logging.getLogger("controller.feed")
 
 # The kinds the translator reads, in the order that makes a first sync cheapest: pods last, so
-# each is built once, with its services and policy keys already known.
+# each is built once, with its services, policy keys and waypoint Gateways already known.
 TRANSLATED_KINDS = (
     resources.NAMESPACES,
+    resources.GATEWAYS,
     resources.SERVICES,
     resources.SERVICE_ENTRIES,
     policy_translate.AUTHORIZATION_POLICIES,

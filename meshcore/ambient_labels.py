@@ -11,6 +11,16 @@ USE_WAYPOINT = "istio.io/use-waypoint"
 USE_WAYPOINT_NAMESPACE = "istio.io/use-waypoint-namespace"
 # On a waypoint's Gateway: what traffic it is for (service, workload, all, none).
 WAYPOINT_FOR = "istio.io/waypoint-for"
+WAYPOINT_FOR_SERVICE = "service"  # the default: calls to its services' addresses
+WAYPOINT_FOR_WORKLOAD = "workload"  # calls to its pods' own addresses
+WAYPOINT_FOR_ALL = "all"
+WAYPOINT_FOR_NONE = "none"
+WAYPOINT_FOR_VALUES = (
+    WAYPOINT_FOR_ALL,
+    WAYPOINT_FOR_NONE,
+    WAYPOINT_FOR_SERVICE,
+    WAYPOINT_FOR_WORKLOAD,
+)
 # On every object made for a Gateway (Gateway API's own label).
 GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"
 # The gatewayClassName of a waypoint.

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TextIO
 
+from meshcore import ambient_labels
 from meshcore.kube import client as kube_client
 from meshcore.kube import errors as kube_errors
 from meshcore.kube import resources as kube_resources
@@ -129,6 +130,14 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help=f"label the namespace {waypoint.USE_WAYPOINT_LABEL}=NAME (default: yes)",
+    )
+    wp_apply.add_argument(
+        "--for",
+        dest="waypoint_for",
+        choices=ambient_labels.WAYPOINT_FOR_VALUES,
+        default=ambient_labels.WAYPOINT_FOR_SERVICE,
+        help="what traffic it serves: calls to service addresses (default), to pods' own IPs"
+        " (workload), all or none (its istio.io/waypoint-for)",
     )
     wp_apply.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True)
     wp_apply.add_argument("--timeout", type=float, default=120.0)
@@ -533,6 +542,7 @@ def cmd_waypoint(args: argparse.Namespace, io: commands.Streams) -> int:
             enroll_namespace=args.enroll_namespace,
             wait=args.wait,
             timeout=args.timeout,
+            waypoint_for=args.waypoint_for,
         )
 
     return run_with_api(args.state_dir, body)

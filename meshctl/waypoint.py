@@ -2,6 +2,7 @@
 
     meshctl waypoint apply -n shop            # Gateway "waypoint" + label the namespace, wait
     meshctl waypoint apply -n shop --name reviews-wp --no-enroll-namespace
+    meshctl waypoint apply -n shop --for all  # also calls to the pods' own IPs
     meshctl waypoint delete -n shop
 
 ``apply`` writes a Gateway of class ``istio-waypoint`` with Istio's HBONE listener (the
@@ -31,7 +32,9 @@ DEFAULT_NAME = "waypoint"
 _POLL = 0.25
 
 
-def build_gateway(name: str, namespace: str, waypoint_for: str = "service") -> dict[str, Any]:
+def build_gateway(
+    name: str, namespace: str, waypoint_for: str = ambient_labels.WAYPOINT_FOR_SERVICE
+) -> dict[str, Any]:
     return {
         "apiVersion": resources.GATEWAYS.api_version,
         "kind": resources.GATEWAYS.kind,
@@ -96,13 +99,14 @@ async def apply(
     enroll_namespace: bool,
     wait: bool,
     timeout: float,
+    waypoint_for: str = ambient_labels.WAYPOINT_FOR_SERVICE,
 ) -> int:
     try:
         await api.get(resources.NAMESPACES, namespace)
     except kube_errors.NotFoundError:
         raise errors.MeshctlError(f'namespace "{namespace}" not found') from None
     with api.collect_warnings() as warnings:
-        _, result = await api.apply(build_gateway(name, namespace))
+        _, result = await api.apply(build_gateway(name, namespace, waypoint_for))
     commands.print_warnings(warnings, io)
     print(f"waypoint {namespace}/{name} {result}", file=io.out)
     if wait:

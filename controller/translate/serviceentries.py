@@ -71,12 +71,21 @@ def _own_port(value: object, default: int) -> int:
 
 
 def build_services(
-    entry: KubeObject, *, namespace_labels: Mapping[str, str], domain: str
+    entry: KubeObject,
+    *,
+    namespace_labels: Mapping[str, str],
+    domain: str,
+    gateways: waypoints.GatewayTraffic | None = None,
 ) -> tuple[workload.Service, ...]:
     meta = entry.get("metadata") or {}
     namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
     waypoint = waypoints.find_waypoint(
-        meta.get("labels") or {}, namespace, namespace_labels, domain=domain
+        meta.get("labels") or {},
+        namespace,
+        namespace_labels,
+        domain=domain,
+        traffic=waypoints.SERVICE_TRAFFIC,
+        gateways=gateways or {},
     )
     ports = _port_mappings(entry)
     out = []

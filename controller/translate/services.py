@@ -33,9 +33,14 @@ class TranslateError(ValueError):
 
 
 def build_service(
-    svc: KubeObject, *, domain: str, namespace_labels: Mapping[str, str] | None = None
+    svc: KubeObject,
+    *,
+    domain: str,
+    namespace_labels: Mapping[str, str] | None = None,
+    gateways: waypoints.GatewayTraffic | None = None,
 ) -> workload.Service:
-    """The model Service; `namespace_labels` (its Namespace's) may name its waypoint."""
+    """The model Service; `namespace_labels` (its Namespace's) may name its waypoint, which
+    `gateways` (the known waypoint Gateways) may say is not for services."""
     namespace, name = object_key(svc)
     meta = svc.get("metadata") or {}
     spec = svc.get("spec") or {}
@@ -75,7 +80,12 @@ def build_service(
         addresses=tuple(addresses),
         ports=tuple(ports),
         waypoint=waypoints.find_waypoint(
-            meta.get("labels") or {}, namespace, namespace_labels or {}, domain=domain
+            meta.get("labels") or {},
+            namespace,
+            namespace_labels or {},
+            domain=domain,
+            traffic=waypoints.SERVICE_TRAFFIC,
+            gateways=gateways or {},
         ),
     )
 

@@ -12,13 +12,20 @@ Invariants:
   recomputes the pods of the namespaces `PolicyUpdate.namespaces` names, a Pod event its pod.
 - Services and workloads are built with the current labels of their Namespace (which may name
   their waypoint): a Namespace event whose waypoint labels changed recomputes that namespace's
-  services and pods. Namespaces come first in a full sync, so nothing is built twice.
+  services, ServiceEntries and pods. Namespaces come first in a full sync, so nothing is built
+  twice.
+- They are also built with what every known Gateway is a waypoint for (`_gateways`): a Gateway
+  event that changes that (or adds or removes the Gateway) recomputes every service, ServiceEntry
+  and pod, since any of them may name it across namespaces; other Gateway events (status, spec)
+  change nothing. Gateways come right after Namespaces in a full sync.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+from collections.abc import Callable
 
 from controller.translate import policies as policy_translate
 from controller.translate import serviceentries as entry_translate
@@ -74,6 +81,7 @@ class Translator:
             collections.defaultdict(dict)
         )
         self._namespace_labels: dict[str, dict[str, str]] = {}
+        self._gateways: dict[_Key, str] = {}  # what each Gateway is a waypoint for
         self._workloads: dict[_Key, workload.Workload] = {}
         # ServiceEntries, and the services (one per host) and endpoints each became.
         self._entries: dict[_Key, svc_translate.KubeObject] = {}
@@ -100,6 +108,8 @@ class Translator:
                 return self._apply_service(obj, deleted=deleted)
             case "Namespace":
                 return self._apply_namespace(obj, deleted=deleted)
+            case "Gateway":
+                return self._apply_gateway(obj, deleted=deleted)
             case entry_translate.KIND:
                 return self._apply_service_entry(obj, deleted=deleted)
             case policy_translate.AUTHORIZATION_POLICY:
@@ -178,6 +188,8 @@ class Translator:
                         cluster_id=self._cluster_id,
                         domain=self._domain,
                         authorization_policies=self._policies.find_keys(key[0], labels),
+                        namespace_labels=self._namespace_labels.get(key[0]),
+                        gateways=self._gateways,
                     )
                 except svc_translate.TranslateError as exc:
                     errors.append(str(exc))  # left out until a later event fixes it
@@ -236,16 +248,24 @@ class Translator:
     def _build_service(self, svc: svc_translate.KubeObject) -> workload.Service:
         namespace, _ = svc_translate.object_key(svc)
         return svc_translate.build_service(
-            svc, domain=self._domain, namespace_labels=self._namespace_labels.get(namespace)
+            svc,
+            domain=self._domain,
+            namespace_labels=self._namespace_labels.get(namespace),
+            gateways=self._gateways,
         )
 
-    def _refresh_services(self, namespace: str) -> tuple[workload.Service, ...]:
-        """Rebuild the services of `namespace`; those that differ from before.
+    def _refresh_services(
+        self, namespace: str, which: Callable[[svc_translate.KubeObject], bool]
+    ) -> tuple[workload.Service, ...]:
+        """Rebuild the services of `namespace` for which `which` is true; those that differ
+        from before.
 
-        Only services that translated before are here, and what a Namespace changes (the
-        waypoint) cannot make one fail, so nothing is added or removed."""
+        Only services that translated before are here, and what a Namespace or Gateway changes
+        (the waypoint) cannot make one fail, so nothing is added or removed."""
         changed = []
         for name, svc in sorted(self._services_by_namespace.get(namespace, {}).items()):
+            if not which(svc):
+                continue
             new = self._build_service(svc)
             if new != self._services.get((namespace, name)):
                 self._services[(namespace, name)] = new
@@ -274,6 +294,7 @@ class Translator:
                     entry,
                     namespace_labels=self._namespace_labels.get(key[0]) or {},
                     domain=self._domain,
+                    gateways=self._gateways,
                 )
                 endpoints = entry_translate.build_endpoints(
                     entry, services, cluster_id=self._cluster_id
@@ -318,6 +339,74 @@ class Translator:
             errors=(*update.errors, *result.errors),
         )
 
+    # --- waypoints ---
+
+    def _apply_gateway(self, gateway: svc_translate.KubeObject, *, deleted: bool) -> Changes:
+        key = svc_translate.object_key(gateway)
+        before = self._gateways.get(key)
+        if deleted:
+            self._gateways.pop(key, None)
+        else:
+            self._gateways[key] = waypoints.traffic_of(gateway)
+        if self._gateways.get(key) == before:
+            return Changes()
+        namespaces = {
+            *self._namespace_labels,
+            *self._services_by_namespace,
+            *self._pods_by_namespace,
+            *(k[0] for k in self._entries),
+        }
+        return self._refresh_waypoints(sorted(namespaces), naming=key)
+
+    def _refresh_waypoints(self, namespaces: list[str], *, naming: _Key | None = None) -> Changes:
+        """Rebuild what may have a waypoint in `namespaces` (services, ServiceEntries, pods);
+        with `naming`, only the objects that name that waypoint."""
+        wanted = set(namespaces)
+
+        def names_it(namespace: str, obj: svc_translate.KubeObject) -> bool:
+            if naming is None:
+                return True
+            labels = (obj.get("metadata") or {}).get("labels") or {}
+            ns_labels = self._namespace_labels.get(namespace) or {}
+            return waypoints.named_waypoint(labels, namespace, ns_labels) == naming
+
+        entries = [
+            self._refresh_entry(k)
+            for k in sorted(self._entries)
+            if k[0] in wanted and names_it(k[0], self._entries[k])
+        ]
+        pods = self._refresh_pods(
+            sorted(
+                (ns, name)
+                for ns in namespaces
+                for name in self._pods_by_namespace.get(ns, ())
+                if names_it(ns, self._pods[(ns, name)])
+            )
+        )
+        services = [
+            s
+            for ns in namespaces
+            for s in self._refresh_services(ns, functools.partial(names_it, ns))
+        ]
+        return Changes(
+            workloads=tuple(
+                sorted(
+                    [*pods.workloads, *(w for c in entries for w in c.workloads)],
+                    key=lambda w: w.uid,
+                )
+            ),
+            removed_workloads=tuple(
+                sorted(
+                    [*pods.removed_workloads, *(u for c in entries for u in c.removed_workloads)]
+                )
+            ),
+            services=tuple(
+                sorted([*services, *(s for c in entries for s in c.services)], key=lambda s: s.key)
+            ),
+            removed_services=tuple(sorted(k for c in entries for k in c.removed_services)),
+            errors=(*pods.errors, *(e for c in entries for e in c.errors)),
+        )
+
     # --- namespaces ---
 
     def _apply_namespace(self, ns: svc_translate.KubeObject, *, deleted: bool) -> Changes:
@@ -329,19 +418,7 @@ class Translator:
             self._namespace_labels[namespace] = labels
             if waypoints.waypoint_labels(labels) == before:
                 return Changes()
-            # Only services (and ServiceEntries) take a waypoint from their namespace.
-            entries = [self._refresh_entry(k) for k in sorted(self._entries) if k[0] == namespace]
-            return Changes(
-                services=tuple(
-                    sorted(
-                        [
-                            *self._refresh_services(namespace),
-                            *(s for c in entries for s in c.services),
-                        ],
-                        key=lambda s: s.key,
-                    )
-                )
-            )
+            return self._refresh_waypoints([namespace])
         self._namespace_labels.pop(namespace, None)
         # Kubernetes deletes a namespace's pods and services (with their own events) before the
         # namespace goes, so this only matters if those events were missed: drop the leftovers.

@@ -53,8 +53,13 @@ def build_workload(
     cluster_id: str,
     domain: str,
     authorization_policies: tuple[ids.PolicyKey, ...] = (),
+    namespace_labels: Mapping[str, str] | None = None,
+    gateways: waypoints.GatewayTraffic | None = None,
 ) -> workload.Workload | None:
     """The workload of `pod`, bound to those of `services` (same namespace) that select it.
+
+    Its waypoint comes from its own label or `namespace_labels` (its Namespace's), if
+    `gateways` (the known waypoint Gateways) does not say that waypoint is not for workloads.
 
     `authorization_policies` are the selector and PeerAuthentication policy keys istiod lists
     for the pod (`controller.translate.policies.PolicyIndex.find_keys`)."""
@@ -106,9 +111,14 @@ def build_workload(
         authorization_policies=authorization_policies,
         cluster_id=cluster_id,
         application_tunnel=_application_tunnel(annotations, namespace, name),
-        # Only the pod's own label: a namespace's label is for its services' addresses
-        # (Istio's default istio.io/waypoint-for: service), not for calls to its pods' IPs.
-        waypoint=waypoints.find_waypoint(labels, namespace, {}, domain=domain),
+        waypoint=waypoints.find_waypoint(
+            labels,
+            namespace,
+            namespace_labels or {},
+            domain=domain,
+            traffic=waypoints.WORKLOAD_TRAFFIC,
+            gateways=gateways or {},
+        ),
         labels=tuple(sorted(labels.items())),
     )
 

@@ -1,12 +1,13 @@
 """`istio.io/use-waypoint` from the object store to a ztunnel's xDS client, in process (the same
 controller wiring as test_controller_policies): labelling a Namespace or a Service changes the
-waypoint the ztunnel holds for that namespace's services, and only for them; a pod takes one from
-its own label."""
+waypoint the ztunnel holds for that namespace's services, and only for them; pods bind to it once
+its Gateway's `istio.io/waypoint-for` says it serves workloads."""
 
 from __future__ import annotations
 
 import pathlib
 
+from controller.sources.local import kinds
 from controller.sources.local import store as store_mod
 from meshcore.kube import resources
 from meshcore.model import workload
@@ -36,10 +37,26 @@ def _label(
     store.patch(rtype, name, namespace, {"metadata": {"labels": {USE: value}}})
 
 
+def _gateway(waypoint_for: str) -> dict[str, object]:
+    return {
+        "metadata": {
+            "name": "waypoint",
+            "namespace": "shop",
+            "labels": {"istio.io/waypoint-for": waypoint_for},
+        },
+        "spec": {
+            "gatewayClassName": "istio-waypoint",
+            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+        },
+    }
+
+
 def test_namespace_and_service_labels_reach_ztunnel(state_dir: pathlib.Path) -> None:
     async def main() -> None:
-        store = store_mod.ObjectStore(harness._registry(with_policies=False))
+        served = [*kinds.build_core_kinds(), *kinds.build_gateway_kinds()]
+        store = store_mod.ObjectStore(kinds.KindRegistry(served))
         harness._seed(store)  # namespace shop, pod web-1 (app=web) on n1
+        store.create(resources.GATEWAYS, _gateway("service"))
         store.create(resources.SERVICES, _service("web", {}))
         # The waypoint's own Service: it must never be sent to itself.
         store.create(
@@ -66,8 +83,8 @@ def test_namespace_and_service_labels_reach_ztunnel(state_dir: pathlib.Path) -> 
             await harness._eventually(
                 lambda: waypoint_of(WEB) == WAYPOINT, "the namespace's waypoint on its service"
             )
-            # Only the namespace's service changed: not the waypoint's own, nor the pod (a
-            # namespace's waypoint serves service addresses).
+            # Only the namespace's service changed: not the waypoint's own, nor the pod (the
+            # waypoint serves service addresses).
             pushed = {name for _, updated, _ in zt.batches[seen:] for name in updated}
             assert pushed == {WEB}
             assert waypoint_of(WAYPOINT_SVC) is None
@@ -76,10 +93,12 @@ def test_namespace_and_service_labels_reach_ztunnel(state_dir: pathlib.Path) -> 
             # The Service's own label wins: `none` opts it out.
             _label(store, resources.SERVICES, "web", "none")
             await harness._eventually(lambda: waypoint_of(WEB) is None, "the opt-out")
-            # A pod's own label gives it one (for calls to its IP).
+            # The waypoint serves workloads too now: the pod (named by its own label as well)
+            # binds to it, for calls to its IP.
             _label(store, resources.PODS, "web-1", "waypoint")
+            store.patch(resources.GATEWAYS, "waypoint", "shop", _gateway("all"))
             await harness._eventually(
-                lambda: waypoint_of(harness.UID) == WAYPOINT, "the pod's own waypoint"
+                lambda: waypoint_of(harness.UID) == WAYPOINT, "the pod's waypoint"
             )
 
             _label(store, resources.SERVICES, "web", None)

@@ -43,6 +43,7 @@ def test_apply_without_wait_creates_the_gateway_and_labels_the_namespace(
     gateway = playground.store.get(resources.GATEWAYS, "waypoint", "shop")
     assert gateway["spec"]["gatewayClassName"] == "istio-waypoint"
     assert gateway["spec"]["listeners"] == [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]
+    assert objects.labels(gateway)["istio.io/waypoint-for"] == "service"  # the default
     namespace = playground.store.get(resources.NAMESPACES, "shop")
     assert objects.labels(namespace)["istio.io/use-waypoint"] == "waypoint"
 
@@ -92,3 +93,17 @@ def test_unknown_namespace(playground: meshctl_harness.Playground) -> None:
     code, out, err = playground.meshctl("waypoint", "apply", "-n", "nope")
     assert (code, out) == (1, "")
     assert err == 'error: namespace "nope" not found\n'
+
+
+def test_for_says_what_traffic_the_waypoint_serves(
+    playground: meshctl_harness.Playground, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = playground.meshctl(
+        "waypoint", "apply", "-n", "shop", "--no-wait", "--for", "all"
+    )
+    assert (code, err) == (0, "")
+    gateway = playground.store.get(resources.GATEWAYS, "waypoint", "shop")
+    assert objects.labels(gateway)["istio.io/waypoint-for"] == "all"
+    code, _, _ = playground.meshctl("waypoint", "apply", "-n", "shop", "--for", "pods")
+    assert code == 2
+    assert "argument --for: invalid choice: 'pods'" in capsys.readouterr().err  # argparse's

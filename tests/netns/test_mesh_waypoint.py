@@ -624,7 +624,7 @@ def test_egress_to_a_service_entry_host_is_routed_and_observed_in_the_waypoint(
         ), "the egress request is not in the waypoint's istio_requests_total"  # observed
 
 
-def test_a_pod_labelled_use_waypoint_has_calls_to_its_ip_go_through_the_waypoint(
+def test_a_waypoint_for_workloads_has_calls_to_pod_ips_go_through_it(
     cluster: Playground,
 ) -> None:
     [pod] = cluster.call(
@@ -638,14 +638,15 @@ def test_a_pod_labelled_use_waypoint_has_calls_to_its_ip_go_through_the_waypoint
         assert result["status"] == 200, result
         return dict(result["body"])
 
-    # The namespace's waypoint is for its services: a call to the pod IP goes direct.
+    # The namespace's waypoint is for its services (the default): a call to a pod IP goes
+    # direct, even from a pod that names it itself (no workload binds to a service waypoint).
     assert "traceparent" not in answer()["headers"]
 
-    def label(value: str | None) -> None:
-        patch: dict[str, Any] = {"metadata": {"labels": {"istio.io/use-waypoint": value}}}
-        cluster.call(lambda api: api.patch(resources.PODS, name, NS, patch))
+    def waypoint_for(value: str) -> None:
+        patch = {"metadata": {"labels": {"istio.io/waypoint-for": value}}}
+        cluster.call(lambda api: api.patch(resources.GATEWAYS, "waypoint", NS, patch))
 
-    label("waypoint")
+    waypoint_for("all")
     try:
         _until("the pod's calls through the waypoint", lambda: "traceparent" in answer()["headers"])
         assert answer()["pod"] == name  # on to that very pod
@@ -655,7 +656,7 @@ def test_a_pod_labelled_use_waypoint_has_calls_to_its_ip_go_through_the_waypoint
             for line in metrics.splitlines()
         )
     finally:
-        label(None)
+        waypoint_for("service")
     _until("the pod's calls direct again", lambda: "traceparent" not in answer()["headers"])
 
 
@@ -722,18 +723,22 @@ def test_a_missing_waypoint_refuses_instead_of_going_direct(cluster: Playground)
     waypoint = f"waypoint {GATED}/waypoint (waypoint.{GATED}.svc.cluster.local) is unknown"
     assert waypoint in refused[-1]["error"]
     assert f"service sink.{GATED}.svc.cluster.local must go through it" in refused[-1]["error"]
-    # A namespace's waypoint is for its services' addresses: the pod IP is still served.
-    assert _tcp_call(cluster, sink_ip, 8080) == "ok"
-    # The pod's own label sends calls to its IP through a waypoint too: refused alike.
-    pod_patch = {"metadata": {"labels": {USE_WAYPOINT: "waypoint"}}}
-    cluster.call(lambda api: api.patch(resources.PODS, "sink", GATED, pod_patch))
+    # Without its Gateway, what the waypoint is for is unknown: calls to the pod IP are
+    # refused alike, never sent around it.
     _until_tcp(cluster, sink_ip, 8080, "refused", "the pod IP call to be refused")
 
-    # `none` on the Service opts it out of the namespace's waypoint.
+    # `none` on the Service, or on the pod, opts it out of the namespace's waypoint.
     patch = {"metadata": {"labels": {USE_WAYPOINT: "none"}}}
     cluster.call(lambda api: api.patch(resources.SERVICES, "sink", GATED, patch))
     _until_tcp(cluster, f"sink.{GATED}", 80, "ok", "the opted-out service to answer again")
+    cluster.call(lambda api: api.patch(resources.PODS, "sink", GATED, patch))
+    _until_tcp(cluster, sink_ip, 8080, "ok", "the opted-out pod to answer again")
 
+    # The pod's own label names the missing waypoint: refused again.
+    pod_patch = {"metadata": {"labels": {USE_WAYPOINT: "waypoint"}}}
+    cluster.call(lambda api: api.patch(resources.PODS, "sink", GATED, pod_patch))
+    _until_tcp(cluster, sink_ip, 8080, "refused", "the pod IP call to be refused again")
     unlabel: dict[str, Any] = {"metadata": {"labels": {USE_WAYPOINT: None}}}
     cluster.call(lambda api: api.patch(resources.PODS, "sink", GATED, unlabel))
-    _until_tcp(cluster, sink_ip, 8080, "ok", "the pod to answer once its label is gone")
+    cluster.label_namespace(GATED, {USE_WAYPOINT: None})
+    _until_tcp(cluster, sink_ip, 8080, "ok", "the pod to answer once no label names it")

@@ -494,3 +494,15 @@ def test_gateway_warnings_name_fields_left_out() -> None:
         f"spec.infrastructure{_OUT}",
         f"spec.listeners[0].allowedRoutes{_OUT}",
     ]
+
+
+def test_a_waypoint_for_value_that_is_not_one_of_the_four_is_named() -> None:
+    gateway = copy.deepcopy(WAYPOINT)
+    for value in ("service", "workload", "all", "none"):
+        gateway["metadata"]["labels"] = {"istio.io/waypoint-for": value}
+        assert gatewayschemas.find_unenforced(gateway) == []
+    gateway["metadata"]["labels"] = {"istio.io/waypoint-for": "workloads"}
+    assert gatewayschemas.find_unenforced(gateway) == [
+        "metadata.labels[istio.io/waypoint-for]: 'workloads' is not one of all, none, service,"
+        " workload; this mesh takes it as 'all'"
+    ]

@@ -485,6 +485,14 @@ def find_unenforced(obj: dict[str, Any]) -> list[str]:
     if kind != "Gateway":
         return _unenforced_in_route(spec)
     found = []
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    waypoint_for = labels.get(ambient_labels.WAYPOINT_FOR)
+    if waypoint_for is not None and waypoint_for not in ambient_labels.WAYPOINT_FOR_VALUES:
+        found.append(
+            f"metadata.labels[{ambient_labels.WAYPOINT_FOR}]: {waypoint_for!r} is not one of "
+            f"{', '.join(ambient_labels.WAYPOINT_FOR_VALUES)}; this mesh takes it as "
+            f"{ambient_labels.WAYPOINT_FOR_ALL!r}"
+        )
     class_name = spec.get("gatewayClassName")
     if class_name != WAYPOINT_CLASS:
         found.append(f"spec.gatewayClassName: {_NOT_ACTED_ON} (only {WAYPOINT_CLASS} is)")
