@@ -11,6 +11,7 @@ from controller.translate import services, translator, waypoints
 from meshcore.kube import resources
 from meshcore.model import ids, workload
 from tests.unit import test_translate_fixtures as kube
+from tests.unit import test_translate_serviceentries as entries
 
 USE = waypoints.USE_WAYPOINT_LABEL
 USE_NS = waypoints.USE_WAYPOINT_NAMESPACE_LABEL
@@ -296,18 +297,7 @@ def test_a_service_entry_binds_like_a_service() -> None:
     tr = _translator()
     tr.apply("ADDED", _gateway(waypoint_for="workload"))
     tr.apply("ADDED", kube.namespace("shop", labels={USE: "waypoint"}))
-    entry = {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "ServiceEntry",
-        "metadata": {"name": "ext", "namespace": "shop"},
-        "spec": {
-            "hosts": ["api.example.com"],
-            "addresses": ["240.240.0.1"],
-            "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
-            "resolution": "STATIC",
-            "endpoints": [{"address": "192.0.2.1"}],
-        },
-    }
+    entry = entries._entry(addresses=["240.240.0.1"])
     [svc] = tr.apply("ADDED", entry).services
     assert svc.waypoint is None
     changes = tr.apply("MODIFIED", _gateway(waypoint_for="all"))
