@@ -15,9 +15,10 @@ Invariants:
   services, ServiceEntries and pods. Namespaces come first in a full sync, so nothing is built
   twice.
 - They are also built with what every known Gateway is a waypoint for (`_gateways`): a Gateway
-  event that changes that (or adds or removes the Gateway) recomputes every service, ServiceEntry
-  and pod, since any of them may name it across namespaces; other Gateway events (status, spec)
-  change nothing. Gateways come right after Namespaces in a full sync.
+  event that changes that (or adds or removes the Gateway) recomputes the services,
+  ServiceEntries and pods that name it, in every namespace (`istio.io/use-waypoint-namespace`
+  reaches across); other Gateway events (status, spec) change nothing. Gateways come right
+  after Namespaces in a full sync.
 """
 
 from __future__ import annotations
