@@ -639,7 +639,7 @@ def test_a_waypoint_for_workloads_has_calls_to_pod_ips_go_through_it(
         return dict(result["body"])
 
     # The namespace's waypoint is for its services (the default): a call to a pod IP goes
-    # direct, even from a pod that names it itself (no workload binds to a service waypoint).
+    # direct (no pod binds to a waypoint for services).
     assert "traceparent" not in answer()["headers"]
 
     def waypoint_for(value: str) -> None:
