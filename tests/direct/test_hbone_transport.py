@@ -8,6 +8,7 @@ isolates the asyncio layer (relay, flow control, half-close, identity checks).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import hashlib
 import socket
@@ -336,15 +337,7 @@ def test_client_from_another_ca_never_gets_a_tunnel(mesh_ca: ca_mod.CertificateA
             rogue = workload_certs.issue(rogue_ca, CLIENT_ID)
             # The rogue client trusts our root so its own handshake completes (TLS 1.3 gotcha:
             # the refusal only shows up afterwards), and must still never get a 200.
-            rogue = certs.WorkloadCertificate(
-                identity=rogue.identity,
-                chain_pem=rogue.chain_pem,
-                root_pem=mesh_ca.root_pem,
-                key=rogue.key,
-                not_before=rogue.not_before,
-                not_after=rogue.not_after,
-                serial_number=rogue.serial_number,
-            )
+            rogue = dataclasses.replace(rogue, root_pem=mesh_ca.root_pem)
             try:
                 conn = await h.connect(rogue, [SERVER_ID])
             except hbone.HboneConnectError:
