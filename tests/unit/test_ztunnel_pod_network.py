@@ -1,7 +1,9 @@
-"""pod_network.original_dst: reading where the app meant to connect."""
+"""pod_network.original_dst: reading where the app meant to connect (iptables and eBPF modes)."""
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import typing
 
@@ -34,3 +36,36 @@ class OriginalDstSocket:
 def test_original_dst_reads_the_sockaddr(ip: str, port: int) -> None:
     sock = typing.cast(socket.socket, OriginalDstSocket(ip, port))
     assert pod_network.original_dst(sock) == (ip, port)
+
+
+class HandedOverSocket:
+    """eBPF mode: no conntrack record, and the socket's own address is the destination."""
+
+    def __init__(self, ip: str, port: int, errno_: int = errno.ENOENT) -> None:
+        self.address = (ip, port)
+        self.errno = errno_
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        raise OSError(self.errno, os.strerror(self.errno))
+
+    def getsockname(self) -> tuple[str, int]:
+        return self.address
+
+
+def test_without_a_conntrack_record_the_socket_address_is_the_destination() -> None:
+    sock = typing.cast(socket.socket, HandedOverSocket("10.96.0.10", 8443))
+    assert pod_network.original_dst(sock) == ("10.96.0.10", 8443)
+
+
+@pytest.mark.parametrize("port", sorted(pod_network.LISTENER_PORTS))
+def test_a_connection_made_to_a_listener_itself_names_no_destination(port: int) -> None:
+    sock = typing.cast(socket.socket, HandedOverSocket("10.244.0.5", port))
+    with pytest.raises(OSError, match=f"no original destination: .* to 10.244.0.5:{port}"):
+        pod_network.original_dst(sock)
+
+
+def test_other_getsockopt_errors_are_not_hidden() -> None:
+    sock = typing.cast(socket.socket, HandedOverSocket("10.96.0.10", 80, errno.EBADF))
+    with pytest.raises(OSError) as caught:
+        pod_network.original_dst(sock)
+    assert caught.value.errno == errno.EBADF

@@ -27,9 +27,9 @@ from ztunnel.proxy.inputs import PodContext, ProxyInputs
 
 logger = logging.getLogger("ztunnel.inpod")
 
-OUTBOUND_PORT = 15001
-INBOUND_PLAINTEXT_PORT = 15006
-INBOUND_HBONE_PORT = 15008
+OUTBOUND_PORT = pod_network.OUTBOUND_PORT
+INBOUND_PLAINTEXT_PORT = pod_network.INBOUND_PLAINTEXT_PORT
+INBOUND_HBONE_PORT = pod_network.INBOUND_HBONE_PORT
 
 
 class PodProxy:
@@ -52,7 +52,8 @@ class PodProxy:
                 (OUTBOUND_PORT, self.outbound.protocol),
                 (INBOUND_PLAINTEXT_PORT, self.plaintext.protocol),
             ):
-                sock = network.listen(port)
+                # 15001 answers for other addresses in eBPF mode (cni/redirect/ebpf.py).
+                sock = network.listen(port, transparent=port == OUTBOUND_PORT)
                 server = await loop.create_server(factory, sock=sock)
                 self.servers.append(server)
             # HBONE: TLS must own each socket from its first byte, so no asyncio.Server here.

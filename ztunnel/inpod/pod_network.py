@@ -36,6 +36,11 @@ IP_TRANSPARENT = 19
 IP_BIND_ADDRESS_NO_PORT = 24
 INPOD_MARK = 0x539
 SPARE_SOCKETS = 8  # upstream sockets made per trip into the pod's namespace
+# ztunnel's in-pod listeners (spec 3.1).
+OUTBOUND_PORT = 15001
+INBOUND_PLAINTEXT_PORT = 15006
+INBOUND_HBONE_PORT = 15008
+LISTENER_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT})
 
 
 class PodNetwork:
@@ -46,9 +51,12 @@ class PodNetwork:
         # Unused upstream sockets made in the pod, by address family (popped from the end).
         self._spares: dict[int, list[socket.socket]] = {}
 
-    def listen(self, port: int, host: str = "0.0.0.0", backlog: int = 4096) -> socket.socket:
+    def listen(
+        self, port: int, host: str = "0.0.0.0", backlog: int = 4096, *, transparent: bool = False
+    ) -> socket.socket:
         """A listening socket on `port` in the pod. SO_REUSEPORT lets an old and a new ztunnel
-        (or several workers) listen side by side."""
+        (or several workers) listen side by side. `transparent` (IP_TRANSPARENT) lets it accept
+        connections for addresses that are not the pod's, as eBPF mode hands them over."""
 
         def make() -> socket.socket:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -57,6 +65,8 @@ class PodNetwork:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, INPOD_MARK)
+                if transparent:
+                    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
                 sock.bind((host, port))
                 sock.listen(backlog)
                 sock.setblocking(False)
@@ -162,6 +172,22 @@ def _new_upstream_socket(family: int) -> socket.socket:
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:
-    """Where the app meant to connect before the nat REDIRECT (IPv4 SO_ORIGINAL_DST)."""
-    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    """Where the app meant to connect.
+
+    iptables mode: the nat REDIRECT's record, IPv4 SO_ORIGINAL_DST. eBPF mode has no conntrack,
+    so no record (ENOENT): the programs hand the connection over as TPROXY does, and the
+    accepted socket's own address is the original destination. That address is one of our own
+    listeners only when something connected to it directly, which names no destination.
+    """
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+        ip, port = sock.getsockname()[:2]
+        if port in LISTENER_PORTS:
+            raise OSError(
+                errno.ENOENT, f"no original destination: the connection was made to {ip}:{port}"
+            ) from None
+        return (ip, port)
     return (socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big"))
