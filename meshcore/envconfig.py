@@ -8,6 +8,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+# Values shared by a component and whoever starts it (the playground, the manifests):
+# the node agent's REDIRECT_MODE, how it captures pods (the first is the default).
+REDIRECT_MODES = ("iptables", "ebpf")
+
 
 class Env:
     def __init__(self, env: Mapping[str, str], error: type[Exception]) -> None:

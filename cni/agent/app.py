@@ -42,6 +42,11 @@ async def run(cfg: config_mod.Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    # How pods are captured; eBPF mode compiles its programs here, so a node without BCC or
+    # kernel headers fails now, naming what is missing, not at its first pod.
+    pod_redirector = redirector.Redirector(mode=cfg.redirect_mode)
+    await asyncio.to_thread(pod_redirector.prepare)
+
     # The netns cache: how a restarted agent finds the pods it captured before.
     cache = netns_cache.NetnsCache(cfg.state_dir)
     cache.load()
@@ -58,7 +63,7 @@ async def run(cfg: config_mod.Config) -> None:
         node_name=cfg.node_name,
         api=api,
         zds=zds,
-        redirector=redirector.Redirector(),
+        redirector=pod_redirector,
         cache=cache,
         capture_table=capture_table,
         dns_capture=cfg.dns_capture,
@@ -84,6 +89,7 @@ async def run(cfg: config_mod.Config) -> None:
                 zds=cfg.ztunnel_socket,
                 cni=cfg.cni_event_socket,
                 dns_capture=cfg.dns_capture,
+                redirect_mode=cfg.redirect_mode,
             ),
         )
         try:

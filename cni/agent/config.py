@@ -17,6 +17,8 @@ DEFAULT_ZTUNNEL_UDS = "/var/run/ztunnel/ztunnel.sock"  # istio-cni's default (sp
 DEFAULT_CNI_EVENT_UDS = "/var/run/ambient-mesh/cni.sock"
 DEFAULT_STATE_DIR = "/var/lib/ambient-mesh/agent"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# How the in-pod redirection is installed: iptables rules (spec 3.2) or tc eBPF programs.
+REDIRECT_MODES = envconfig.REDIRECT_MODES
 # sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 
@@ -41,6 +43,7 @@ class Config:
     log_level: str = "info"
     # Off until ztunnel has a DNS proxy on 15053: capturing port 53 without one breaks DNS.
     dns_capture: bool = False
+    redirect_mode: str = "iptables"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -60,6 +63,17 @@ class Config:
         log_level = optional("LOG_LEVEL", "info").lower()
         if log_level not in LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")
+        redirect_mode = optional("REDIRECT_MODE", "iptables").lower()
+        if redirect_mode not in REDIRECT_MODES:
+            raise ConfigError(
+                f"REDIRECT_MODE={redirect_mode!r} must be one of {', '.join(REDIRECT_MODES)}"
+            )
+        dns_capture = _boolean("DNS_CAPTURE", env.get("DNS_CAPTURE", ""), default=False)
+        if dns_capture and redirect_mode == "ebpf":
+            raise ConfigError(
+                "DNS_CAPTURE=true needs REDIRECT_MODE=iptables: "
+                "the eBPF programs do not capture DNS"
+            )
         return cls(
             node_name=node_name,
             kube_api=kube_api,
@@ -71,7 +85,8 @@ class Config:
             ),
             state_dir=_absolute("AGENT_STATE_DIR", optional("AGENT_STATE_DIR", DEFAULT_STATE_DIR)),
             log_level=log_level,
-            dns_capture=_boolean("DNS_CAPTURE", env.get("DNS_CAPTURE", ""), default=False),
+            dns_capture=dns_capture,
+            redirect_mode=redirect_mode,
         )
 
 

@@ -1,5 +1,10 @@
 """Install and remove the in-pod redirection (spec 3.2) in a pod's network namespace.
 
+Two modes, chosen per node (the agent's REDIRECT_MODE): `iptables`, the rules of spec 3.2 (the
+default, what Istio installs), and `ebpf`, tc programs with the same effect and no netfilter in
+the pod (`cni.redirect.ebpf`). Whichever mode installs also clears what the other left in the
+pod, and removal clears both, so switching a node's mode never leaves a pod captured twice.
+
 `install` is all or nothing: the ip rule/route first (harmless without the rules), then the
 iptables transaction; if iptables fails, whatever it committed (it commits per table) and the
 routing are removed again before the error is raised, so a pod is never left half-captured.
@@ -21,13 +26,14 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from cni.redirect import iptables, netlink
-from meshcore import log, netns
+from cni.redirect import ebpf, iptables, netlink
+from meshcore import envconfig, log, netns
 
 logger = logging.getLogger("cni.redirect")
 
 RedirectError = iptables.RedirectError
 RedirectOptions = iptables.RedirectOptions
+MODES = envconfig.REDIRECT_MODES
 
 
 @dataclass(frozen=True)
@@ -40,17 +46,40 @@ class IptablesTools:
 
 
 class Redirector:
-    def __init__(self, *, tools: IptablesTools | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        mode: str = "iptables",
+        tools: IptablesTools | None = None,
+        programs: ebpf.Programs | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"redirect mode {mode!r} must be one of {', '.join(MODES)}")
+        self.mode = mode
         self._tools = tools or IptablesTools()
+        self._programs = programs or ebpf.Programs()
+
+    def prepare(self) -> None:
+        """Load what the mode needs before the first pod (eBPF: compile the programs), so that
+        a node that cannot do it fails at start, naming the cause."""
+        if self.mode == "ebpf":
+            self._programs.load()
 
     def install(self, netns_path: str, options: iptables.RedirectOptions) -> None:
+        if self.mode == "ebpf":
+            ebpf.check_options(options, netns_path)
         started = time.monotonic()
         fd = _open(netns_path)
         try:
             existing = self._find_state(fd, netns_path)
             netlink.add_routing(fd)
             try:
-                self._restore(fd, netns_path, iptables.install_rules(options, existing))
+                if self.mode == "ebpf":
+                    ebpf.attach(fd, self._programs, options)
+                    self._restore(fd, netns_path, iptables.remove_rules(existing))
+                else:
+                    self._restore(fd, netns_path, iptables.install_rules(options, existing))
+                    ebpf.detach(fd)
             except RedirectError:
                 self._undo(fd, netns_path)
                 raise
@@ -60,7 +89,8 @@ class Redirector:
             "in-pod redirection installed",
             extra=log.fields(
                 netns=netns_path,
-                dns_capture=options.dns_capture,
+                mode=self.mode,
+                dns_capture=options.dns_capture and self.mode == "iptables",
                 inbound_capture=options.inbound_capture,
                 duration_ms=round((time.monotonic() - started) * 1000, 1),
             ),
@@ -75,6 +105,7 @@ class Redirector:
             logger.info("netns already gone; nothing to remove", extra=log.fields(netns=netns_path))
             return
         try:
+            ebpf.detach(fd)
             state = self._find_state(fd, netns_path)
             self._restore(fd, netns_path, iptables.remove_rules(state))
             netlink.remove_routing(fd)
@@ -83,7 +114,18 @@ class Redirector:
         logger.info("in-pod redirection removed", extra=log.fields(netns=netns_path))
 
     def is_installed(self, netns_path: str) -> bool:
+        """Whether the pod is captured the way this mode captures."""
+        if self.mode == "ebpf":
+            return self.find_ebpf_state(netns_path).is_capturing
         return self.find_state(netns_path).is_capturing
+
+    def find_ebpf_state(self, netns_path: str) -> ebpf.EbpfState:
+        """Our tc filters in the pod netns."""
+        fd = _open(netns_path)
+        try:
+            return ebpf.find_state(fd)
+        finally:
+            os.close(fd)
 
     def find_state(self, netns_path: str) -> iptables.InstalledState:
         """Our chains and jumps as `iptables-save` shows them in the pod netns."""
@@ -95,6 +137,13 @@ class Redirector:
 
     def _undo(self, fd: int, netns_path: str) -> None:
         """Best effort after a failed install; a failure here is logged, the original raised."""
+        try:
+            ebpf.detach(fd)
+        except RedirectError as exc:
+            logger.error(
+                "could not detach the eBPF filters",
+                extra=log.fields(netns=netns_path, error=str(exc)),
+            )
         try:
             state = self._find_state(fd, netns_path)
             self._restore(fd, netns_path, iptables.remove_rules(state))

@@ -2,61 +2,24 @@
 
 from __future__ import annotations
 
-import os
 import socket
-from collections.abc import Iterator
 
 import pytest
 
-from cni.redirect import iptables, netlink, redirector
+from cni.redirect import iptables, redirector
 from meshcore import netns
 from tests.netns import netns_util
+from tests.netns.redirect_util import (
+    APP_PORT,
+    PEER_IP,
+    POD_IP,
+    PodAndPeer,
+    assert_clean,
+    routing,
+    saved_rules,
+)
 
 pytestmark = pytest.mark.netns
-
-POD_IP = "10.77.0.1"
-PEER_IP = "10.77.0.2"
-APP_PORT = 8080
-
-PodAndPeer = tuple[netns_util.Netns, netns_util.Netns]
-
-
-@pytest.fixture
-def pod_and_peer(namespaces: netns_util.Namespaces) -> PodAndPeer:
-    pod = namespaces.add("pod")
-    peer = namespaces.add("peer")
-    namespaces.veth(pod, "eth0", f"{POD_IP}/24", peer, "eth0", f"{PEER_IP}/24")
-    return pod, peer
-
-
-@pytest.fixture
-def sockets() -> Iterator[list[socket.socket]]:
-    """Every socket a test registers here is closed at the end."""
-    opened: list[socket.socket] = []
-    try:
-        yield opened
-    finally:
-        for sock in opened:
-            sock.close()
-
-
-def saved_rules(ns: netns_util.Netns) -> str:
-    return ns.exec("iptables-save").stdout
-
-
-def routing(ns: netns_util.Netns) -> tuple[bool, bool]:
-    fd = netns.open_netns(ns.path)
-    try:
-        return netlink.has_routing(fd)
-    finally:
-        os.close(fd)
-
-
-def assert_clean(ns: netns_util.Netns) -> None:
-    assert "ISTIO" not in saved_rules(ns)
-    assert routing(ns) == (False, False)
-    assert "lookup 100" not in netns_util.ip("-n", ns.name, "rule", "show")
-    assert "table 100" not in netns_util.ip("-n", ns.name, "route", "show", "table", "all")
 
 
 def test_install_captures_traffic_and_remove_restores_it(

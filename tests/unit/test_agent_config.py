@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cni.agent import config
+from cni.redirect import ebpf
 
 BASE = {"NODE_NAME": "node-a", "KUBE_API": "unix:///tmp/mt-x/api.sock"}
 
@@ -19,6 +20,7 @@ def test_defaults() -> None:
         state_dir="/var/lib/ambient-mesh/agent",
         log_level="info",
         dns_capture=False,
+        redirect_mode="iptables",
     )
 
 
@@ -39,6 +41,11 @@ def test_every_variable() -> None:
     )
     assert cfg.log_level == "debug"
     assert cfg.dns_capture is True
+    assert cfg.redirect_mode == "iptables"
+
+
+def test_ebpf_redirect_mode() -> None:
+    assert config.Config.from_env({**BASE, "REDIRECT_MODE": "eBPF"}).redirect_mode == "ebpf"
 
 
 @pytest.mark.parametrize(
@@ -77,6 +84,16 @@ def test_every_variable() -> None:
             id="log-level",
         ),
         pytest.param(
+            {"REDIRECT_MODE": "tproxy"},
+            "REDIRECT_MODE='tproxy' must be one of iptables, ebpf",
+            id="redirect-mode",
+        ),
+        pytest.param(
+            {"REDIRECT_MODE": "ebpf", "DNS_CAPTURE": "true"},
+            "DNS_CAPTURE=true needs REDIRECT_MODE=iptables: the eBPF programs do not capture DNS",
+            id="dns-capture-with-ebpf",
+        ),
+        pytest.param(
             {"DNS_CAPTURE": "sometimes"}, "DNS_CAPTURE='sometimes' must be true or false",
             id="dns-capture",
         ),
@@ -86,3 +103,14 @@ def test_errors_name_the_variable(overrides: dict[str, str], message: str) -> No
     with pytest.raises(config.ConfigError) as caught:
         config.Config.from_env({**BASE, **overrides})
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("release", ["6.5.0", "6.18.44-fc-v1272", "7.0.1"])
+def test_ebpf_mode_accepts_kernels_from_6_5(release: str) -> None:
+    ebpf.check_kernel(release)
+
+
+@pytest.mark.parametrize("release", ["6.1.0-57-amd64", "5.15.0", "not-a-version"])
+def test_ebpf_mode_refuses_older_kernels_naming_the_release(release: str) -> None:
+    with pytest.raises(ebpf.BpfUnavailableError, match=f"Linux 6.5 or later .* {release!r}"):
+        ebpf.check_kernel(release)

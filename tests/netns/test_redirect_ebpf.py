@@ -1,0 +1,362 @@
+"""eBPF redirection (REDIRECT_MODE=ebpf) in real namespaces: a pod netns with a veth to a peer.
+
+The same capture as iptables mode (test_redirect.py) with no netfilter in the pod: the programs
+are compiled with BCC and attached with tc, and every check below uses real sockets and packets.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+
+import pytest
+
+from cni.redirect import ebpf, iptables, redirector
+from tests.netns import netns_util
+from tests.netns.redirect_util import (
+    APP_PORT,
+    PEER_IP,
+    POD_IP,
+    PodAndPeer,
+    assert_clean,
+    routing,
+    saved_rules,
+)
+from ztunnel.inpod import pod_network
+
+pytestmark = pytest.mark.netns
+
+PROBE_IP = "169.254.7.127"
+OWN_APP_PORT = 9090
+SHORT = 1.0  # seconds a connection attempt gets where the test expects it to go nowhere
+
+
+@pytest.fixture(scope="module")
+def programs() -> ebpf.Programs:
+    """Compiled once for the module, as the agent does once per node."""
+    loaded = ebpf.Programs()
+    loaded.load()
+    return loaded
+
+
+@pytest.fixture
+def redirect(programs: ebpf.Programs) -> redirector.Redirector:
+    return redirector.Redirector(mode="ebpf", programs=programs)
+
+
+def listener(ns: netns_util.Netns, port: int, *, transparent: bool = False) -> socket.socket:
+    """Like ztunnel's: 15001 must be IP_TRANSPARENT to answer for other addresses."""
+
+    def make() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if transparent:
+            sock.setsockopt(socket.SOL_IP, pod_network.IP_TRANSPARENT, 1)
+        sock.bind(("0.0.0.0", port))
+        sock.listen(16)
+        return sock
+
+    return ns.run(make)
+
+
+def spoofed_connect(ns: netns_util.Netns, source: str, host: str, port: int) -> socket.socket:
+    """What ztunnel's inbound side does: connect to the app from the original client's
+    address, with ztunnel's mark."""
+
+    def make() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, pod_network.SO_MARK, pod_network.INPOD_MARK)
+            sock.setsockopt(socket.SOL_IP, pod_network.IP_TRANSPARENT, 1)
+            sock.bind((source, 0))
+            sock.settimeout(5)
+            sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return ns.run(make)
+
+
+def echo(a: socket.socket, b: socket.socket, data: bytes) -> None:
+    """`data` from a to b and back: both directions of an established connection carry."""
+    a.sendall(data)
+    b.settimeout(5)
+    assert b.recv(len(data)) == data
+    b.sendall(data[::-1])
+    a.settimeout(5)
+    assert a.recv(len(data)) == data[::-1]
+
+
+def accept_local(ns: netns_util.Netns) -> str:
+    return ns.exec("sysctl", "-n", "net.ipv4.conf.lo.accept_local").stdout.strip()
+
+
+def nft_ruleset(ns: netns_util.Netns) -> str:
+    return ns.exec("nft", "list", "ruleset").stdout.strip()
+
+
+def attached(redirect: redirector.Redirector, ns: netns_util.Netns) -> set[tuple[str, str, str]]:
+    return {(f.ifname, f.direction, f.program) for f in redirect.find_ebpf_state(ns.path).filters}
+
+
+ALL_FILTERS = {
+    ("lo", "ingress", ebpf.LO_INGRESS),
+    ("eth0", "egress", ebpf.EGRESS),
+    ("eth0", "ingress", ebpf.INGRESS),
+}
+
+
+def test_captures_both_ways_with_no_netfilter_and_remove_restores_direct_traffic(
+    pod_and_peer: PodAndPeer, sockets: list[socket.socket], redirect: redirector.Redirector
+) -> None:
+    pod, peer = pod_and_peer
+    assert not redirect.is_installed(pod.path)
+
+    redirect.install(pod.path, iptables.RedirectOptions())
+
+    assert redirect.is_installed(pod.path)
+    assert attached(redirect, pod) == ALL_FILTERS
+    # No netfilter rule at all in the pod, so no conntrack either: the point of this mode.
+    assert nft_ruleset(pod) == ""
+    assert "ISTIO" not in saved_rules(pod)
+    assert routing(pod) == (True, True)
+    assert accept_local(pod) == "1"
+
+    outbound = listener(pod, 15001, transparent=True)
+    inbound_plain = listener(pod, 15006)
+    inbound_hbone = listener(pod, 15008)
+    own_app = listener(pod, OWN_APP_PORT)
+    upstream = listener(peer, APP_PORT)
+    sockets += [outbound, inbound_plain, inbound_hbone, own_app, upstream]
+
+    # App egress lands on 15001; the accepted socket's own address is the real destination.
+    app = netns_util.tcp_connect(pod, PEER_IP, APP_PORT)
+    sockets.append(app)
+    captured = netns_util.accept(outbound)
+    sockets.append(captured)
+    assert captured.getsockname() == (PEER_IP, APP_PORT)
+    assert pod_network.original_dst(captured) == (PEER_IP, APP_PORT)
+    assert captured.getpeername() == app.getsockname()
+    assert app.getpeername() == (PEER_IP, APP_PORT)  # the app sees where it called
+    echo(app, captured, b"through ztunnel's outbound listener" * 100)
+    assert not netns_util.has_pending(upstream)
+
+    # ztunnel's own sockets (SO_MARK 0x539) are not redirected: they reach the peer.
+    sockets.append(netns_util.tcp_connect(pod, PEER_IP, APP_PORT, mark=iptables.INPOD_MARK))
+    direct = netns_util.accept(upstream)
+    sockets.append(direct)
+    assert direct.getpeername()[0] == POD_IP
+
+    # Inbound plaintext to an app port lands on 15006 ...
+    client = netns_util.tcp_connect(peer, POD_IP, APP_PORT)
+    sockets.append(client)
+    inbound = netns_util.accept(inbound_plain)
+    sockets.append(inbound)
+    assert pod_network.original_dst(inbound) == (POD_IP, APP_PORT)
+    assert inbound.getpeername() == client.getsockname()
+    echo(client, inbound, b"inbound plaintext" * 100)
+    # ... but HBONE on 15008 reaches 15008 directly.
+    sockets.append(netns_util.tcp_connect(peer, POD_IP, 15008))
+    sockets.append(netns_util.accept(inbound_hbone))
+    assert not netns_util.has_pending(inbound_plain)
+
+    # ztunnel connects to the app as the original client: the app's replies (addressed to the
+    # peer) come back to ztunnel's socket instead of leaving through eth0.
+    spoofed = spoofed_connect(pod, PEER_IP, POD_IP, OWN_APP_PORT)
+    sockets.append(spoofed)
+    served = netns_util.accept(own_app)
+    sockets.append(served)
+    assert served.getpeername() == spoofed.getsockname()
+    assert served.getpeername()[0] == PEER_IP
+    echo(spoofed, served, b"as the original client" * 100)
+
+    # A pod calling its own IP, or localhost, is not captured.
+    sockets.append(netns_util.tcp_connect(pod, POD_IP, OWN_APP_PORT))
+    sockets.append(netns_util.tcp_connect(pod, "127.0.0.1", OWN_APP_PORT))
+    sockets += [netns_util.accept(own_app), netns_util.accept(own_app)]
+    assert not netns_util.has_pending(outbound)
+
+    redirect.remove(pod.path)
+
+    assert_clean(pod)
+    assert redirect.find_ebpf_state(pod.path).is_empty
+    assert accept_local(pod) == "0"
+    assert not redirect.is_installed(pod.path)
+    sockets.append(netns_util.tcp_connect(pod, PEER_IP, APP_PORT))
+    sockets.append(netns_util.accept(upstream))
+    assert not netns_util.has_pending(outbound)
+    # Inbound is no longer redirected: nothing listens on the app port itself.
+    with pytest.raises(ConnectionRefusedError):
+        netns_util.tcp_connect(peer, POD_IP, APP_PORT)
+    assert not netns_util.has_pending(inbound_plain)
+
+
+def test_without_ztunnel_listening_nothing_gets_through(
+    pod_and_peer: PodAndPeer, sockets: list[socket.socket], redirect: redirector.Redirector
+) -> None:
+    pod, peer = pod_and_peer
+    upstream = listener(peer, APP_PORT)
+    app_listener = listener(pod, APP_PORT)
+    sockets += [upstream, app_listener]
+    redirect.install(pod.path, iptables.RedirectOptions())
+
+    # No 15001 in the pod: the app's SYNs are dropped, never sent to the peer.
+    with pytest.raises(TimeoutError):
+        netns_util.tcp_connect(pod, PEER_IP, APP_PORT, timeout=SHORT)
+    assert not netns_util.has_pending(upstream)
+    # No 15006: inbound SYNs are dropped, never handed to the app directly.
+    with pytest.raises(TimeoutError):
+        netns_util.tcp_connect(peer, POD_IP, APP_PORT, timeout=SHORT)
+    assert not netns_util.has_pending(app_listener)
+
+
+def test_a_captured_connection_whose_ztunnel_side_is_gone_stays_dark(
+    pod_and_peer: PodAndPeer, sockets: list[socket.socket], redirect: redirector.Redirector
+) -> None:
+    """What conntrack gives iptables mode: once captured, a connection never leaves the pod
+    in plaintext, even after ztunnel's socket vanished without the app hearing of it."""
+    pod, peer = pod_and_peer
+    outbound = listener(pod, 15001, transparent=True)
+    upstream = listener(peer, APP_PORT)
+    sockets += [outbound, upstream]
+    redirect.install(pod.path, iptables.RedirectOptions())
+    app = netns_util.tcp_connect(pod, PEER_IP, APP_PORT)
+    sockets.append(app)
+    captured = netns_util.accept(outbound)
+
+    # ztunnel's socket goes with a RST that the app never sees (a filter-only nft rule drops
+    # it on lo: no conntrack involved).
+    pod.exec(
+        "nft",
+        "add table inet mt_rst; "
+        "add chain inet mt_rst out { type filter hook output priority 0; }; "
+        "add rule inet mt_rst out oif lo tcp flags rst drop",
+    )
+    captured.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    captured.close()
+
+    # The app writes on. Sent out of eth0, the packet would reach the peer, whose kernel knows
+    # no such connection and answers with a RST: the app's read would fail at once.
+    app.sendall(b"secret")
+    app.settimeout(SHORT)
+    with pytest.raises(TimeoutError):
+        app.recv(1)
+    assert not netns_util.has_pending(upstream)
+
+
+def test_ingress_mode_captures_only_outbound(
+    pod_and_peer: PodAndPeer, sockets: list[socket.socket], redirect: redirector.Redirector
+) -> None:
+    pod, peer = pod_and_peer
+    outbound = listener(pod, 15001, transparent=True)
+    inbound_plain = listener(pod, 15006)
+    app_listener = listener(pod, APP_PORT)
+    sockets += [outbound, inbound_plain, app_listener]
+    redirect.install(pod.path, iptables.RedirectOptions())
+    redirect.install(pod.path, iptables.RedirectOptions(inbound_capture=False))
+
+    assert attached(redirect, pod) == ALL_FILTERS - {("eth0", "ingress", ebpf.INGRESS)}
+    assert redirect.is_installed(pod.path)
+    # Inbound reaches the app itself, and its replies go back out (they are not captured).
+    client = netns_util.tcp_connect(peer, POD_IP, APP_PORT)
+    sockets.append(client)
+    served = netns_util.accept(app_listener)
+    sockets.append(served)
+    echo(client, served, b"ingress mode" * 100)
+    assert not netns_util.has_pending(inbound_plain)
+    # Outbound is still captured.
+    sockets.append(netns_util.tcp_connect(pod, PEER_IP, APP_PORT))
+    sockets.append(netns_util.accept(outbound))
+
+
+def test_kubelet_probes_reach_the_app_directly(
+    pod_and_peer: PodAndPeer, sockets: list[socket.socket], redirect: redirector.Redirector
+) -> None:
+    """The host SNATs probes to 169.254.7.127 (spec 3.2); they and their replies pass."""
+    pod, peer = pod_and_peer
+    peer.exec("ip", "addr", "add", f"{PROBE_IP}/32", "dev", "eth0")
+    pod.exec("ip", "route", "add", f"{PROBE_IP}/32", "dev", "eth0")
+    inbound_plain = listener(pod, 15006)
+    app_listener = listener(pod, APP_PORT)
+    sockets += [inbound_plain, app_listener]
+    redirect.install(pod.path, iptables.RedirectOptions())
+
+    def probe() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind((PROBE_IP, 0))
+            sock.settimeout(5)
+            sock.connect((POD_IP, APP_PORT))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    prober = peer.run(probe)
+    sockets.append(prober)
+    served = netns_util.accept(app_listener)
+    sockets.append(served)
+    assert served.getpeername()[0] == PROBE_IP
+    echo(prober, served, b"healthz")
+    assert not netns_util.has_pending(inbound_plain)
+
+
+def test_switching_modes_leaves_exactly_one_capture(
+    pod_and_peer: PodAndPeer, programs: ebpf.Programs
+) -> None:
+    pod, _ = pod_and_peer
+    by_rules = redirector.Redirector(mode="iptables")
+    by_programs = redirector.Redirector(mode="ebpf", programs=programs)
+
+    by_rules.install(pod.path, iptables.RedirectOptions())
+    by_programs.install(pod.path, iptables.RedirectOptions())
+    # Our rules are gone (iptables-nft keeps its emptied tables: harmless, though they keep
+    # conntrack on in a pod captured before the switch).
+    assert "ISTIO" not in saved_rules(pod)
+    assert "redirect" not in nft_ruleset(pod)
+    assert by_programs.is_installed(pod.path)
+
+    by_rules.install(pod.path, iptables.RedirectOptions())
+    assert by_programs.find_ebpf_state(pod.path).is_empty
+    assert accept_local(pod) == "0"
+    assert by_rules.is_installed(pod.path)
+
+    by_programs.install(pod.path, iptables.RedirectOptions())
+    by_rules.remove(pod.path)  # either mode's removal clears both
+    assert_clean(pod)
+    assert by_programs.find_ebpf_state(pod.path).is_empty
+
+
+def test_reinstall_replaces_in_place(
+    pod_and_peer: PodAndPeer, redirect: redirector.Redirector
+) -> None:
+    pod, _ = pod_and_peer
+    redirect.install(pod.path, iptables.RedirectOptions())
+    redirect.install(pod.path, iptables.RedirectOptions())
+    filters = redirect.find_ebpf_state(pod.path).filters
+    assert sorted((f.ifname, f.direction, f.program) for f in filters) == sorted(ALL_FILTERS)
+    redirect.remove(pod.path)
+    redirect.remove(pod.path)  # removing twice is fine
+    assert_clean(pod)
+    assert redirect.find_ebpf_state(pod.path).is_empty
+
+
+def test_unsupported_options_are_refused_and_nothing_is_installed(
+    pod_and_peer: PodAndPeer, redirect: redirector.Redirector
+) -> None:
+    pod, _ = pod_and_peer
+    with pytest.raises(redirector.RedirectError, match=r"reroute-virtual-interfaces .* virt0"):
+        redirect.install(pod.path, iptables.RedirectOptions(reroute_interfaces=("virt0",)))
+    assert redirect.find_ebpf_state(pod.path).is_empty
+    assert_clean(pod)
+
+
+def test_a_node_without_bcc_fails_at_start_naming_the_package(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "bcc", None)  # `import bcc` raises ImportError
+    with pytest.raises(ebpf.BpfUnavailableError, match="python3-bpfcc"):
+        redirector.Redirector(mode="ebpf").prepare()
