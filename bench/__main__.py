@@ -10,6 +10,8 @@
 Prints the table of figures (median over repetitions of ratios taken inside one repetition) and
 writes ``bench/results/<UTC timestamp>.json`` with a top-level ``figures`` object. ``--quick``
 runs one repetition with smaller transfers: a smoke check, not figures to quote.
+``--redirect-mode ebpf`` captures the data-plane benchmark's mesh pods with the eBPF programs
+instead of iptables rules (the node agents' REDIRECT_MODE).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 
 from bench import report
 from bench.topology import BenchError, log_to_stderr
+from meshcore import envconfig
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEFAULT_REPETITIONS = 3
@@ -40,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"interleaved repetitions (default {DEFAULT_REPETITIONS}, at least 3 for figures)",
     )
     parser.add_argument("--out-dir", default=RESULTS_DIR, help="where the JSON file goes")
+    parser.add_argument(
+        "--redirect-mode",
+        choices=envconfig.REDIRECT_MODES,
+        default="iptables",
+        help="how the data-plane benchmark's mesh pods are captured (default iptables)",
+    )
     return parser
 
 
@@ -73,7 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.suite in ("all", "dataplane"):
         from bench import measure  # needs `cryptography` and the host tools: only when asked
 
-        settings = measure.Settings.quick() if args.quick else measure.Settings()
+        settings = (
+            measure.Settings.quick(args.redirect_mode)
+            if args.quick
+            else measure.Settings(redirect_mode=args.redirect_mode)
+        )
         try:
             reps = measure.run(settings, repetitions, log_to_stderr)
         except BenchError as exc:
@@ -98,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "suite": args.suite,
         "quick": args.quick,
         "repetition_count": repetitions,
+        "redirect_mode": args.redirect_mode,
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
     }
     with open(path, "w", encoding="utf-8") as f:

@@ -65,10 +65,16 @@ class Settings:
     pingpong_round_trips: int = 10_000
     new_connections: int = 3_000
     held_connections: int = 10_000
+    redirect_mode: str = "iptables"  # how the node agents capture the mesh pods
 
     @classmethod
-    def quick(cls) -> Settings:
-        return cls(bulk_bytes=256 << 20, new_connections=500, held_connections=2_000)
+    def quick(cls, redirect_mode: str = "iptables") -> Settings:
+        return cls(
+            bulk_bytes=256 << 20,
+            new_connections=500,
+            held_connections=2_000,
+            redirect_mode=redirect_mode,
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -492,7 +498,7 @@ def run(
     """Build the topology, run `repetitions` interleaved repetitions, tear everything down."""
     ensure_tools(log)
     results = []
-    with Bench(log) as bench:
+    with Bench(log, redirect_mode=settings.redirect_mode) as bench:
         bench.start()
         data = DataPath(bench, settings)
         data.setup()

@@ -77,13 +77,14 @@ def _namespace(name: str, ambient: bool) -> dict[str, Any]:
 class Bench:
     """A running benchmark topology; use as a context manager so that `close` always runs."""
 
-    def __init__(self, log: Callable[[str], None]) -> None:
+    def __init__(self, log: Callable[[str], None], *, redirect_mode: str = "iptables") -> None:
         token = secrets.token_hex(3)
         self.prefix = f"bd{token}"
         self.state_dir = f"/tmp/bd-{token}"
         self.work_dir = os.path.join(self.state_dir, "bench")
         self.paths = paths.Paths(self.state_dir)
         self.log = log
+        self.redirect_mode = redirect_mode
         self.ips: dict[tuple[str, str], str] = {}
         self.netns: dict[tuple[str, str], str] = {}
         self._supervisor: subprocess.Popen[bytes] | None = None
@@ -101,8 +102,12 @@ class Bench:
             timeout=timeout,
             log_level="warning",
             owner_pid=os.getpid(),
+            redirect_mode=self.redirect_mode,
         )
-        self.log(f"starting a 2-node playground ({self.prefix}, {self.state_dir})")
+        self.log(
+            f"starting a 2-node playground ({self.prefix}, {self.state_dir}), "
+            f"{self.redirect_mode} redirection"
+        )
         self._supervisor = control.launch_supervisor(opts, dict(os.environ))
         rec = control.wait_until_ready(self.state_dir, self._supervisor, timeout)
         os.makedirs(self.work_dir, exist_ok=True)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TextIO
 
-from meshcore import ambient_labels
+from meshcore import ambient_labels, envconfig
 from meshcore.kube import client as kube_client
 from meshcore.kube import errors as kube_errors
 from meshcore.kube import resources as kube_resources
@@ -66,6 +66,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default="",
         metavar="URL",
         help="where waypoints export trace spans, OTLP/HTTP (e.g. http://collector.obs:4318)",
+    )
+    up.add_argument(
+        "--redirect-mode",
+        choices=envconfig.REDIRECT_MODES,
+        default="iptables",
+        help="how pods are captured: iptables rules (default, as Istio) or tc eBPF programs",
     )
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
     up.add_argument("--log-level", default="info")
@@ -206,6 +212,7 @@ def cmd_up(args: argparse.Namespace, io: commands.Streams, env: Mapping[str, str
         host_access=not args.no_host_access,
         max_pods=args.max_pods,
         otlp_endpoint=args.otlp_endpoint,
+        redirect_mode=args.redirect_mode,
         timeout=args.timeout,
         log_level=args.log_level,
     )

@@ -47,6 +47,7 @@ class UpOptions:
     owner_pid: int | None = None  # the playground goes away when this process does
     max_pods: int = podstatus.DEFAULT_MAX_PODS  # pods each node admits (kubelet's --max-pods)
     otlp_endpoint: str = ""  # where waypoints export trace spans (OTLP/HTTP); empty: nowhere
+    redirect_mode: str = "iptables"  # how the node agents capture pods: iptables or ebpf
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -118,6 +119,8 @@ def build_supervisor_argv(opts: UpOptions) -> list[str]:
         argv += ["--owner-pid", str(opts.owner_pid)]
     if opts.otlp_endpoint:
         argv += ["--otlp-endpoint", opts.otlp_endpoint]
+    if opts.redirect_mode != "iptables":
+        argv += ["--redirect-mode", opts.redirect_mode]
     return argv
 
 

@@ -31,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import BinaryIO
 
-from meshcore import files, log, netns
+from meshcore import envconfig, files, log, netns
 from meshcore.identity import tokens
 from meshcore.kube import client as kube_client
 from meshcore.kube import errors as kube_errors
@@ -81,6 +81,7 @@ class Config:
     owner_pid: int | None = None
     max_pods: int = podstatus.DEFAULT_MAX_PODS  # each node's capacity (kubelet's --max-pods)
     otlp_endpoint: str = ""  # waypoints export spans here (OTLP/HTTP base URL); empty: nowhere
+    redirect_mode: str = "iptables"  # the node agents' REDIRECT_MODE: iptables or ebpf
 
     @property
     def node_names(self) -> list[str]:
@@ -100,6 +101,7 @@ class Config:
         parser.add_argument("--owner-pid", type=int, default=None)
         parser.add_argument("--max-pods", type=int, default=podstatus.DEFAULT_MAX_PODS)
         parser.add_argument("--otlp-endpoint", default="")
+        parser.add_argument("--redirect-mode", choices=envconfig.REDIRECT_MODES, default="iptables")
         args = parser.parse_args(list(argv))
         if not 1 <= args.nodes <= topology.MAX_NODES:
             raise errors.UsageError(f"--nodes must be between 1 and {topology.MAX_NODES}")
@@ -121,6 +123,7 @@ class Config:
             owner_pid=args.owner_pid,
             max_pods=args.max_pods,
             otlp_endpoint=args.otlp_endpoint,
+            redirect_mode=args.redirect_mode,
         )
 
 
@@ -168,6 +171,7 @@ def build_node_specs(
             "CNI_EVENT_UDS": paths.cni_socket(node.name),
             "ZTUNNEL_UDS": paths.zds_socket(node.name),
             "AGENT_STATE_DIR": os.path.join(node_dir, "agent"),
+            "REDIRECT_MODE": config.redirect_mode,
         },
         netns=node.netns,
         log=paths.log("agent", node.name),

@@ -52,6 +52,7 @@ class Playground:
         self._nodes = 1
         self._max_pods = podstatus.DEFAULT_MAX_PODS
         self._otlp_endpoint = ""
+        self._redirect_mode = "iptables"
         self._proc: subprocess.Popen[bytes] | None = None
         self._record: pg_record.PlaygroundRecord | None = None
         self.paths = paths.Paths(self.state_dir)
@@ -65,6 +66,11 @@ class Playground:
     def otlp_endpoint(self, url: str) -> Playground:
         """Waypoints export spans to `url` (``meshctl up --otlp-endpoint``)."""
         self._otlp_endpoint = url
+        return self
+
+    def redirect_mode(self, mode: str) -> Playground:
+        """How the node agents capture pods (``meshctl up --redirect-mode``)."""
+        self._redirect_mode = mode
         return self
 
     def max_pods(self, count: int) -> Playground:
@@ -87,6 +93,7 @@ class Playground:
             owner_pid=os.getpid(),
             max_pods=self._max_pods,
             otlp_endpoint=self._otlp_endpoint,
+            redirect_mode=self._redirect_mode,
         )
         self._proc = control.launch_supervisor(opts, dict(os.environ))
         try:

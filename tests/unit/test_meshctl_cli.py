@@ -97,6 +97,31 @@ def test_supervisor_component_environment_contract() -> None:
     )
     assert kubelet.log == "/tmp/mt-abc/nodes/node2/kubelet.log"
     assert all(s.env["PATH"].endswith(":/usr/bin") for s in (controller, agent, zt, kubelet))
+    assert agent.env["REDIRECT_MODE"] == "iptables"
+
+
+def test_redirect_mode_goes_from_meshctl_up_to_every_node_agent() -> None:
+    args = cli.build_parser({}).parse_args(["up", "--redirect-mode", "ebpf"])
+    assert args.redirect_mode == "ebpf"
+    assert cli.build_parser({}).parse_args(["up"]).redirect_mode == "iptables"
+    opts = control.UpOptions(
+        state_dir="/tmp/mt-abc",
+        nodes=1,
+        prefix="mt1",
+        host_access=False,
+        timeout=60,
+        redirect_mode="ebpf",
+    )
+    argv = control.build_supervisor_argv(opts)
+    config = supervisor.Config.from_args(argv[3:], {"PATH": "/usr/bin"})
+    node = topology.build_node_record("mt1", "node1", 0, topology.DEFAULT_SUBNET)
+    agent, _, _ = supervisor.build_node_specs(config, paths.Paths(config.state_dir), node)
+    assert agent.env["REDIRECT_MODE"] == "ebpf"
+
+
+def test_an_unknown_redirect_mode_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser({}).parse_args(["up", "--redirect-mode", "tproxy"])
 
 
 @pytest.mark.parametrize(

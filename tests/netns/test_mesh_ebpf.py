@@ -1,0 +1,174 @@
+"""The L4 mesh on a 2-node playground whose node agents capture pods with eBPF
+(`meshctl up --redirect-mode ebpf`): real ztunnels, HBONE between the nodes, and no netfilter
+rule inside any pod.
+
+node1 runs the client, node2 the server, so every call crosses the fabric between the nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from meshcore.kube import resources
+from tests.netns import mesh_helpers as mh
+from tests.netns.playground_fixtures import Playground, started
+
+pytestmark = pytest.mark.netns
+
+CANARY = "MESH-EBPF-PLAINTEXT-CANARY"
+
+# Answers each connection with the address it came from, after echoing what it was sent.
+ECHO = textwrap.dedent(
+    """
+    import socket, threading
+    def serve(conn, peer):
+        try:
+            data = b""
+            while not data.endswith(b"\\n"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            conn.sendall(data + peer[0].encode() + b"\\n")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", 8080))
+    srv.listen(64)
+    while True:
+        conn, peer = srv.accept()
+        threading.Thread(target=serve, args=(conn, peer), daemon=True).start()
+    """
+)
+
+# In the client pod: send a line of canaries, print what came back.
+CALL = textwrap.dedent(
+    """
+    import socket, sys
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as s:
+        s.sendall(sys.argv[3].encode() * 1000 + b"\\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    sys.stdout.write(data.decode())
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Playground]:
+    with started(Playground().nodes(2).redirect_mode("ebpf")) as pg:
+        yield pg
+
+
+def _pinned(pod: dict[str, Any], node: str) -> dict[str, Any]:
+    pod["spec"]["nodeName"] = node
+    return pod
+
+
+def _deploy(cluster: Playground, ns: str) -> None:
+    cluster.apply(
+        mh.manifest(
+            mh.namespace(ns, ambient=True),
+            _pinned(mh.python_pod("echo", ns, ECHO, sa="echo", port=8080), "node2"),
+            mh.service("echo", ns, 80, 8080),
+            _pinned(mh.sleeper_pod("client", ns, sa="client"), "node1"),
+        )
+    )
+    for pod in ("echo", "client"):
+        cluster.wait_pod_ready(ns, pod)
+        mh.wait_captured(cluster, ns, pod)
+
+
+def _call(cluster: Playground, ns: str) -> list[str]:
+    """The echoed canaries and the address the server saw, or the client's error."""
+    done = cluster.exec(
+        ns, "client", [sys.executable, "-c", CALL, f"echo.{ns}", "80", CANARY], timeout=60
+    )
+    assert done.returncode == 0, f"client failed: {done.stderr}\n{cluster.logs('ztunnel')[-3000:]}"
+    return done.stdout.splitlines()
+
+
+def _pod_ip(cluster: Playground, ns: str, name: str) -> str:
+    pod = cluster.get(resources.PODS, name, ns)
+    return str(pod["status"]["podIP"])
+
+
+def _tc_filters(cluster: Playground, ns: str, pod: str) -> str:
+    return "".join(
+        mh.in_pod_netns(cluster, ns, pod, ["tc", "filter", "show", "dev", dev, hook]).stdout
+        for dev, hook in (("eth0", "egress"), ("eth0", "ingress"), ("lo", "ingress"))
+    )
+
+
+def test_cross_node_calls_are_mutual_tls_with_no_netfilter_in_the_pods(
+    cluster: Playground,
+) -> None:
+    ns = "ebpf"
+    _deploy(cluster, ns)
+
+    for pod in ("echo", "client"):
+        # Captured by our tc programs, with no netfilter rule (and so no conntrack) in the pod.
+        filters = _tc_filters(cluster, ns, pod)
+        for program in ("ambient_egress", "ambient_ingress", "ambient_lo_in"):
+            assert f"ambient-mesh:{program}" in filters, filters
+        assert mh.in_pod_netns(cluster, ns, pod, ["nft", "list", "ruleset"]).stdout.strip() == ""
+
+    with tempfile.TemporaryDirectory(prefix="mt-pcap-") as tmp:
+        pcap = os.path.join(tmp, "client.pcap")
+        with mh.capture(mh.pod_netns(cluster, ns, "client"), pcap):
+            echoed, seen_from = _call(cluster, ns)
+        packets = mh.read_capture(pcap)
+        raw = mh.file_bytes(pcap)
+
+    assert echoed == CANARY * 1000
+    # The server saw the client pod's own address: ztunnel on node2 connected as the client.
+    assert seen_from == _pod_ip(cluster, ns, "client")
+    # On the client pod's interface: only HBONE, never the app's port or plaintext.
+    assert packets
+    assert all(15008 in mh.packet_ports(p) for p in packets), packets[:5]
+    assert CANARY.encode() not in raw
+
+    # node2's ztunnel authenticated the caller's SPIFFE identity.
+    inbound = mh.wait_until(
+        lambda: [
+            r
+            for r in mh.access_log(cluster, "node2")
+            if r["direction"] == "inbound" and r["dst.workload"] == "echo"
+        ],
+        what="node2's inbound access-log record",
+    )
+    assert inbound[-1]["src.identity"] == f"spiffe://cluster.local/ns/{ns}/sa/client"
+    assert inbound[-1]["error"] is None
+
+
+def test_releasing_a_namespace_detaches_the_programs(cluster: Playground) -> None:
+    ns = "ebpf-release"
+    _deploy(cluster, ns)
+    assert "ambient-mesh:" in _tc_filters(cluster, ns, "client")
+
+    cluster.label_namespace(ns, {"istio.io/dataplane-mode": None})
+    for pod in ("echo", "client"):
+        mh.wait_released(cluster, ns, pod)
+        assert "ambient-mesh:" not in _tc_filters(cluster, ns, pod)
+
+    # Plain TCP between the pods now, to the service's port (the node's kube-proxy maps it).
+    with tempfile.TemporaryDirectory(prefix="mt-pcap-") as tmp:
+        pcap = os.path.join(tmp, "client.pcap")
+        with mh.capture(mh.pod_netns(cluster, ns, "client"), pcap):
+            echoed, seen_from = _call(cluster, ns)
+        packets = mh.read_capture(pcap)
+    assert echoed == CANARY * 1000
+    assert seen_from == _pod_ip(cluster, ns, "client")
+    assert any(80 in mh.packet_ports(p) for p in packets)
+    assert not any(15008 in mh.packet_ports(p) for p in packets)
