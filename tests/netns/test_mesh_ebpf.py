@@ -8,6 +8,7 @@ node1 runs the client, node2 the server, so every call crosses the fabric betwee
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 import textwrap
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from meshcore.kube import resources
+from meshctl.playground import procs, record
 from tests.netns import mesh_helpers as mh
 from tests.netns.playground_fixtures import Playground, started
 
@@ -172,3 +174,32 @@ def test_releasing_a_namespace_detaches_the_programs(cluster: Playground) -> Non
     assert seen_from == _pod_ip(cluster, ns, "client")
     assert any(80 in mh.packet_ports(p) for p in packets)
     assert not any(15008 in mh.packet_ports(p) for p in packets)
+
+
+def test_a_restarted_agent_keeps_capturing(cluster: Playground) -> None:
+    """The tc filters hold their programs, so capture does not depend on the agent process; a
+    new agent compiles its own and captures new pods with them."""
+    ns = "ebpf-restart"
+    _deploy(cluster, ns)
+
+    def agent() -> record.ProcessRecord:
+        (found,) = [p for p in cluster.record.processes if p.name == "agent" and p.node == "node1"]
+        return found
+
+    old = agent()
+    os.kill(old.pid, signal.SIGKILL)  # started by this test's playground
+    mh.wait_until(
+        lambda: agent().pid != old.pid and procs.is_record_alive(agent()),
+        60,
+        what="the supervisor to restart node1's agent",
+    )
+    assert "ambient-mesh:ambient_egress" in _tc_filters(cluster, ns, "client")
+    echoed, _ = _call(cluster, ns)
+    assert echoed == CANARY * 1000
+
+    # A pod created after the restart is captured by the new agent.
+    cluster.apply(mh.manifest(_pinned(mh.sleeper_pod("late", ns, sa="late"), "node1")))
+    cluster.wait_pod_ready(ns, "late")
+    mh.wait_captured(cluster, ns, "late")
+    assert "ambient-mesh:ambient_egress" in _tc_filters(cluster, ns, "late")
+    assert mh.in_pod_netns(cluster, ns, "late", ["nft", "list", "ruleset"]).stdout.strip() == ""
