@@ -24,6 +24,7 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cni.redirect import ebpf, iptables, netlink
@@ -137,28 +138,23 @@ class Redirector:
 
     def _undo(self, fd: int, netns_path: str) -> None:
         """Best effort after a failed install; a failure here is logged, the original raised."""
-        try:
-            ebpf.detach(fd)
-        except RedirectError as exc:
-            logger.error(
-                "could not detach the eBPF filters",
-                extra=log.fields(netns=netns_path, error=str(exc)),
-            )
-        try:
+
+        def remove_rules() -> None:
             state = self._find_state(fd, netns_path)
             self._restore(fd, netns_path, iptables.remove_rules(state))
-        except RedirectError as exc:
-            logger.error(
-                "could not remove partial iptables rules",
-                extra=log.fields(netns=netns_path, error=str(exc)),
-            )
-        try:
-            netlink.remove_routing(fd)
-        except RedirectError as exc:
-            logger.error(
-                "could not remove the ip rule/route",
-                extra=log.fields(netns=netns_path, error=str(exc)),
-            )
+
+        steps: tuple[tuple[str, Callable[[], None]], ...] = (
+            ("detach the eBPF filters", lambda: ebpf.detach(fd)),
+            ("remove partial iptables rules", remove_rules),
+            ("remove the ip rule/route", lambda: netlink.remove_routing(fd)),
+        )
+        for what, step in steps:
+            try:
+                step()
+            except RedirectError as exc:
+                logger.error(
+                    f"could not {what}", extra=log.fields(netns=netns_path, error=str(exc))
+                )
 
     def _find_state(self, fd: int, netns_path: str) -> iptables.InstalledState:
         return iptables.parse_saved(self._run(fd, netns_path, self._tools.save, None))

@@ -23,6 +23,7 @@ from meshcore import netns
 T = TypeVar("T")
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
+IP_TRANSPARENT = 19
 SO_ORIGINAL_DST = 80  # not exported by Python's socket module
 
 
@@ -110,10 +111,16 @@ class Namespaces:
             raise RuntimeError("namespace cleanup failed: " + "; ".join(errors))
 
 
-def tcp_listener(ns: Netns, port: int, host: str = "0.0.0.0") -> socket.socket:
+def tcp_listener(
+    ns: Netns, port: int, host: str = "0.0.0.0", *, transparent: bool = False
+) -> socket.socket:
+    """A listener inside `ns`; `transparent` (IP_TRANSPARENT) as ztunnel's 15001 has it."""
+
     def make() -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if transparent:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
         sock.bind((host, port))
         sock.listen(16)
         return sock
@@ -122,15 +129,28 @@ def tcp_listener(ns: Netns, port: int, host: str = "0.0.0.0") -> socket.socket:
 
 
 def tcp_connect(
-    ns: Netns, host: str, port: int, *, mark: int | None = None, timeout: float = 5.0
+    ns: Netns,
+    host: str,
+    port: int,
+    *,
+    mark: int | None = None,
+    source: str | None = None,
+    transparent: bool = False,
+    timeout: float = 5.0,
 ) -> socket.socket:
-    """A connected TCP socket created inside `ns` (optionally with SO_MARK, like ztunnel's)."""
+    """A connected TCP socket created inside `ns`: optionally with SO_MARK (like ztunnel's),
+    bound to `source` first, and IP_TRANSPARENT to bind an address not its own (as ztunnel
+    connects to an app with the original client's address)."""
 
     def make() -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             if mark is not None:
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            if transparent:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            if source is not None:
+                sock.bind((source, 0))
             sock.settimeout(timeout)
             sock.connect((host, port))
         except BaseException:

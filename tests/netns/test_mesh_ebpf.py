@@ -26,30 +26,16 @@ pytestmark = pytest.mark.netns
 
 CANARY = "MESH-EBPF-PLAINTEXT-CANARY"
 
-# Answers each connection with the address it came from, after echoing what it was sent.
+# Echoes the first line of each connection, then adds the address the connection came from.
 ECHO = textwrap.dedent(
     """
-    import socket, threading
-    def serve(conn, peer):
-        try:
-            data = b""
-            while not data.endswith(b"\\n"):
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            conn.sendall(data + peer[0].encode() + b"\\n")
-        except OSError:
-            pass
-        finally:
-            conn.close()
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", 8080))
-    srv.listen(64)
-    while True:
-        conn, peer = srv.accept()
-        threading.Thread(target=serve, args=(conn, peer), daemon=True).start()
+    import socketserver
+    class Echo(socketserver.StreamRequestHandler):
+        def handle(self):
+            line = self.rfile.readline()
+            self.wfile.write(line + self.client_address[0].encode() + b"\\n")
+    socketserver.ThreadingTCPServer.allow_reuse_address = True
+    socketserver.ThreadingTCPServer(("0.0.0.0", 8080), Echo).serve_forever()
     """
 )
 

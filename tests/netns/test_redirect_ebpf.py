@@ -45,49 +45,21 @@ def redirect(programs: ebpf.Programs) -> redirector.Redirector:
     return redirector.Redirector(mode="ebpf", programs=programs)
 
 
-def listener(ns: netns_util.Netns, port: int, *, transparent: bool = False) -> socket.socket:
-    """Like ztunnel's: 15001 must be IP_TRANSPARENT to answer for other addresses."""
-
-    def make() -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if transparent:
-            sock.setsockopt(socket.SOL_IP, pod_network.IP_TRANSPARENT, 1)
-        sock.bind(("0.0.0.0", port))
-        sock.listen(16)
-        return sock
-
-    return ns.run(make)
-
-
-def spoofed_connect(ns: netns_util.Netns, source: str, host: str, port: int) -> socket.socket:
-    """What ztunnel's inbound side does: connect to the app from the original client's
-    address, with ztunnel's mark."""
-
-    def make() -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, pod_network.SO_MARK, pod_network.INPOD_MARK)
-            sock.setsockopt(socket.SOL_IP, pod_network.IP_TRANSPARENT, 1)
-            sock.bind((source, 0))
-            sock.settimeout(5)
-            sock.connect((host, port))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    return ns.run(make)
-
-
 def echo(a: socket.socket, b: socket.socket, data: bytes) -> None:
     """`data` from a to b and back: both directions of an established connection carry."""
     a.sendall(data)
-    b.settimeout(5)
-    assert b.recv(len(data)) == data
+    assert receive(b, len(data)) == data
     b.sendall(data[::-1])
-    a.settimeout(5)
-    assert a.recv(len(data)) == data[::-1]
+    assert receive(a, len(data)) == data[::-1]
+
+
+def receive(sock: socket.socket, size: int) -> bytes:
+    """Exactly `size` bytes (fewer only if the peer closes first)."""
+    sock.settimeout(5)
+    got = b""
+    while len(got) < size and (chunk := sock.recv(size - len(got))):
+        got += chunk
+    return got
 
 
 def accept_local(ns: netns_util.Netns) -> str:
@@ -125,11 +97,11 @@ def test_captures_both_ways_with_no_netfilter_and_remove_restores_direct_traffic
     assert routing(pod) == (True, True)
     assert accept_local(pod) == "1"
 
-    outbound = listener(pod, 15001, transparent=True)
-    inbound_plain = listener(pod, 15006)
-    inbound_hbone = listener(pod, 15008)
-    own_app = listener(pod, OWN_APP_PORT)
-    upstream = listener(peer, APP_PORT)
+    outbound = netns_util.tcp_listener(pod, 15001, transparent=True)
+    inbound_plain = netns_util.tcp_listener(pod, 15006)
+    inbound_hbone = netns_util.tcp_listener(pod, 15008)
+    own_app = netns_util.tcp_listener(pod, OWN_APP_PORT)
+    upstream = netns_util.tcp_listener(peer, APP_PORT)
     sockets += [outbound, inbound_plain, inbound_hbone, own_app, upstream]
 
     # App egress lands on 15001; the accepted socket's own address is the real destination.
@@ -165,7 +137,9 @@ def test_captures_both_ways_with_no_netfilter_and_remove_restores_direct_traffic
 
     # ztunnel connects to the app as the original client: the app's replies (addressed to the
     # peer) come back to ztunnel's socket instead of leaving through eth0.
-    spoofed = spoofed_connect(pod, PEER_IP, POD_IP, OWN_APP_PORT)
+    spoofed = netns_util.tcp_connect(
+        pod, POD_IP, OWN_APP_PORT, mark=iptables.INPOD_MARK, source=PEER_IP, transparent=True
+    )
     sockets.append(spoofed)
     served = netns_util.accept(own_app)
     sockets.append(served)
@@ -198,8 +172,8 @@ def test_without_ztunnel_listening_nothing_gets_through(
     pod_and_peer: PodAndPeer, sockets: list[socket.socket], redirect: redirector.Redirector
 ) -> None:
     pod, peer = pod_and_peer
-    upstream = listener(peer, APP_PORT)
-    app_listener = listener(pod, APP_PORT)
+    upstream = netns_util.tcp_listener(peer, APP_PORT)
+    app_listener = netns_util.tcp_listener(pod, APP_PORT)
     sockets += [upstream, app_listener]
     redirect.install(pod.path, iptables.RedirectOptions())
 
@@ -219,8 +193,8 @@ def test_a_captured_connection_whose_ztunnel_side_is_gone_stays_dark(
     """What conntrack gives iptables mode: once captured, a connection never leaves the pod
     in plaintext, even after ztunnel's socket vanished without the app hearing of it."""
     pod, peer = pod_and_peer
-    outbound = listener(pod, 15001, transparent=True)
-    upstream = listener(peer, APP_PORT)
+    outbound = netns_util.tcp_listener(pod, 15001, transparent=True)
+    upstream = netns_util.tcp_listener(peer, APP_PORT)
     sockets += [outbound, upstream]
     redirect.install(pod.path, iptables.RedirectOptions())
     app = netns_util.tcp_connect(pod, PEER_IP, APP_PORT)
@@ -251,9 +225,9 @@ def test_ingress_mode_captures_only_outbound(
     pod_and_peer: PodAndPeer, sockets: list[socket.socket], redirect: redirector.Redirector
 ) -> None:
     pod, peer = pod_and_peer
-    outbound = listener(pod, 15001, transparent=True)
-    inbound_plain = listener(pod, 15006)
-    app_listener = listener(pod, APP_PORT)
+    outbound = netns_util.tcp_listener(pod, 15001, transparent=True)
+    inbound_plain = netns_util.tcp_listener(pod, 15006)
+    app_listener = netns_util.tcp_listener(pod, APP_PORT)
     sockets += [outbound, inbound_plain, app_listener]
     redirect.install(pod.path, iptables.RedirectOptions())
     redirect.install(pod.path, iptables.RedirectOptions(inbound_capture=False))
@@ -279,23 +253,12 @@ def test_kubelet_probes_reach_the_app_directly(
     pod, peer = pod_and_peer
     peer.exec("ip", "addr", "add", f"{PROBE_IP}/32", "dev", "eth0")
     pod.exec("ip", "route", "add", f"{PROBE_IP}/32", "dev", "eth0")
-    inbound_plain = listener(pod, 15006)
-    app_listener = listener(pod, APP_PORT)
+    inbound_plain = netns_util.tcp_listener(pod, 15006)
+    app_listener = netns_util.tcp_listener(pod, APP_PORT)
     sockets += [inbound_plain, app_listener]
     redirect.install(pod.path, iptables.RedirectOptions())
 
-    def probe() -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.bind((PROBE_IP, 0))
-            sock.settimeout(5)
-            sock.connect((POD_IP, APP_PORT))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    prober = peer.run(probe)
+    prober = netns_util.tcp_connect(peer, POD_IP, APP_PORT, source=PROBE_IP)
     sockets.append(prober)
     served = netns_util.accept(app_listener)
     sockets.append(served)
