@@ -4,8 +4,8 @@ The same capture as spec 3.2, with no netfilter rule in the pod: three tc progra
 (`ebpf_redirect.c`, which says what each does) steer the app's connections to ztunnel's listeners
 with `bpf_sk_assign`, the socket-level equivalent of TPROXY, and turn the packets of ztunnel's
 own pod-side sockets back into the pod through lo. Without any rule in the namespace the kernel
-keeps no conntrack state there, which is where iptables mode spends a share of its per-packet
-cost. ztunnel reads the original destination from the accepted socket's own address.
+keeps no conntrack state there. ztunnel reads the original destination from the accepted
+socket's own address.
 
 What the programs need besides themselves, all inside the pod's namespace:
 - the policy routing of spec 3.2 (`netlink.add_routing`): packets marked 0x111 are local;
@@ -17,7 +17,11 @@ The programs are compiled once per agent with BCC (Debian's python3-bpfcc and ke
 which `scripts/bootstrap` installs) and attached per pod with a clsact qdisc, as filters of our
 own priority and name, so that they can be found, replaced and removed without touching anyone
 else's. A filter holds its program, so capture outlives an agent restart; the new agent's
-install replaces each filter in place (tc replace, no gap).
+install replaces each filter in place (tc replace, no gap). The new programs come with their
+own map of captured app sockets, so a connection captured before the restart loses one guard:
+once ztunnel's side of it is gone entirely, the app's further packets pass instead of being
+dropped. Only an app that goes on writing long after ztunnel closed its side (ztunnel's closing
+socket answers such packets with a RST until the kernel forgets it) gets there.
 
 Not supported here, refused or said so: IPv6 (neither mode captures it yet), DNS capture (ztunnel
 has no DNS proxy yet, so it is left off with a warning) and `istio.io/reroute-virtual-interfaces`
