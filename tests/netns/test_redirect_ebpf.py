@@ -10,7 +10,9 @@ import socket
 import struct
 import sys
 
+import bcc
 import pytest
+from pyroute2 import IPRoute
 
 from cni.redirect import ebpf, iptables, redirector
 from tests.netns import netns_util
@@ -323,3 +325,49 @@ def test_a_node_without_bcc_fails_at_start_naming_the_package(
     monkeypatch.setitem(sys.modules, "bcc", None)  # `import bcc` raises ImportError
     with pytest.raises(ebpf.BpfUnavailableError, match="python3-bpfcc"):
         redirector.Redirector(mode="ebpf").prepare()
+
+
+def test_someone_elses_filters_are_left_alone(
+    pod_and_peer: PodAndPeer, sockets: list[socket.socket], redirect: redirector.Redirector
+) -> None:
+    """Another tool's tc program on the same hook (before ours) keeps running, and survives
+    our install and removal."""
+    pod, peer = pod_and_peer
+    other = bcc.BPF(text=b"int other_tool(struct __sk_buff *skb) { return -1; }")  # TC_ACT_UNSPEC
+    program = other.load_func(b"other_tool", bcc.BPF.SCHED_CLS)
+
+    def add_theirs() -> None:
+        with IPRoute() as ipr:
+            index = ipr.link_lookup(ifname="eth0")[0]
+            ipr.tc("add", "clsact", index=index)
+            ipr.tc(
+                "add-filter",
+                "bpf",
+                index=index,
+                handle=1,
+                prio=1,
+                parent=ebpf.EGRESS_PARENT,
+                fd=program.fd,
+                name="other-tool",
+                classid=1,
+                direct_action=True,
+            )
+
+    def egress_filters() -> str:
+        return pod.exec("tc", "filter", "show", "dev", "eth0", "egress").stdout
+
+    pod.run(add_theirs)
+    redirect.install(pod.path, iptables.RedirectOptions())
+    assert "other-tool" in egress_filters()
+    outbound = netns_util.tcp_listener(pod, 15001, transparent=True)
+    upstream = netns_util.tcp_listener(peer, APP_PORT)
+    sockets += [outbound, upstream]
+    sockets.append(netns_util.tcp_connect(pod, PEER_IP, APP_PORT))
+    sockets.append(netns_util.accept(outbound))
+    assert not netns_util.has_pending(upstream)
+
+    redirect.remove(pod.path)
+    assert "other-tool" in egress_filters()
+    assert "ambient-mesh" not in egress_filters()
+    sockets.append(netns_util.tcp_connect(pod, PEER_IP, APP_PORT))
+    sockets.append(netns_util.accept(upstream))
