@@ -31,6 +31,7 @@ has no DNS proxy yet, so it is left off with a warning) and `istio.io/reroute-vi
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import re
@@ -50,7 +51,8 @@ from meshcore import log, netns
 logger = logging.getLogger("cni.redirect.ebpf")
 
 SOURCE = Path(__file__).with_name("ebpf_redirect.c")
-PROBE_SNAT_ADDRESS = 0xA9FE077F  # 169.254.7.127, spec 3.2
+# The host SNATs kubelet probes to this address (spec 3.2); the iptables rules exempt it too.
+PROBE_SNAT_ADDRESS = int(ipaddress.ip_network(iptables.IPV4.probe_snat).network_address)
 MIN_KERNEL = (6, 5)
 CAPTURED_SOCKETS = 131072  # LRU entries: app sockets whose SYN was captured, per node
 
@@ -193,7 +195,11 @@ def detach(netns_fd: int) -> None:
 
 
 def find_state(netns_fd: int) -> EbpfState:
-    return netns.run_in(netns_fd, _state)
+    def work() -> EbpfState:
+        with IPRoute() as ipr:
+            return _state(ipr)
+
+    return netns.run_in(netns_fd, work)
 
 
 def _attach(fds: dict[str, int], *, inbound: bool) -> None:
@@ -220,33 +226,32 @@ def _attach(fds: dict[str, int], *, inbound: bool) -> None:
 def _detach() -> None:
     """Our filters go; accept_local is reset only where we had set it (a namespace with our
     lo filter), so a pod that never ran in eBPF mode keeps its own setting."""
-    if _state().is_empty:
-        return
     with IPRoute() as ipr:
+        if _state(ipr).is_empty:
+            return
         for ifname, index in _links(ipr).items():
             for parent in (EGRESS_PARENT, INGRESS_PARENT):
                 _delete(ipr, index, ifname, parent)
     _write_sysctl(ACCEPT_LOCAL, "0")
 
 
-def _state() -> EbpfState:
+def _state(ipr: IPRoute) -> EbpfState:
     found: list[Attached] = []
-    with IPRoute() as ipr:
-        for ifname, index in _links(ipr).items():
-            for direction, parent in (("egress", EGRESS_PARENT), ("ingress", INGRESS_PARENT)):
-                for msg in (
-                    _call(
-                        f"list the tc filters of {ifname}",
-                        ipr.get_filters,
-                        index=index,
-                        parent=parent,
-                        tolerate=(errno.EINVAL, errno.ENOENT),
-                    )
-                    or ()
-                ):
-                    name = _bpf_name(msg)
-                    if name is not None and name.startswith(NAME_PREFIX):
-                        found.append(Attached(ifname, direction, name[len(NAME_PREFIX) :]))
+    for ifname, index in _links(ipr).items():
+        for direction, parent in (("egress", EGRESS_PARENT), ("ingress", INGRESS_PARENT)):
+            for msg in (
+                _call(
+                    f"list the tc filters of {ifname}",
+                    ipr.get_filters,
+                    index=index,
+                    parent=parent,
+                    tolerate=(errno.EINVAL, errno.ENOENT),
+                )
+                or ()
+            ):
+                name = _bpf_name(msg)
+                if name is not None and name.startswith(NAME_PREFIX):
+                    found.append(Attached(ifname, direction, name[len(NAME_PREFIX) :]))
     return EbpfState(tuple(found))
 
 

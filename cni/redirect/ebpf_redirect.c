@@ -34,7 +34,6 @@
 #include <uapi/linux/pkt_cls.h>
 
 #define LO_IFINDEX 1
-#define IP_MF_OFFSET 0x3fff  // "more fragments" and the fragment offset
 
 BPF_TABLE("lru_hash", u64, u8, captured_sockets, CAPTURED_SOCKETS);
 
