@@ -20,7 +20,7 @@ import sys
 from cni.agent import captures, netns_cache, plugin_server, zds_server
 from cni.agent import config as config_mod
 from cni.agent import reconciler as reconciler_mod
-from cni.redirect import redirector
+from cni.redirect import ebpf, redirector
 from meshcore import errors, log
 from meshcore.aio import runtime
 from meshcore.kube import client as kube_client
@@ -44,7 +44,9 @@ async def run(cfg: config_mod.Config) -> None:
 
     # How pods are captured; eBPF mode compiles its programs here, so a node without BCC or
     # kernel headers fails now, naming what is missing, not at its first pod.
-    pod_redirector = redirector.Redirector(mode=cfg.redirect_mode)
+    pod_redirector = redirector.Redirector(
+        mode=cfg.redirect_mode, programs=ebpf.Programs(cfg.bpf_pin_dir)
+    )
     await asyncio.to_thread(pod_redirector.prepare)
 
     # The netns cache: how a restarted agent finds the pods it captured before.

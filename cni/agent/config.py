@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 
-from meshcore import envconfig, errors
+from meshcore import bpffs, envconfig, errors
 
 DEFAULT_ZTUNNEL_UDS = "/var/run/ztunnel/ztunnel.sock"  # istio-cni's default (spec 4)
 DEFAULT_CNI_EVENT_UDS = "/var/run/ambient-mesh/cni.sock"
@@ -44,6 +44,8 @@ class Config:
     # Off until ztunnel has a DNS proxy on 15053: capturing port 53 without one breaks DNS.
     dns_capture: bool = False
     redirect_mode: str = "iptables"
+    # eBPF mode pins its map of captured connections here, so that it outlives a restart.
+    bpf_pin_dir: str = bpffs.DEFAULT_PIN_DIR
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -87,6 +89,7 @@ class Config:
             log_level=log_level,
             dns_capture=dns_capture,
             redirect_mode=redirect_mode,
+            bpf_pin_dir=_absolute("BPF_PIN_DIR", optional("BPF_PIN_DIR", bpffs.DEFAULT_PIN_DIR)),
         )
 
 

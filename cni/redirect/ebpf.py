@@ -17,11 +17,10 @@ The programs are compiled once per agent with BCC (Debian's python3-bpfcc and ke
 which `scripts/bootstrap` installs) and attached per pod with a clsact qdisc, as filters of our
 own priority and name, so that they can be found, replaced and removed without touching anyone
 else's. A filter holds its program, so capture outlives an agent restart; the new agent's
-install replaces each filter in place (tc replace, no gap). The new programs come with their
-own map of captured app sockets, so a connection captured before the restart loses one guard:
-once ztunnel's side of it is gone entirely, the app's further packets pass instead of being
-dropped. Only an app that goes on writing long after ztunnel closed its side (ztunnel's closing
-socket answers such packets with a RST until the kernel forgets it) gets there.
+install replaces each filter in place (tc replace, no gap). The map of captured app sockets is
+pinned in a bpf filesystem (BPF_PIN_DIR, /sys/fs/bpf/ambient-mesh by default), and a new agent's
+programs open the pinned map instead of making their own: connections captured before a restart
+stay guarded after it. An agent whose BPF_PIN_DIR is not on a bpf filesystem refuses to start.
 
 Not supported here, refused or said so: IPv6 (neither mode captures it yet), DNS capture (ztunnel
 has no DNS proxy yet, so it is left off with a warning) and `istio.io/reroute-virtual-interfaces`
@@ -46,7 +45,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from cni.redirect import iptables
-from meshcore import log, netns
+from meshcore import bpffs, log, netns
 
 logger = logging.getLogger("cni.redirect.ebpf")
 
@@ -55,6 +54,8 @@ SOURCE = Path(__file__).with_name("ebpf_redirect.c")
 PROBE_SNAT_ADDRESS = int(ipaddress.ip_network(iptables.IPV4.probe_snat).network_address)
 MIN_KERNEL = (6, 5)
 CAPTURED_SOCKETS = 131072  # LRU entries: app sockets whose SYN was captured, per node
+# The pinned map's file in BPF_PIN_DIR. A change to its key or value type needs a new name.
+CAPTURED_SOCKETS_PIN = "captured_sockets"
 
 FILTER_PRIORITY = 0x4D53  # our filters' tc priority ("MS"); handle 1 within it
 FILTER_HANDLE = 1
@@ -100,9 +101,11 @@ class EbpfState:
 
 
 class Programs:
-    """The compiled programs: one BCC module per agent, loaded on first use."""
+    """The compiled programs: one BCC module per agent, loaded on first use, with the map of
+    captured sockets pinned in `pin_dir` (a directory in a bpf filesystem, created if missing)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pin_dir: str) -> None:
+        self.pin_dir = pin_dir
         self._lock = threading.Lock()
         self._module: Any = None
         self._fds: dict[str, int] = {}
@@ -121,6 +124,7 @@ class Programs:
         started = time.monotonic()
         check_kernel(os.uname().release)
         bcc = _import_bcc()
+        pinned = prepare_pin_dir(self.pin_dir)
         cflags = [
             f"-DINPOD_MARK={iptables.INPOD_MARK:#x}",
             f"-DRETURN_MARK={iptables.INPOD_TPROXY_MARK:#x}",
@@ -130,6 +134,7 @@ class Programs:
             f"-DHBONE_PORT={iptables.ZTUNNEL_INBOUND_PORT}",
             f"-DPROBE_ADDR={PROBE_SNAT_ADDRESS:#x}",
             f"-DCAPTURED_SOCKETS={CAPTURED_SOCKETS}",
+            f'-DCAPTURED_SOCKETS_PIN="{pinned}"',
         ]
         try:
             module = bcc.BPF(src_file=os.fsencode(SOURCE), cflags=cflags)
@@ -142,8 +147,36 @@ class Programs:
         self._module, self._fds = module, fds
         logger.info(
             "eBPF redirection programs loaded",
-            extra=log.fields(duration_ms=round((time.monotonic() - started) * 1000, 1)),
+            extra=log.fields(
+                duration_ms=round((time.monotonic() - started) * 1000, 1), pinned_map=pinned
+            ),
         )
+
+
+def prepare_pin_dir(pin_dir: str) -> str:
+    """Check that `pin_dir` is (or would be created) inside a bpf filesystem, create it, and
+    return the pinned map's path. Nothing is created anywhere else."""
+    if not os.path.isabs(pin_dir) or any(c in pin_dir for c in '"\\\n'):
+        raise BpfUnavailableError(
+            f"BPF_PIN_DIR={pin_dir!r} must be an absolute path without quotes or backslashes"
+        )
+    existing = pin_dir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        on_bpffs = bpffs.is_bpffs(existing)
+        if on_bpffs:
+            os.makedirs(pin_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise BpfUnavailableError(f"BPF_PIN_DIR={pin_dir}: {exc.strerror}") from exc
+    if not on_bpffs:
+        raise BpfUnavailableError(
+            f"BPF_PIN_DIR={pin_dir} is not on a bpf filesystem ({existing} is not), so the map "
+            "of captured connections could not outlive an agent restart: mount one "
+            "(mount -t bpf bpf /sys/fs/bpf; in a cluster, a hostPath volume of /sys/fs/bpf) "
+            "or point BPF_PIN_DIR into one"
+        )
+    return os.path.join(pin_dir, CAPTURED_SOCKETS_PIN)
 
 
 def check_kernel(release: str) -> None:

@@ -11,9 +11,9 @@
 //       is turned back into the pod: mark 0x111 (the ip rule routes it to the local table), the
 //       destination MAC set to lo's, redirected to lo's ingress;
 //     - an app's SYN goes the same way, and ambient_lo_in hands it to ztunnel's 15001 listener;
-//       its socket cookie is remembered, so that later packets of that connection are dropped,
-//       not sent out in plaintext, if ztunnel's side of it is gone (iptables' conntrack does the
-//       same: the flow stays redirected);
+//       its socket cookie is remembered (in a pinned map), so that later packets of that
+//       connection are dropped, not sent out in plaintext, if ztunnel's side of it is gone
+//       (iptables' conntrack does the same: the flow stays redirected);
 //     - anything else passes (connections from before enrolment, replies in ingress mode).
 //   ambient_lo_in    lo ingress
 //     - a SYN redirected above with no socket already waiting for it is assigned to the listener
@@ -35,7 +35,9 @@
 
 #define LO_IFINDEX 1
 
-BPF_TABLE("lru_hash", u64, u8, captured_sockets, CAPTURED_SOCKETS);
+// Pinned (CAPTURED_SOCKETS_PIN is a path in a bpf filesystem): a restarted agent's programs
+// open this same map, so connections captured before the restart stay guarded.
+BPF_TABLE_PINNED("lru_hash", u64, u8, captured_sockets, CAPTURED_SOCKETS, CAPTURED_SOCKETS_PIN);
 
 struct flow {
     struct iphdr *ip;

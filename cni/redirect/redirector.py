@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cni.redirect import ebpf, iptables, netlink
-from meshcore import envconfig, log, netns
+from meshcore import bpffs, envconfig, log, netns
 
 logger = logging.getLogger("cni.redirect")
 
@@ -58,7 +58,7 @@ class Redirector:
             raise ValueError(f"redirect mode {mode!r} must be one of {', '.join(MODES)}")
         self.mode = mode
         self._tools = tools or IptablesTools()
-        self._programs = programs or ebpf.Programs()
+        self._programs = programs or ebpf.Programs(bpffs.DEFAULT_PIN_DIR)
 
     def prepare(self) -> None:
         """Load what the mode needs before the first pod (eBPF: compile the programs), so that

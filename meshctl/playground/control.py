@@ -239,6 +239,8 @@ def stop_playground(state_dir: str, prefix: str | None = None, timeout: float = 
     alive = [teardown.describe(p) for p in procs_before if procs.is_record_alive(p)]
     if alive:
         problems.append("processes " + ", ".join(alive))
+    if report.mounts:
+        problems.append("mounts " + ", ".join(report.mounts))
     if report.network.lingering_pids:
         problems.append(
             "processes inside deleted namespaces: "

@@ -51,6 +51,10 @@ class Paths:
     def token(self, node: str) -> str:
         return os.path.join(self.node_dir(node), "token")
 
+    def bpf_dir(self, node: str) -> str:
+        """The node agent's BPF_PIN_DIR in eBPF mode: a bpf filesystem of its own."""
+        return os.path.join(self.node_dir(node), "bpf")
+
     def cni_socket(self, node: str) -> str:
         return os.path.join(self.node_dir(node), "cni.sock")
 

@@ -31,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import BinaryIO
 
-from meshcore import envconfig, files, log, netns
+from meshcore import bpffs, envconfig, files, log, netns
 from meshcore.identity import tokens
 from meshcore.kube import client as kube_client
 from meshcore.kube import errors as kube_errors
@@ -172,6 +172,7 @@ def build_node_specs(
             "ZTUNNEL_UDS": paths.zds_socket(node.name),
             "AGENT_STATE_DIR": os.path.join(node_dir, "agent"),
             "REDIRECT_MODE": config.redirect_mode,
+            "BPF_PIN_DIR": paths.bpf_dir(node.name),
         },
         netns=node.netns,
         log=paths.log("agent", node.name),
@@ -412,6 +413,9 @@ class Supervisor:
         started: list[tuple[record.NodeRecord, tuple[Component, ...]]] = []
         for node in topo.nodes:
             os.makedirs(paths.node_dir(node.name), exist_ok=True)
+            if cfg.redirect_mode == "ebpf":
+                # Where the agent pins its map of captured connections (unmounted at teardown).
+                bpffs.mount(paths.bpf_dir(node.name))
             launched = tuple([await self._launch(s) for s in build_node_specs(cfg, paths, node)])
             started.append((node, launched))
             self.progress(f"{node.name}: starting node agent, ztunnel and kubelet in {node.netns}")

@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import signal
 from collections.abc import Sequence
 
-from meshcore import netns
+from meshcore import bpffs, netns
 from meshctl.playground import paths, procs, record, topology
 
 STOP_ORDER = ("kubelet", "ztunnel", "agent", "controller")
@@ -30,15 +31,18 @@ class PlaygroundTeardownReport:
     killed_pod_pids: tuple[int, ...]
     network: topology.TeardownReport
     surviving: tuple[str, ...] = ()  # recorded processes still alive after SIGKILL
+    mounts: tuple[str, ...] = ()  # bpf filesystems still mounted under the state directory
 
     @property
     def is_clean(self) -> bool:
-        return self.network.is_clean and not self.surviving
+        return self.network.is_clean and not self.surviving and not self.mounts
 
     def describe_leftovers(self) -> str:
         parts = [self.network.describe_leftovers()] if not self.network.is_clean else []
         if self.surviving:
             parts.append("processes " + ", ".join(self.surviving))
+        if self.mounts:
+            parts.append("mounts " + ", ".join(self.mounts))
         return "; ".join(parts)
 
 
@@ -84,15 +88,20 @@ def kill_pod_processes(prefix: str) -> list[int]:
 # relative to it. Only these are removed: a --state-dir pointed at a directory holding other
 # things must not lose them.
 CONTROLLER_STATE = ("store", "ca", "token-secret", "api.sock", "xds.sock")
-NODE_STATE = ("pods", "cni", "agent", "token", "cni.sock", "ztunnel.sock")
+NODE_STATE = ("pods", "cni", "agent", "token", "cni.sock", "ztunnel.sock", "bpf")
 
 
 def remove_runtime_state(
     state_dir: str, nodes: Sequence[str] = (), *, keep_record: bool = False
-) -> None:
-    """Remove what a running playground keeps (store, CA, sockets, tokens, pod sandboxes and
-    the record); component logs stay for a post-mortem until the next `meshctl up`."""
+) -> tuple[str, ...]:
+    """Remove what a running playground keeps (store, CA, sockets, tokens, pod sandboxes,
+    eBPF mode's bpf filesystems and the record); component logs stay for a post-mortem until
+    the next `meshctl up`. Returns the mount points that could not be unmounted."""
     where = paths.Paths(state_dir)
+    # eBPF mode's pinned maps go with their filesystems (the pods that used them are gone).
+    for mount_point in bpf_mounts(state_dir):
+        with contextlib.suppress(OSError):  # reported below as still mounted
+            bpffs.unmount(mount_point)
     targets = [os.path.join(where.controller_dir, name) for name in CONTROLLER_STATE]
     for node in nodes:
         targets += [os.path.join(where.node_dir(node), name) for name in NODE_STATE]
@@ -107,6 +116,26 @@ def remove_runtime_state(
             os.rmdir(directory)  # only if empty: logs stay
     if not keep_record:
         record.RecordFile(state_dir).remove()
+    return tuple(bpf_mounts(state_dir))
+
+
+def bpf_mounts(state_dir: str) -> list[str]:
+    """The bpf filesystems mounted under the playground's node directories (found in
+    /proc/self/mountinfo, so that a lost record does not hide them)."""
+    under = os.path.join(paths.Paths(state_dir).node_dir(""), "")
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            fields, _, fs = line.partition(" - ")
+            mount_point = _unescape(fields.split(" ")[4])
+            if fs.split(" ", 1)[0] == "bpf" and mount_point.startswith(under):
+                found.append(mount_point)
+    return found
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
 def teardown_playground(
@@ -124,10 +153,11 @@ def teardown_playground(
     network = topology.teardown_topology(rec.topology if rec else None, use_prefix)
     nodes = [n.name for n in rec.topology.nodes] if rec and rec.topology else []
     nodes += [p.node for p in (rec.processes if rec else ()) if p.node and p.node not in nodes]
-    remove_runtime_state(state_dir, nodes, keep_record=keep_record)
+    mounts = remove_runtime_state(state_dir, nodes, keep_record=keep_record)
     return PlaygroundTeardownReport(
         stopped=tuple(stopped),
         killed_pod_pids=tuple(killed),
         network=network,
         surviving=tuple(surviving),
+        mounts=mounts,
     )

@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from cni.redirect import ebpf
+from meshcore import bpffs
 from meshcore.kube import resources
 from meshctl.playground import procs, record
 from tests.netns import mesh_helpers as mh
@@ -182,6 +184,11 @@ def test_a_restarted_agent_keeps_capturing(cluster: Playground) -> None:
     assert "ambient-mesh:ambient_egress" in _tc_filters(cluster, ns, "client")
     echoed, _ = _call(cluster, ns)
     assert echoed == CANARY * 1000
+    # The map of captured connections outlived the old agent: it is pinned in node1's own bpf
+    # filesystem, which the supervisor mounted and the fixture's teardown checks is gone.
+    pin_dir = cluster.paths.bpf_dir("node1")
+    assert bpffs.is_bpffs(pin_dir)
+    assert os.path.exists(os.path.join(pin_dir, ebpf.CAPTURED_SOCKETS_PIN))
 
     # A pod created after the restart is captured by the new agent.
     cluster.apply(mh.manifest(_pinned(mh.sleeper_pod("late", ns, sa="late"), "node1")))

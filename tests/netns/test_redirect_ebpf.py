@@ -6,15 +6,19 @@ are compiled with BCC and attached with tc, and every check below uses real sock
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import bcc
 import pytest
 from pyroute2 import IPRoute
 
 from cni.redirect import ebpf, iptables, redirector
+from meshcore import bpffs
 from tests.netns import netns_util
 from tests.netns.redirect_util import (
     APP_PORT,
@@ -35,9 +39,20 @@ SHORT = 1.0  # seconds a connection attempt gets where the test expects it to go
 
 
 @pytest.fixture(scope="module")
-def programs() -> ebpf.Programs:
+def pin_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A bpf filesystem of the module's own (unmounted at the end), as the node's /sys/fs/bpf."""
+    mount_point = str(tmp_path_factory.mktemp("mt-bpffs"))
+    bpffs.mount(mount_point)
+    try:
+        yield os.path.join(mount_point, "ambient-mesh")
+    finally:
+        bpffs.unmount(mount_point)
+
+
+@pytest.fixture(scope="module")
+def programs(pin_dir: str) -> ebpf.Programs:
     """Compiled once for the module, as the agent does once per node."""
-    loaded = ebpf.Programs()
+    loaded = ebpf.Programs(pin_dir)
     loaded.load()
     return loaded
 
@@ -189,11 +204,17 @@ def test_without_ztunnel_listening_nothing_gets_through(
     assert not netns_util.has_pending(app_listener)
 
 
+@pytest.mark.parametrize("agent_restarted", [False, True], ids=["same-agent", "agent-restarted"])
 def test_a_captured_connection_whose_ztunnel_side_is_gone_stays_dark(
-    pod_and_peer: PodAndPeer, sockets: list[socket.socket], redirect: redirector.Redirector
+    pod_and_peer: PodAndPeer,
+    sockets: list[socket.socket],
+    redirect: redirector.Redirector,
+    programs: ebpf.Programs,
+    agent_restarted: bool,
 ) -> None:
     """What conntrack gives iptables mode: once captured, a connection never leaves the pod
-    in plaintext, even after ztunnel's socket vanished without the app hearing of it."""
+    in plaintext, even after ztunnel's socket vanished without the app hearing of it; also
+    when a restarted agent's programs replaced those that captured it."""
     pod, peer = pod_and_peer
     outbound = netns_util.tcp_listener(pod, 15001, transparent=True)
     upstream = netns_util.tcp_listener(peer, APP_PORT)
@@ -202,6 +223,13 @@ def test_a_captured_connection_whose_ztunnel_side_is_gone_stays_dark(
     app = netns_util.tcp_connect(pod, PEER_IP, APP_PORT)
     sockets.append(app)
     captured = netns_util.accept(outbound)
+    if agent_restarted:
+        # A new agent compiles its own programs and replaces the filters in place; they open
+        # the map the first ones pinned, which remembers the app's connection.
+        restarted = ebpf.Programs(programs.pin_dir)
+        redirector.Redirector(mode="ebpf", programs=restarted).install(
+            pod.path, iptables.RedirectOptions()
+        )
 
     # ztunnel's socket goes with a RST that the app never sees (a filter-only nft rule drops
     # it on lo: no conntrack involved).
@@ -317,6 +345,17 @@ def test_unsupported_options_are_refused_and_nothing_is_installed(
         redirect.install(pod.path, iptables.RedirectOptions(reroute_interfaces=("virt0",)))
     assert redirect.find_ebpf_state(pod.path).is_empty
     assert_clean(pod)
+
+
+def test_a_pin_dir_outside_a_bpf_filesystem_is_refused(tmp_path: Path) -> None:
+    """Without the pinned map a restart would drop the guard on captured connections: the
+    agent refuses to start, and creates nothing on the wrong filesystem."""
+    wanted = tmp_path / "ambient-mesh"
+    with pytest.raises(ebpf.BpfUnavailableError, match=r"BPF_PIN_DIR=.* not on a bpf filesystem"):
+        ebpf.Programs(str(wanted)).load()
+    assert not wanted.exists()
+    with pytest.raises(ebpf.BpfUnavailableError, match="absolute path"):
+        ebpf.prepare_pin_dir("relative/dir")
 
 
 def test_a_node_without_bcc_fails_at_start_naming_the_package(

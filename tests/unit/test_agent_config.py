@@ -21,6 +21,7 @@ def test_defaults() -> None:
         log_level="info",
         dns_capture=False,
         redirect_mode="iptables",
+        bpf_pin_dir="/sys/fs/bpf/ambient-mesh",
     )
 
 
@@ -45,7 +46,8 @@ def test_every_variable() -> None:
 
 
 def test_ebpf_redirect_mode() -> None:
-    assert config.Config.from_env({**BASE, "REDIRECT_MODE": "eBPF"}).redirect_mode == "ebpf"
+    cfg = config.Config.from_env({**BASE, "REDIRECT_MODE": "eBPF", "BPF_PIN_DIR": "/run/bpf/am"})
+    assert (cfg.redirect_mode, cfg.bpf_pin_dir) == ("ebpf", "/run/bpf/am")
 
 
 @pytest.mark.parametrize(
@@ -77,6 +79,9 @@ def test_ebpf_redirect_mode() -> None:
         pytest.param(
             {"AGENT_STATE_DIR": "state"}, "AGENT_STATE_DIR='state' must be an absolute path",
             id="relative-state",
+        ),
+        pytest.param(
+            {"BPF_PIN_DIR": "bpf"}, "BPF_PIN_DIR='bpf' must be an absolute path", id="pin-dir"
         ),
         pytest.param(
             {"LOG_LEVEL": "loud"},

@@ -117,6 +117,8 @@ def test_redirect_mode_goes_from_meshctl_up_to_every_node_agent() -> None:
     node = topology.build_node_record("mt1", "node1", 0, topology.DEFAULT_SUBNET)
     agent, _, _ = supervisor.build_node_specs(config, paths.Paths(config.state_dir), node)
     assert agent.env["REDIRECT_MODE"] == "ebpf"
+    # Each node's agent pins its map in a bpf filesystem of its own (mounted by the supervisor).
+    assert agent.env["BPF_PIN_DIR"] == "/tmp/mt-abc/nodes/node1/bpf"
 
 
 def test_an_unknown_redirect_mode_is_a_usage_error() -> None:
