@@ -319,3 +319,49 @@ def test_interrupted_write_is_cleaned_up(tmp_path: Any) -> None:
     st = _store(store_persistence=persistence.FilePersistence(directory))
     assert not os.path.exists(leftover)
     assert st.find(resources.NAMESPACES, "shop") is None
+
+
+def test_the_counter_on_disk_is_written_once_per_block_and_never_behind(tmp_path: Any) -> None:
+    """meta.json reserves resourceVersions in blocks: a write within the block touches only
+    its object's file, yet no version handed out is ever beyond what the disk holds."""
+    directory = str(tmp_path / "store")
+    meta_path = os.path.join(directory, persistence.META_FILE)
+
+    def on_disk() -> tuple[int, int]:
+        with open(meta_path, "rb") as f:
+            return json.load(f)["resourceVersion"], os.stat(meta_path).st_ino
+
+    st = _store(store_persistence=persistence.FilePersistence(directory))
+    first = st.create(resources.NAMESPACES, _ns("shop"))
+    ceiling, inode = on_disk()
+    versions = [int(objects.resource_version(first))]
+    for n in range(20):
+        patched = st.patch(
+            resources.NAMESPACES, "shop", None, {"metadata": {"labels": {"n": str(n)}}}
+        )
+        versions.append(int(objects.resource_version(patched)))
+    assert on_disk() == (ceiling, inode)  # rewritten files get a new inode (atomic rename)
+    assert max(versions) <= ceiling < versions[0] + persistence.META_RESERVE
+
+    # Past the block, the counter moves on before the version that needs it is handed out.
+    for n in range(persistence.META_RESERVE):
+        patched = st.patch(
+            resources.NAMESPACES, "shop", None, {"metadata": {"labels": {"m": str(n)}}}
+        )
+    assert int(objects.resource_version(patched)) <= on_disk()[0]
+    assert on_disk()[0] > ceiling
+
+    # After a crash (no close), a restarted store continues beyond every version the old one
+    # handed out.
+    restarted = _store(store_persistence=persistence.FilePersistence(directory))
+    assert restarted.get(resources.NAMESPACES, "shop")["metadata"]["labels"]["m"] == str(
+        persistence.META_RESERVE - 1
+    )
+    later = restarted.create(resources.NAMESPACES, _ns("later"))
+    assert int(objects.resource_version(later)) > int(objects.resource_version(patched))
+
+    # A store that closed recorded its exact version: the next one resumes right there.
+    restarted.close()
+    assert on_disk()[0] == restarted.resource_version
+    resumed = _store(store_persistence=persistence.FilePersistence(directory))
+    assert resumed.resource_version == restarted.resource_version

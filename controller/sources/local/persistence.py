@@ -6,9 +6,14 @@ Layout under the store directory::
     <group or "core">/<plural>/<namespace or _cluster>/<name>.json
 
 Every write is atomic and durable: a temporary file in the same directory, fsync, rename over
-the old file, fsync of the directory. `meta.json` is written *before* the object that uses a new
-resourceVersion, so the counter on disk is never behind a version a client has seen; after a
-crash it may be ahead, which only leaves a gap.
+the old file, fsync of the directory. `meta.json` reserves resourceVersions in blocks of
+`META_RESERVE`: it is written *before* the first object that uses a version beyond the stored
+ceiling, with a ceiling that many versions further on. The counter on disk is therefore never
+behind a version a client has seen, and an object write (a node heartbeat, a pod status) costs
+one file, not two. A store that closes writes its exact counter back (`close`), so that
+watchers resume across a restart without relisting; after a crash the store continues from the
+ceiling, which leaves a gap of at most a block (clients then relist: their versions are older
+than anything the restarted store can replay).
 
 Loading refuses to start on anything it cannot account for (a file that is not JSON, an object
 whose name or kind disagrees with its path, a directory no served kind owns): a store that
@@ -32,6 +37,7 @@ from meshcore.kube import objects, resources
 _LOG = logging.getLogger("controller.store")
 
 META_FILE = "meta.json"
+META_RESERVE = 1000  # resourceVersions reserved by each write of meta.json
 CORE_DIR = "core"
 CLUSTER_DIR = "_cluster"
 _TMP_SUFFIX = ".tmp"
@@ -63,6 +69,10 @@ class Persistence(Protocol):
         self, rtype: resources.ResourceType, namespace: str, name: str, resource_version: int
     ) -> None: ...
 
+    def close(self, resource_version: int) -> None:
+        """The store stops at `resource_version`: record it exactly (OSError if that fails)."""
+        ...
+
 
 class MemoryPersistence:
     """Keeps nothing: a store that starts empty every time (tests, fuzzing)."""
@@ -78,6 +88,9 @@ class MemoryPersistence:
     def delete_object(
         self, rtype: resources.ResourceType, namespace: str, name: str, resource_version: int
     ) -> None:
+        pass
+
+    def close(self, resource_version: int) -> None:
         pass
 
 
@@ -110,6 +123,7 @@ def write_atomic(path: str, data: bytes) -> None:
 class FilePersistence:
     def __init__(self, directory: str) -> None:
         self.directory = os.path.abspath(directory)
+        self._ceiling = 0  # the resourceVersion meta.json holds: no version above it handed out
 
     def object_path(self, rtype: resources.ResourceType, namespace: str, name: str) -> str:
         scope = namespace if rtype.namespaced else CLUSTER_DIR
@@ -117,9 +131,21 @@ class FilePersistence:
             self.directory, rtype.group or CORE_DIR, rtype.plural, scope, f"{name}.json"
         )
 
-    def _save_meta(self, resource_version: int) -> None:
-        data = json.dumps({"resourceVersion": resource_version}).encode()
+    def close(self, resource_version: int) -> None:
+        """Write the exact counter back in place of the reserved ceiling."""
+        if resource_version < self._ceiling:
+            self._write_meta(resource_version)
+
+    def _write_meta(self, ceiling: int) -> None:
+        data = json.dumps({"resourceVersion": ceiling}).encode()
         write_atomic(os.path.join(self.directory, META_FILE), data)
+        self._ceiling = ceiling
+
+    def _save_meta(self, resource_version: int) -> None:
+        """Make sure meta.json is at or beyond `resource_version` before anything uses it."""
+        if resource_version <= self._ceiling:
+            return
+        self._write_meta(resource_version + META_RESERVE - 1)
 
     def save_object(
         self, rtype: resources.ResourceType, obj: dict[str, Any], resource_version: int
@@ -159,6 +185,7 @@ class FilePersistence:
             else:
                 raise errors.CorruptStoreError(path, "unexpected file in the store directory")
         newest = max((_version_of(s.object, s.path) for s in loaded), default=0)
+        self._ceiling = counter
         return LoadedState(max(counter, newest), tuple(loaded))
 
     def _is_leftover(self, path: str) -> bool:

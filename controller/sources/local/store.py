@@ -160,9 +160,17 @@ class ObjectStore:
         return len(self._subscriptions)
 
     def close(self) -> None:
-        """End every subscription (after the events already queued for it)."""
+        """End every subscription (after the events already queued for it), and record the
+        exact resourceVersion, so that watchers resume after a restart without relisting."""
         for subscription in list(self._subscriptions):
             subscription.close()
+        try:
+            self._persistence.close(self._rv)
+        except OSError as exc:  # the reserved ceiling stays: safe, clients relist after restart
+            _LOG.warning(
+                "could not record the store's resourceVersion",
+                extra=log.fields(error=str(exc)),
+            )
 
     # -- reads -------------------------------------------------------------------------------
 
