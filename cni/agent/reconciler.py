@@ -28,6 +28,10 @@ Invariants:
   connects. A CNI ADD never waits for a retry: it fails, and the runtime retries the ADD.
 - Stopping the agent releases nothing: ztunnel keeps serving, and a restarted agent rebuilds the
   table from the netns cache and the rules it finds in place (`restore`).
+- Where the redirection is per link (eBPF mode), each captured pod's links are watched from
+  before its install until its release: a link that appears in the meantime (a secondary
+  network attached after the CNI ADD) gets the redirection by a reinstall, so it never carries
+  the app's traffic past ztunnel for longer than that takes.
 """
 
 from __future__ import annotations
@@ -102,6 +106,16 @@ class ZtunnelLink(Protocol):
     async def del_workload(self, uid: str) -> None: ...
 
 
+class LinkWatch(Protocol):
+    """`cni.redirect.netlink.LinkWatch`: readable when the pod's links change."""
+
+    def fileno(self) -> int: ...
+
+    def drain(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
 class PodRedirector(Protocol):
     """`cni.redirect.redirector.Redirector`; blocking, so it is called from a worker thread."""
 
@@ -110,6 +124,8 @@ class PodRedirector(Protocol):
     def remove(self, netns_path: str) -> None: ...
 
     def is_installed(self, netns_path: str) -> bool: ...
+
+    def watch_links(self, netns_path: str) -> LinkWatch | None: ...
 
 
 @dataclass(frozen=True)
@@ -135,6 +151,7 @@ class _PodSlot:
         self.retry: asyncio.TimerHandle | None = None
         self.failures = 0
         self.has_reported_missing_netns = False
+        self.has_new_links = False  # a link appeared in the captured pod: reinstall
 
     @property
     def pod_ref(self) -> str:
@@ -203,6 +220,7 @@ class Reconciler:
             handler=self._on_pod_event,
         )
         self._slots: dict[str, _PodSlot] = {}
+        self._link_watches: dict[str, tuple[str, LinkWatch]] = {}  # uid -> (netns, watch)
         self._workers = tasks.TaskSet()
         self._synced = asyncio.Event()
         self._is_closing = False
@@ -303,6 +321,8 @@ class Reconciler:
         for slot in self._slots.values():
             _fail(slot.waiters, ShuttingDownError())
             slot.waiters = []
+        for uid in list(self._link_watches):
+            self._unwatch_links(uid)
 
     def on_ztunnel_ready(self) -> None:
         """A ztunnel connected: retry every failed pod now instead of at its backoff."""
@@ -532,6 +552,8 @@ class Reconciler:
                 slot.pod = found
         pod = slot.pod
         ref = slot.pod_ref if pod is not None or entry is None else entry.pod_ref
+        # Any install below covers every link; a failed one leaves the pod to a full enroll.
+        links_changed, slot.has_new_links = slot.has_new_links, False
 
         if slot.is_gone:
             decision = enrollment.EnrollmentDecision(False, "pod deleted")
@@ -573,8 +595,10 @@ class Reconciler:
         elif (current.netns, current.info) != (target.netns, target.info):
             await self._release(current, "pod sandbox replaced")
             await self._enroll(target, decision.reason)
-        elif current.options != target.options:
-            await self._reinstall(target, decision.reason)
+        elif current.options != target.options or links_changed:
+            await self._reinstall(
+                target, "a link appeared in the pod" if links_changed else decision.reason
+            )
         settled = await self._sync_annotation(slot, enabled=True)
         return Outcome(True, decision, settled)
 
@@ -597,9 +621,11 @@ class Reconciler:
             self._log_operation("enroll", ref, uid, "failed", started, why)
             raise CaptureError(ref, why, is_retryable=not gone) from exc
         try:
+            await self._watch_links(target)
             await asyncio.to_thread(self._redirector.install, target.netns, target.options)
         except (iptables.RedirectError, OSError) as exc:
             self._captures.pop(uid)
+            self._unwatch_links(uid)
             why = f"cannot install the redirection: {exc}"
             await self._undo_add(uid, ref)
             self._log_operation("enroll", ref, uid, "failed", started, why)
@@ -613,9 +639,11 @@ class Reconciler:
         uid, ref = target.uid, target.pod_ref
         assert target.options is not None
         try:
+            await self._watch_links(target)
             await asyncio.to_thread(self._redirector.install, target.netns, target.options)
         except (iptables.RedirectError, OSError) as exc:
             self._captures.pop(uid)
+            self._unwatch_links(uid)
             why = f"cannot update the redirection: {exc}"
             await self._undo_add(uid, ref)
             self._log_operation("enroll", ref, uid, "failed", started, why)
@@ -642,6 +670,7 @@ class Reconciler:
             why = f"cannot remove the redirection: {exc}"
             self._log_operation("release", ref, uid, "failed", started, why)
             raise ReleaseError(ref, why) from exc
+        self._unwatch_links(uid)
         self._captures.pop(uid)
         try:
             await self._zds.del_workload(uid)
@@ -652,12 +681,51 @@ class Reconciler:
             )
         self._log_operation("release", ref, uid, "released", started, reason)
 
+    async def _watch_links(self, target: captures.Capture) -> None:
+        """Start watching the pod's links (before the install lists them), unless watched."""
+        watched = self._link_watches.get(target.uid)
+        if watched is not None and watched[0] == target.netns:
+            return
+        self._unwatch_links(target.uid)
+        watch = await asyncio.to_thread(self._redirector.watch_links, target.netns)
+        if watch is None:
+            return
+        self._link_watches[target.uid] = (target.netns, watch)
+        asyncio.get_running_loop().add_reader(watch.fileno(), self._on_links, target.uid)
+
+    def _unwatch_links(self, uid: str) -> None:
+        watched = self._link_watches.pop(uid, None)
+        if watched is not None:
+            asyncio.get_running_loop().remove_reader(watched[1].fileno())
+            watched[1].close()
+
+    def _on_links(self, uid: str) -> None:
+        watched = self._link_watches.get(uid)
+        if watched is None:
+            return
+        try:
+            announced = watched[1].drain()
+        except OSError as exc:
+            # Reinstall, which opens a new watch: harmless, where missing a new link is not.
+            announced = True
+            self._unwatch_links(uid)
+            logger.warning(
+                "cannot read a pod's link changes", extra=log.fields(uid=uid, error=str(exc))
+            )
+        if announced and not self._is_closing:
+            slot = self._slots.get(uid)
+            if slot is None:
+                slot = self._slots[uid] = _PodSlot(uid)
+            slot.has_new_links = True
+            self._kick(slot)
+
     def _remove_rules(self, netns_path: str) -> None:
         """Worker thread. A netns that is gone took its rules with it."""
         if os.path.exists(netns_path):
             self._redirector.remove(netns_path)
 
     def _forget(self, uid: str) -> None:
+        self._unwatch_links(uid)
         try:
             self._cache.forget(uid)
         except netns_cache.NetnsCacheError as exc:

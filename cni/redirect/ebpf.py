@@ -21,6 +21,8 @@ install replaces each filter in place (tc replace, no gap). The map of captured 
 pinned in a bpf filesystem (BPF_PIN_DIR, /sys/fs/bpf/ambient-mesh by default), and a new agent's
 programs open the pinned map instead of making their own: connections captured before a restart
 stay guarded after it. An agent whose BPF_PIN_DIR is not on a bpf filesystem refuses to start.
+A link added to a pod later has no filter until the agent, which watches each captured pod's
+links (`netlink.LinkWatch`), reinstalls.
 
 Not supported here, refused or said so: IPv6 (neither mode captures it yet), DNS capture (ztunnel
 has no DNS proxy yet, so it is left off with a warning) and `istio.io/reroute-virtual-interfaces`

@@ -10,12 +10,16 @@ out of eth0. Harmless on its own: without the iptables rules nothing carries tha
 Every function takes an open netns fd and does its netlink work on a short-lived thread that
 joined that namespace (a netlink socket binds to its creator's netns). Adding what exists and
 removing what is missing are not errors.
+
+`LinkWatch` tells when links appear in a pod: eBPF mode attaches its programs per link, so a
+link added after capture (a secondary network attached later) must get them too.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
+import struct
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -119,3 +123,66 @@ def has_routing(netns_fd: int, fam: RoutingFamily = ROUTING_V4) -> tuple[bool, b
             return rule, route
 
     return netns.run_in(netns_fd, work)
+
+
+RTMGRP_LINK = 1  # multicast group of link changes (linux/rtnetlink.h)
+RTM_NEWLINK = 16
+_NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+_LINK_WATCH_RCVBUF = 256 << 10
+
+
+class LinkWatch:
+    """Link announcements (RTM_NEWLINK) from one network namespace: a link that was added,
+    moved in or changed. The socket is non-blocking; poll `fileno()`, then `drain()`."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    @classmethod
+    def open(cls, netns_fd: int) -> LinkWatch:
+        """Subscribe inside the namespace (a netlink socket belongs to its creator's netns)."""
+
+        def work() -> socket.socket:
+            sock = socket.socket(
+                socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE
+            )
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _LINK_WATCH_RCVBUF)
+                sock.bind((0, RTMGRP_LINK))
+            except OSError:
+                sock.close()
+                raise
+            return sock
+
+        try:
+            return cls(netns.run_in(netns_fd, work))
+        except OSError as exc:
+            raise iptables.RedirectError(f"cannot watch the pod's links: {exc}") from exc
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def drain(self) -> bool:
+        """Read everything pending; True if a link was announced (or announcements were lost:
+        the receive buffer overflowed, so assume one was)."""
+        announced = False
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except BlockingIOError:
+                return announced
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    announced = True
+                    continue
+                raise
+            offset = 0
+            while offset + _NLMSG_HEADER.size <= len(data):
+                length, kind, _, _, _ = _NLMSG_HEADER.unpack_from(data, offset)
+                announced = announced or kind == RTM_NEWLINK
+                if length < _NLMSG_HEADER.size:
+                    break
+                offset += (length + 3) & ~3
+
+    def close(self) -> None:
+        self._sock.close()

@@ -114,6 +114,17 @@ class Redirector:
             os.close(fd)
         logger.info("in-pod redirection removed", extra=log.fields(netns=netns_path))
 
+    def watch_links(self, netns_path: str) -> netlink.LinkWatch | None:
+        """eBPF mode: a watch on the pod's links, to be reinstalled when one appears (the
+        programs are attached per link). None in iptables mode, whose rules cover every link."""
+        if self.mode != "ebpf":
+            return None
+        fd = _open(netns_path)
+        try:
+            return netlink.LinkWatch.open(fd)
+        finally:
+            os.close(fd)
+
     def is_installed(self, netns_path: str) -> bool:
         """Whether the pod is captured the way this mode captures."""
         if self.mode == "ebpf":

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,7 @@ class RecordingRedirector:
         self.failure = ""
         # remove() for these paths blocks (in its worker thread) until the event is set.
         self.gates: dict[str, threading.Event] = {}
+        self.link_watches: dict[str, FakeLinkWatch] | None = None  # eBPF mode when a dict
 
     def install(self, netns_path: str, options: iptables.RedirectOptions) -> None:
         self.journal.add("install", netns_path)
@@ -90,6 +92,42 @@ class RecordingRedirector:
 
     def is_installed(self, netns_path: str) -> bool:
         return netns_path in self.installed
+
+    def watch_links(self, netns_path: str) -> FakeLinkWatch | None:
+        """None (iptables mode) unless `link_watches` is set: then a watch per pod netns."""
+        if self.link_watches is None:
+            return None
+        self.journal.add("watch", netns_path)
+        watch = self.link_watches[netns_path] = FakeLinkWatch(netns_path, self.journal)
+        return watch
+
+
+class FakeLinkWatch:
+    """A pod's link announcements over a socketpair: `announce()` makes it readable."""
+
+    def __init__(self, netns_path: str, journal: Journal) -> None:
+        self._netns_path, self._journal = netns_path, journal
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self.closed = False
+
+    def announce(self) -> None:
+        self._writer.send(b"!")
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def drain(self) -> bool:
+        try:
+            return bool(self._reader.recv(4096))
+        except BlockingIOError:
+            return False
+
+    def close(self) -> None:
+        self._journal.add("unwatch", self._netns_path)
+        self.closed = True
+        self._reader.close()
+        self._writer.close()
 
 
 class RecordingZtunnel:
@@ -564,6 +602,39 @@ def test_deleting_a_pod_releases_it_and_forgets_its_netns(short_dir: str) -> Non
             await agent.reconciler.on_del(env.del_event(abrupt, abrupt_ns))
             assert env.journal.of(abrupt_uid, abrupt_ns) == ["add", "install", "remove", "del"]
             assert agent.table.snapshot() == []
+
+    run(main)
+
+
+def test_a_link_appearing_in_a_captured_pod_gets_the_redirection(short_dir: str) -> None:
+    """eBPF mode attaches per link: the pod's links are watched from before its install to its
+    release, and a new link means a reinstall (which covers every link)."""
+
+    async def main() -> None:
+        async with environment(short_dir) as env:
+            env.redirector.link_watches = {}
+            await env.label_namespace("shop", dict(AMBIENT))
+            await env.start_ztunnel()
+            agent = await env.start_agent()
+            web = await env.pod("web")
+            ns, uid = env.netns("web"), objects.uid(web)
+            await agent.reconciler.on_add(env.add_event(web, ns))
+            assert env.journal.of(uid, ns) == ["add", "watch", "install"]
+
+            env.redirector.link_watches[ns].announce()
+            await wait_until(
+                lambda: env.journal.of(uid, ns) == ["add", "watch", "install", "install"],
+                "the pod is reinstalled after its new link",
+            )
+            assert env.is_captured(web, ns)
+
+            await env.label_namespace("shop", {"istio.io/dataplane-mode": None})
+            await wait_until(lambda: env.is_released(web, ns), "the pod is released")
+            assert env.journal.of(uid, ns) == [
+                *("add", "watch", "install", "install"),
+                *("remove", "unwatch", "del"),
+            ]
+            assert env.redirector.link_watches[ns].closed
 
     run(main)
 

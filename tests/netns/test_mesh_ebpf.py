@@ -12,6 +12,7 @@ import signal
 import sys
 import tempfile
 import textwrap
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from meshcore import bpffs
 from meshcore.kube import resources
 from meshctl.playground import procs, record
 from tests.netns import mesh_helpers as mh
+from tests.netns import netns_util
 from tests.netns.playground_fixtures import Playground, started
 
 pytestmark = pytest.mark.netns
@@ -196,3 +198,74 @@ def test_a_restarted_agent_keeps_capturing(cluster: Playground) -> None:
     mh.wait_captured(cluster, ns, "late")
     assert "ambient-mesh:ambient_egress" in _tc_filters(cluster, ns, "late")
     assert mh.in_pod_netns(cluster, ns, "late", ["nft", "list", "ruleset"]).stdout.strip() == ""
+
+
+# From the client pod to a listener on a secondary network: send a line, print the reply.
+SECONDARY_CALL = textwrap.dedent(
+    """
+    import socket, sys
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as s:
+        s.sendall(b"via the secondary network\\n")
+        sys.stdout.write(s.recv(100).decode())
+    """
+)
+
+
+def test_a_link_added_to_a_captured_pod_is_captured_too(
+    cluster: Playground, namespaces: netns_util.Namespaces
+) -> None:
+    """A secondary network attached after the pod was captured (as Multus does after the
+    default network's CNI chain): the agent sees the new link and attaches the programs to it,
+    so the app's connections through it go to ztunnel too."""
+    ns = "ebpf-links"
+    cluster.apply(
+        mh.manifest(
+            mh.namespace(ns, ambient=True),
+            _pinned(mh.sleeper_pod("client", ns, sa="client"), "node1"),
+        )
+    )
+    cluster.wait_pod_ready(ns, "client")
+    mh.wait_captured(cluster, ns, "client")
+
+    secondary = namespaces.add("sec")  # removed by the fixture, with the veth pair
+    pod = netns_util.Netns(mh.pod_netns(cluster, ns, "client"))
+    namespaces.veth(pod, "net1", "10.77.0.1/24", secondary, "eth0", "10.77.0.2/24")
+    mh.wait_until(
+        lambda: (
+            "ambient-mesh:ambient_egress"
+            in mh.in_pod_netns(
+                cluster, ns, "client", ["tc", "filter", "show", "dev", "net1", "egress"]
+            ).stdout
+        ),
+        what="the agent to attach the programs to the new link",
+    )
+
+    listener = netns_util.tcp_listener(secondary, 9000)
+    received: list[bytes] = []
+
+    def serve() -> None:
+        with netns_util.accept(listener, timeout=30) as served:
+            received.append(served.recv(100))
+            served.sendall(b"ok\n")
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        done = cluster.exec(
+            ns, "client", [sys.executable, "-c", SECONDARY_CALL, "10.77.0.2", "9000"]
+        )
+    finally:
+        server.join(30)
+        listener.close()
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout, received) == ("ok\n", [b"via the secondary network\n"])
+    # ztunnel carried it: node1's access log has the outbound connection to that address.
+    outbound = mh.wait_until(
+        lambda: [
+            r
+            for r in mh.access_log(cluster, "node1")
+            if r["direction"] == "outbound" and r["dst.addr"] == "10.77.0.2:9000"
+        ],
+        what="node1's outbound access-log record",
+    )
+    assert outbound[-1]["src.namespace"] == ns

@@ -7,6 +7,7 @@ are compiled with BCC and attached with tc, and every check below uses real sock
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import sys
@@ -335,6 +336,36 @@ def test_reinstall_replaces_in_place(
     redirect.remove(pod.path)  # removing twice is fine
     assert_clean(pod)
     assert redirect.find_ebpf_state(pod.path).is_empty
+
+
+def test_a_link_added_later_is_announced_and_a_reinstall_covers_it(
+    pod_and_peer: PodAndPeer, redirect: redirector.Redirector
+) -> None:
+    """The agent watches each captured pod's links (the programs are attached per link) and
+    reinstalls when one appears; iptables mode needs no watch, its rules cover every link."""
+    pod, _ = pod_and_peer
+    assert redirector.Redirector(mode="iptables").watch_links(pod.path) is None
+    watch = redirect.watch_links(pod.path)
+    assert watch is not None
+    try:
+        redirect.install(pod.path, iptables.RedirectOptions())
+        assert not watch.drain()  # attaching programs announces no link
+
+        # A veth pair inside the pod (this kernel has no dummy links); gone with the namespace.
+        pod.exec("ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1p")
+        readable, _, _ = select.select([watch], [], [], 10.0)
+        assert readable, "no announcement of the new link"
+        assert watch.drain()
+        assert ("eth1", "egress", ebpf.EGRESS) not in attached(redirect, pod)
+        redirect.install(pod.path, iptables.RedirectOptions())
+        added = {
+            (link, direction, program)
+            for link in ("eth1", "eth1p")
+            for direction, program in (("egress", ebpf.EGRESS), ("ingress", ebpf.INGRESS))
+        }
+        assert attached(redirect, pod) == ALL_FILTERS | added
+    finally:
+        watch.close()
 
 
 def test_unsupported_options_are_refused_and_nothing_is_installed(
