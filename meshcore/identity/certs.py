@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import warnings
 from collections.abc import Collection, Sequence
 
-from cryptography import exceptions, x509
+from cryptography import exceptions, utils, x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification
@@ -97,7 +98,13 @@ def split_pem_chain(pems: Sequence[str | bytes]) -> list[x509.Certificate]:
     for index, pem in enumerate(pems):
         data = pem.encode("utf-8", "replace") if isinstance(pem, str) else pem
         try:
-            result.extend(x509.load_pem_x509_certificates(data))
+            with warnings.catch_warnings():
+                # What cryptography only warns about (a serial number that is not positive)
+                # it will refuse in a later release; a CA that sends it is refused now.
+                warnings.simplefilter("error", utils.CryptographyDeprecationWarning)
+                result.extend(x509.load_pem_x509_certificates(data))
+        except utils.CryptographyDeprecationWarning as exc:
+            raise ChainError(f"cert_chain[{index}] breaks RFC 5280: {exc}") from exc
         except (ValueError, x509.InvalidVersion) as exc:
             raise ChainError(f"cert_chain[{index}] is not a PEM certificate: {exc}") from exc
     if not result:

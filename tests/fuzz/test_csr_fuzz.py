@@ -97,6 +97,24 @@ def test_a_ca_response_with_a_duplicate_extension_is_an_identity_error() -> None
         )
 
 
+def test_a_ca_response_with_a_negative_serial_number_is_refused() -> None:
+    # Found by test_mutated_ca_response: RFC 5280 wants a positive serial; cryptography only
+    # warns about it today and will refuse it later. The first byte after the serial's
+    # INTEGER header gets its sign bit set.
+    tbs = LEAF_DER.index(bytes.fromhex("a003020102")) + 5  # the version, then the serial
+    assert LEAF_DER[tbs] == 0x02
+    der = bytearray(LEAF_DER)
+    der[tbs + 2] |= 0x80
+    with pytest.raises(certs.ChainError, match=r"cert_chain\[0\] breaks RFC 5280: .*serial"):
+        certs.build_workload_certificate(
+            WEB,
+            KEY,
+            [_pem("CERTIFICATE", bytes(der)), AUTHORITY.root_pem],
+            trusted_root_pem=None,
+            now=NOW,
+        )
+
+
 @FUZZ
 @given(st.lists(st.one_of(st.text(max_size=300), st.binary(max_size=300)), max_size=4))
 def test_arbitrary_ca_response(chain: list[str | bytes]) -> None:
