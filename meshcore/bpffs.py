@@ -8,37 +8,16 @@ per node under its state directory and unmounts it at teardown.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
+
+from meshcore import mounts
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/ambient-mesh"  # the node agent's BPF_PIN_DIR
 BPF_FS_MAGIC = 0xCAFE4A11  # statfs f_type of a bpf filesystem (linux/magic.h)
-MNT_DETACH = 2
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
-_libc.mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-
-def filesystem_type(path: str) -> int:
-    """statfs(2)'s f_type for `path` (the first field of struct statfs on Linux)."""
-    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
-    if _libc.statfs(os.fsencode(path), buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"statfs {path}: {os.strerror(err)}", path)
-    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
 def is_bpffs(path: str) -> bool:
-    return filesystem_type(path) == BPF_FS_MAGIC
+    return mounts.filesystem_type(path) == BPF_FS_MAGIC
 
 
 def mount(path: str) -> None:
@@ -47,9 +26,7 @@ def mount(path: str) -> None:
     os.makedirs(path, mode=0o700, exist_ok=True)
     if is_bpffs(path):
         return
-    if _libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount -t bpf bpf {path}: {os.strerror(err)}", path)
+    mounts.mount("bpf", path, 0, fstype="bpf")
 
 
 def unmount(path: str) -> bool:
@@ -57,7 +34,5 @@ def unmount(path: str) -> bool:
     program holds them. False when `path` is not a bpf mount point (nothing to do)."""
     if not os.path.ismount(path) or not is_bpffs(path):
         return False
-    if _libc.umount2(os.fsencode(path), MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"umount {path}: {os.strerror(err)}", path)
+    mounts.unmount(path, mounts.MNT_DETACH)
     return True

@@ -15,41 +15,19 @@ Containers run in their own session, so stopping signals the whole process group
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import os
 import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from typing import BinaryIO
 
-from meshcore import netns
+from meshcore import mounts, netns
 from meshctl import errors
 from meshctl.playground import procs
-
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_SLAVE = 1 << 19
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-]
 
 
 class ContainerStartError(errors.MeshctlError):
     """The container's process could not be started (bad command, missing executable)."""
-
-
-def mount(source: str | None, target: str, flags: int) -> None:
-    src = source.encode() if source is not None else None
-    if _libc.mount(src, target.encode(), None, flags, None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {source} -> {target}: {os.strerror(err)}")
 
 
 def build_preexec(
@@ -63,9 +41,9 @@ def build_preexec(
             os._exit(1)
         netns.setns(netns_fd, netns.CLONE_NEWNET)
         netns.unshare(netns.CLONE_NEWNS)
-        mount(None, "/", MS_REC | MS_SLAVE)
+        mounts.mount(None, "/", mounts.MS_REC | mounts.MS_SLAVE)
         for source, target in bind_mounts:
-            mount(source, target, MS_BIND)
+            mounts.mount(source, target, mounts.MS_BIND)
 
     return enter
 
