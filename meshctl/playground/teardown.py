@@ -122,7 +122,7 @@ def remove_runtime_state(
 def bpf_mounts(state_dir: str) -> list[str]:
     """The bpf filesystems mounted under the playground's node directories (found in
     /proc/self/mountinfo, so that a lost record does not hide them)."""
-    under = os.path.join(paths.Paths(state_dir).node_dir(""), "")
+    under = os.path.join(os.path.realpath(paths.Paths(state_dir).node_dir("")), "")
     found = []
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
         for line in f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import secrets
 import shutil
 import signal
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from meshcore import bpffs
+from meshctl.playground import paths, teardown
 from meshctl.playground import record as pg_record
 from tests.netns import mesh_helpers as mh
 
@@ -174,3 +177,22 @@ def test_a_killed_test_leaves_nothing(names: tuple[str, str]) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_teardown_unmounts_the_nodes_bpf_filesystems_even_without_a_record(
+    tmp_path: pathlib.Path,
+) -> None:
+    """eBPF mode's per-node bpf filesystems are found in mountinfo, not in the record (which a
+    crash may have lost), and unmounted; a name mountinfo escapes (a space) is no obstacle."""
+    state = str(tmp_path / "state dir")
+    where = paths.Paths(state)
+    mount_points = [where.bpf_dir("node1"), where.bpf_dir("node 2")]
+    try:
+        for mount_point in mount_points:
+            bpffs.mount(mount_point)
+        assert sorted(teardown.bpf_mounts(state)) == sorted(mount_points)
+        assert teardown.remove_runtime_state(state) == ()
+        assert not any(os.path.ismount(m) for m in mount_points)
+    finally:
+        for mount_point in mount_points:
+            bpffs.unmount(mount_point)
