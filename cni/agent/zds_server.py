@@ -3,7 +3,10 @@
 The agent listens; each ztunnel connects, says Hello, and receives a snapshot of every enrolled
 pod (an Add with the netns fd, or a Keep when the agent has no netns handle), then SnapshotSent.
 After that the agent sends Add for new pods to the NEWEST connection only and Del to ALL (two
-ztunnels overlap during a rolling upgrade).
+ztunnels overlap during a rolling upgrade). When the newest connection goes away while an older
+one remains (the new ztunnel failed during the upgrade, or something else connected and left),
+the older one is sent an Add for every enrolled pod (ztunnel treats an Add of a pod it already
+proxies in the same namespace as nothing to do), so pods added in the meantime are not lost.
 
 Invariants:
 - One request at a time per connection (acks match requests by order only): every exchange holds
@@ -295,6 +298,7 @@ class ZdsServer:
                 tasks.create_task(self._serve(conn), name=f"zds-conn-{conn.id}")
 
     async def _serve(self, conn: _Connection) -> None:
+        was_newest = False
         try:
             try:
                 hello = await conn.read_hello()
@@ -314,12 +318,31 @@ class ZdsServer:
         except Exception:
             logger.exception("ZDS connection handler failed", extra=log.fields(conn=conn.id))
         finally:
+            was_newest = bool(self._conns) and self._conns[-1] is conn
             conn.close("connection handler finished")
             if conn in self._conns:
                 self._conns.remove(conn)
             if not self.is_connected:
                 self._connected.clear()
                 self._disconnected.set()
+        survivor = self._newest()
+        if was_newest and survivor is not None:
+            await self._resync(survivor, gone=conn)
+
+    async def _resync(self, conn: _Connection, *, gone: _Connection) -> None:
+        """The newest connection went away: `conn`, older, may lack the pods added since."""
+        logger.info(
+            "newest ztunnel connection gone; re-sending every pod to the older one",
+            extra=log.fields(conn=conn.id, gone=gone.id),
+        )
+        try:
+            async with conn.lock:
+                entries = [e for e in self._snapshot() if e.netns_path is not None]
+                for entry in entries:
+                    await self._replay_entry(conn, entry)
+        except ZdsServerError as exc:
+            # The exchange closed that connection too; its ztunnel reconnects for a snapshot.
+            logger.warning("resync aborted", extra=log.fields(conn=conn.id, error=str(exc)))
 
     async def _replay_snapshot(self, conn: _Connection) -> None:
         try:

@@ -351,6 +351,40 @@ def test_add_goes_to_the_newest_connection_and_del_to_all(runner: Runner, sock_p
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
+def test_when_the_newest_connection_goes_the_older_one_gets_every_pod(
+    runner: Runner, sock_path: str
+) -> None:
+    """A newer connection (an upgrade's new ztunnel, or any client that said Hello) took the
+    pods added while it was there; when it goes, the remaining ztunnel must get them."""
+    old = RecordingHandler()
+    entries: list[zds_server.SnapshotEntry] = []
+
+    async def main() -> None:
+        async with (
+            running_server(sock_path, entries) as server,
+            running_client(sock_path, old) as first,
+        ):
+            await asyncio.wait_for(first.wait_ready(), DEADLINE)
+            newer = await raw_handshake(sock_path)  # its snapshot acked: it is the newest
+            # Added while the newer connection was there: it goes there only.
+            adding = asyncio.create_task(server.add_workload("uid-2", INFO, SELF_NETNS))
+            data, fds = await newer.recv()
+            seqpacket.close_fds(fds)
+            assert zds.decode_request(data, len(fds)) == zds.AddWorkload("uid-2", INFO)
+            await newer.send(zds.encode_ack(zds.Ack()))
+            await adding
+            entries.append(zds_server.SnapshotEntry("uid-2", INFO, SELF_NETNS))
+            entries.append(zds_server.SnapshotEntry("uid-lost", INFO, None))  # no handle: skipped
+            assert ("add", "uid-2", INFO) not in old.calls
+
+            newer.close()
+            await wait_until(lambda: ("add", "uid-2", INFO) in old.calls)
+        assert old.calls == [("snapshot_done", frozenset()), ("add", "uid-2", INFO)]
+
+    run_clean(runner, main)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
 def test_missing_ack_times_out_and_drops_the_connection(runner: Runner, sock_path: str) -> None:
     async def main() -> None:
         async with running_server(sock_path, ack_timeout=0.3) as server:
