@@ -14,6 +14,8 @@ import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
+import errno
+import fcntl
 import os
 import sys
 import threading
@@ -24,6 +26,7 @@ from meshcore import errors
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWNS = 0x00020000
+NS_GET_NSTYPE = 0xB703  # ioctl on a namespace file: its CLONE_NEW* type (linux/nsfs.h)
 NETNS_RUN_DIR = "/var/run/netns"
 
 T = TypeVar("T")
@@ -61,6 +64,24 @@ def open_netns(path: str) -> int:
         raise NetnsError(
             exc.errno, f"cannot open network namespace {path}: {exc.strerror}"
         ) from exc
+    except ValueError as exc:  # an embedded NUL
+        raise NetnsError(errno.EINVAL, f"cannot open network namespace {path!r}: {exc}") from exc
+
+
+def check_netns(path: str) -> None:
+    """Raise NetnsError unless `path` is a network namespace file (a /proc/PID/ns/net or a
+    bind mount of one, as a container runtime hands to CNI)."""
+    fd = open_netns(path)
+    try:
+        nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError as exc:
+        if exc.errno != errno.ENOTTY:
+            raise NetnsError(exc.errno, f"cannot inspect {path}: {exc.strerror}") from exc
+        nstype = None  # not a namespace file at all
+    finally:
+        os.close(fd)
+    if nstype != CLONE_NEWNET:
+        raise NetnsError(errno.EINVAL, f"{path} is not a network namespace")
 
 
 def inode(fd_or_path: int | str) -> int:

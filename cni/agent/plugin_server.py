@@ -92,6 +92,19 @@ def _field(body: dict[str, Any], name: str, *, required: bool) -> str:
         raise InvalidEventError(f"{name}: must be a string, got {type(value).__name__}")
     if required and not value:
         raise InvalidEventError(f"{name}: required")
+    if "\0" in value:
+        raise InvalidEventError(f"{name}: contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, which JSON's \u escapes can carry
+        raise InvalidEventError(f"{name}: is not valid Unicode text") from None
+    return value
+
+
+def _netns(body: dict[str, Any], *, required: bool) -> str:
+    value = _field(body, "netns", required=required)
+    if value and not value.startswith("/"):
+        raise InvalidEventError(f"netns: must be an absolute path, got {value[:64]!r}")
     return value
 
 
@@ -102,6 +115,8 @@ def _ips(body: dict[str, Any]) -> tuple[str, ...]:
     ips: list[str] = []
     for i, value in enumerate(raw):
         try:
+            if not isinstance(value, str):  # ip_address() would take 1 for 0.0.0.1
+                raise ValueError(value)
             ips.append(str(ipaddress.ip_address(value)))
         except ValueError:
             raise InvalidEventError(f"ips[{i}]: {str(value)[:64]!r} is not an IP address") from None
@@ -122,7 +137,7 @@ def parse_event(data: bytes) -> PluginEvent:
     needs_pod = cmd != "del"
     common = {
         "container_id": _field(body, "containerId", required=True),
-        "netns": _field(body, "netns", required=needs_pod),
+        "netns": _netns(body, required=needs_pod),
         "ifname": _field(body, "ifname", required=False),
         "pod_name": _field(body, "podName", required=needs_pod),
         "pod_namespace": _field(body, "podNamespace", required=needs_pod),

@@ -41,7 +41,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -151,7 +151,9 @@ class _PodSlot:
         self.retry: asyncio.TimerHandle | None = None
         self.failures = 0
         self.has_reported_missing_netns = False
-        self.has_new_links = False  # a link appeared in the captured pod: reinstall
+        # Why the captured pod's redirection must be installed again (a link appeared, or a
+        # CNI CHECK found it missing); None when it need not be.
+        self.reinstall_reason: str | None = None
 
     @property
     def pod_ref(self) -> str:
@@ -199,6 +201,7 @@ class Reconciler:
         initial_retry: float = INITIAL_RETRY,
         max_retry: float = MAX_RETRY,
         drain_timeout: float = DRAIN_TIMEOUT,
+        check_netns: Callable[[str], None] = netns.check_netns,
     ) -> None:
         self._node_name = node_name
         self._api = api
@@ -210,6 +213,7 @@ class Reconciler:
         self._initial_retry = initial_retry
         self._max_retry = max_retry
         self._drain_timeout = drain_timeout
+        self._check_netns = check_netns  # raises NetnsError unless a network namespace
         self._namespaces = informer.Informer(
             api, resources.NAMESPACES, handler=self._on_namespace_event
         )
@@ -352,6 +356,12 @@ class Reconciler:
         ref = f"{event.pod_namespace}/{event.pod_name}"
         if self._is_closing:
             raise CaptureError(ref, "the node agent is shutting down")
+        try:
+            # Before anything is recorded or released: an ADD naming something that is not a
+            # network namespace must leave the pod's current sandbox and capture alone.
+            self._check_netns(event.netns)
+        except netns.NetnsError as exc:
+            raise CaptureError(ref, str(exc), is_retryable=False) from exc
         pod = await self._fetch_pod_for_cni(event.pod_namespace, event.pod_name, event.pod_uid, ref)
         uid = objects.uid(pod)
         info = enrollment.build_workload_info(pod)
@@ -411,16 +421,27 @@ class Reconciler:
             )
 
     async def on_check(self, event: plugin_server.PodCheckEvent) -> None:
-        """Raise if the pod should be captured in this netns and is not."""
+        """Raise if the pod should be captured in this netns and is not, also when its
+        redirection has gone from the namespace (which is then reinstalled)."""
         ref = f"{event.pod_namespace}/{event.pod_name}"
         pod = await self._fetch_pod_for_cni(event.pod_namespace, event.pod_name, event.pod_uid, ref)
         namespace = await self._fetch_namespace(objects.namespace(pod), ref)
         decision = enrollment.build_decision(pod, namespace)
         if not decision.is_enrolled:
             return
-        capture = self._captures.find(objects.uid(pod))
+        uid = objects.uid(pod)
+        capture = self._captures.find(uid)
         if capture is None or capture.netns != event.netns:
             raise CaptureError(ref, f"it should be captured ({decision.reason}) but is not")
+        try:
+            installed = await asyncio.to_thread(self._redirector.is_installed, capture.netns)
+        except (iptables.RedirectError, OSError) as exc:
+            raise CaptureError(ref, f"cannot inspect its redirection: {exc}") from exc
+        if not installed:
+            self._request_reinstall(uid, "its redirection was missing (CNI CHECK)")
+            raise CaptureError(
+                ref, "its redirection is missing from its network namespace; reinstalling"
+            )
 
     # -- informer events -----------------------------------------------------------------------
 
@@ -553,7 +574,7 @@ class Reconciler:
         pod = slot.pod
         ref = slot.pod_ref if pod is not None or entry is None else entry.pod_ref
         # Any install below covers every link; a failed one leaves the pod to a full enroll.
-        links_changed, slot.has_new_links = slot.has_new_links, False
+        reinstall_reason, slot.reinstall_reason = slot.reinstall_reason, None
 
         if slot.is_gone:
             decision = enrollment.EnrollmentDecision(False, "pod deleted")
@@ -595,10 +616,8 @@ class Reconciler:
         elif (current.netns, current.info) != (target.netns, target.info):
             await self._release(current, "pod sandbox replaced")
             await self._enroll(target, decision.reason)
-        elif current.options != target.options or links_changed:
-            await self._reinstall(
-                target, "a link appeared in the pod" if links_changed else decision.reason
-            )
+        elif current.options != target.options or reinstall_reason is not None:
+            await self._reinstall(target, reinstall_reason or decision.reason)
         settled = await self._sync_annotation(slot, enabled=True)
         return Outcome(True, decision, settled)
 
@@ -712,12 +731,17 @@ class Reconciler:
             logger.warning(
                 "cannot read a pod's link changes", extra=log.fields(uid=uid, error=str(exc))
             )
-        if announced and not self._is_closing:
-            slot = self._slots.get(uid)
-            if slot is None:
-                slot = self._slots[uid] = _PodSlot(uid)
-            slot.has_new_links = True
-            self._kick(slot)
+        if announced:
+            self._request_reinstall(uid, "a link appeared in the pod")
+
+    def _request_reinstall(self, uid: str, reason: str) -> None:
+        if self._is_closing:
+            return
+        slot = self._slots.get(uid)
+        if slot is None:
+            slot = self._slots[uid] = _PodSlot(uid)
+        slot.reinstall_reason = reason
+        self._kick(slot)
 
     def _remove_rules(self, netns_path: str) -> None:
         """Worker thread. A netns that is gone took its rules with it."""

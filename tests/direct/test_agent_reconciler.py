@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import pytest
 from cni.agent import captures, enrollment, netns_cache, plugin_server, reconciler, zds_server
 from cni.redirect import iptables
 from controller.sources.local import apiserver, kinds, persistence, store
+from meshcore import netns
 from meshcore.kube import client, objects, resources
 from meshcore.wire import zds
 from ztunnel.inpod import zds_client
@@ -208,7 +210,8 @@ class Env:
         table = captures.CaptureTable()
         zds_srv = zds_server.ZdsServer(self.zds_path, table.snapshot, ack_timeout=2.0)
         api = client.ApiClient(f"unix://{self.api_path}", timeout=DEADLINE)
-        options = {"drain_timeout": 2.0, **options}
+        # The pods' namespaces here are stand-in files: any that exists passes the check.
+        options = {"drain_timeout": 2.0, "check_netns": _stand_in_netns, **options}
         rec = reconciler.Reconciler(
             node_name=NODE,
             api=api,
@@ -397,6 +400,11 @@ def run(main: Callable[[], Awaitable[None]]) -> None:
         assert not leftover, leftover
 
     asyncio.run(checked())
+
+
+def _stand_in_netns(path: str) -> None:
+    if not os.path.isfile(path):
+        raise netns.NetnsError(errno.ENOENT, f"cannot open network namespace {path}")
 
 
 def _check_event(add: plugin_server.PodAddEvent) -> plugin_server.PodCheckEvent:
@@ -635,6 +643,57 @@ def test_a_link_appearing_in_a_captured_pod_gets_the_redirection(short_dir: str)
                 *("remove", "unwatch", "del"),
             ]
             assert env.redirector.link_watches[ns].closed
+
+    run(main)
+
+
+def test_an_add_naming_no_network_namespace_leaves_the_captured_pod_alone(
+    short_dir: str,
+) -> None:
+    """Found by an audit: such an ADD used to release the running pod ("sandbox replaced")
+    and forget its namespace, leaving it broken until it was recreated."""
+
+    async def main() -> None:
+        async with environment(short_dir) as env:
+            await env.label_namespace("shop", dict(AMBIENT))
+            await env.start_ztunnel()
+            agent = await env.start_agent()
+            web = await env.pod("web")
+            web_ns, uid = env.netns("web"), objects.uid(web)
+            await agent.reconciler.on_add(env.add_event(web, web_ns))
+            before = agent.cache.find(uid)
+
+            bogus = os.path.join(short_dir, "no-such-netns")
+            with pytest.raises(
+                reconciler.CaptureError, match=f"cannot open network namespace {bogus}"
+            ):
+                await agent.reconciler.on_add(env.add_event(web, bogus))
+            assert env.is_captured(web, web_ns)
+            assert agent.cache.find(uid) == before
+            assert env.journal.of(uid, web_ns, bogus) == ["add", "install"]
+
+    run(main)
+
+
+def test_a_check_that_finds_the_redirection_gone_fails_and_reinstalls_it(
+    short_dir: str,
+) -> None:
+    async def main() -> None:
+        async with environment(short_dir) as env:
+            await env.label_namespace("shop", dict(AMBIENT))
+            await env.start_ztunnel()
+            agent = await env.start_agent()
+            web = await env.pod("web")
+            web_ns, uid = env.netns("web"), objects.uid(web)
+            await agent.reconciler.on_add(env.add_event(web, web_ns))
+            await agent.reconciler.on_check(_check_event(env.add_event(web, web_ns)))
+
+            del env.redirector.installed[web_ns]  # someone flushed the pod's rules
+            with pytest.raises(reconciler.CaptureError, match="redirection is missing"):
+                await agent.reconciler.on_check(_check_event(env.add_event(web, web_ns)))
+            await wait_until(lambda: env.is_captured(web, web_ns), "the pod is reinstalled")
+            assert env.journal.of(uid, web_ns) == ["add", "install", "install"]
+            await agent.reconciler.on_check(_check_event(env.add_event(web, web_ns)))
 
     run(main)
 
