@@ -32,6 +32,8 @@ from typing import Any, BinaryIO, TextIO
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
 DEFAULT_TIMEOUT = 10.0
+# A network configuration with its prevResult is a few KiB; a runtime never sends megabytes.
+MAX_CONFIG_BYTES = 1 << 20
 AGENT_HOST = "agent"  # the Host header; the socket path is what matters
 
 # CNI spec error codes.
@@ -117,8 +119,14 @@ def _parse_conf(stdin: bytes, command: str) -> NetConf:
             ERR_DECODE, "failed to decode network configuration", "stdin is not a JSON object"
         )
     version = raw.get("cniVersion")
-    if not isinstance(version, str) or not version:
+    if version is None or version == "":
         raise CniError(ERR_INVALID_CONFIG, "invalid network configuration", "cniVersion is missing")
+    if not isinstance(version, str):
+        raise CniError(
+            ERR_INVALID_CONFIG,
+            "invalid network configuration",
+            f"cniVersion must be a string, got {json.dumps(version)[:32]}",
+        )
     if version not in SUPPORTED_VERSIONS:
         raise CniError(
             ERR_INCOMPATIBLE_VERSION,
@@ -350,7 +358,13 @@ def run(
     """The whole plugin; returns the exit status."""
     cni_version = SUPPORTED_VERSIONS[-1]
     try:
-        data = b"" if env.get("CNI_COMMAND") == "VERSION" else stdin.read()
+        data = b"" if env.get("CNI_COMMAND") == "VERSION" else stdin.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise CniError(
+                ERR_DECODE,
+                "failed to decode network configuration",
+                f"stdin is larger than {MAX_CONFIG_BYTES} bytes",
+            )
         inv = parse_invocation(env, data)
         if inv.conf is not None:
             cni_version = inv.conf.cni_version

@@ -240,6 +240,7 @@ def test_without_an_agent(sock_dir: str) -> None:
         pytest.param("ADD", b"{not json", {}, 6, "decode", id="malformed-json"),
         pytest.param("ADD", b"[1, 2]", {}, 6, "not a JSON object", id="not-an-object"),
         pytest.param("ADD", b"\xff\xfe", {}, 6, "decode", id="not-utf8"),
+        pytest.param("ADD", b" " * (2 << 20), {}, 6, "larger than 1048576", id="huge-stdin"),
         pytest.param("ADD", None, {"CNI_NETNS": ""}, 4, "CNI_NETNS", id="missing-netns"),
         pytest.param("ADD", None, {"CNI_CONTAINERID": ""}, 4, "CNI_CONTAINERID", id="no-id"),
         pytest.param("DEL", None, {"CNI_IFNAME": ""}, 4, "CNI_IFNAME", id="del-no-ifname"),
@@ -267,6 +268,8 @@ def test_invalid_invocations(
         pytest.param({"prevResult": None}, 7, "prevResult", id="no-prev-result"),
         pytest.param({"agentSocket": None}, 7, "agentSocket", id="no-agent-socket"),
         pytest.param({"cniVersion": "2.0.0"}, 1, "2.0.0", id="unsupported-version"),
+        pytest.param({"cniVersion": 1}, 7, "cniVersion must be a string, got 1", id="number"),
+        pytest.param({"cniVersion": None}, 7, "cniVersion is missing", id="no-version"),
         pytest.param({"timeoutSeconds": "soon"}, 7, "timeoutSeconds", id="bad-timeout"),
         pytest.param(
             {"prevResult": {"ips": [{"address": "10.0.0.300/24"}]}},
