@@ -11,6 +11,8 @@ from collections.abc import Mapping
 # Values shared by a component and whoever starts it (the playground, the manifests):
 # the node agent's REDIRECT_MODE, how it captures pods (the first is the default).
 REDIRECT_MODES = ("iptables", "ebpf")
+# POD_NAMESPACE of ztunnel and the node agent: the mesh's system namespace, where they run.
+DEFAULT_SYSTEM_NAMESPACE = "istio-system"
 
 
 class Env:

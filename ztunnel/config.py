@@ -41,7 +41,7 @@ class Config:
     log_level: str = "info"
     instance_ip: str = ""
     pod_name: str = "ztunnel"
-    pod_namespace: str = "istio-system"
+    pod_namespace: str = envconfig.DEFAULT_SYSTEM_NAMESPACE
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -68,7 +68,7 @@ class Config:
             log_level=read.log_level(),
             instance_ip=read.optional("INSTANCE_IP"),
             pod_name=read.optional("POD_NAME", "ztunnel"),
-            pod_namespace=read.optional("POD_NAMESPACE", "istio-system"),
+            pod_namespace=read.optional("POD_NAMESPACE", envconfig.DEFAULT_SYSTEM_NAMESPACE),
         )
 
     @property

@@ -69,6 +69,7 @@ async def run(cfg: config_mod.Config) -> None:
         cache=cache,
         capture_table=capture_table,
         dns_capture=cfg.dns_capture,
+        system_namespace=cfg.system_namespace,
     )
 
     # CNI ADD/DEL/CHECK from mesh-cni, answered by the reconciler.

@@ -16,6 +16,7 @@ from meshcore import bpffs, envconfig, errors
 DEFAULT_ZTUNNEL_UDS = "/var/run/ztunnel/ztunnel.sock"  # istio-cni's default (spec 4)
 DEFAULT_CNI_EVENT_UDS = "/var/run/ambient-mesh/cni.sock"
 DEFAULT_STATE_DIR = "/var/lib/ambient-mesh/agent"
+DEFAULT_SYSTEM_NAMESPACE = envconfig.DEFAULT_SYSTEM_NAMESPACE
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # How the in-pod redirection is installed: iptables rules (spec 3.2) or tc eBPF programs.
 REDIRECT_MODES = envconfig.REDIRECT_MODES
@@ -24,6 +25,8 @@ MAX_SOCKET_PATH = 107
 
 # Kubernetes node names are DNS-1123 subdomains; the name also ends up in a field selector.
 _NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -46,6 +49,8 @@ class Config:
     redirect_mode: str = "iptables"
     # eBPF mode pins its map of captured connections here, so that it outlives a restart.
     bpf_pin_dir: str = bpffs.DEFAULT_PIN_DIR
+    # The agent's own namespace, as istio-cni reads it: ztunnel's pods there are never captured.
+    system_namespace: str = DEFAULT_SYSTEM_NAMESPACE
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -65,6 +70,12 @@ class Config:
         log_level = optional("LOG_LEVEL", "info").lower()
         if log_level not in LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")
+        system_namespace = optional("POD_NAMESPACE", DEFAULT_SYSTEM_NAMESPACE)
+        if len(system_namespace) > 63 or not _NAMESPACE.fullmatch(system_namespace):
+            raise ConfigError(
+                f"POD_NAMESPACE={system_namespace!r} is not a valid namespace name (a DNS label: "
+                "lowercase letters, digits and '-', at most 63 characters)"
+            )
         redirect_mode = optional("REDIRECT_MODE", "iptables").lower()
         if redirect_mode not in REDIRECT_MODES:
             raise ConfigError(
@@ -90,6 +101,7 @@ class Config:
             dns_capture=dns_capture,
             redirect_mode=redirect_mode,
             bpf_pin_dir=_absolute("BPF_PIN_DIR", optional("BPF_PIN_DIR", bpffs.DEFAULT_PIN_DIR)),
+            system_namespace=system_namespace,
         )
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cni.redirect import iptables
-from meshcore import ambient_labels
+from meshcore import ambient_labels, envconfig
 from meshcore.kube import objects
 from meshcore.wire import zds
 
@@ -36,8 +36,10 @@ REDIRECTION_ENABLED = "enabled"
 BYPASS_INBOUND_ANNOTATION = "ambient.istio.io/bypass-inbound-capture"
 DNS_CAPTURE_ANNOTATION = "ambient.istio.io/dns-capture"
 REROUTE_INTERFACES_ANNOTATION = "istio.io/reroute-virtual-interfaces"
-# How istio-cni recognises ztunnel's own pods.
+# How istio-cni recognises ztunnel's own pods: this label, in the mesh's system namespace (a pod
+# elsewhere that carries it is an app like any other, not a way out of capture).
 ZTUNNEL_APP_LABEL = ("app", "ztunnel")
+DEFAULT_SYSTEM_NAMESPACE = envconfig.DEFAULT_SYSTEM_NAMESPACE
 
 _TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 
@@ -62,7 +64,9 @@ def _phase(pod: Mapping[str, Any]) -> str:
 
 
 def build_decision(
-    pod: Mapping[str, Any], namespace: Mapping[str, Any] | None
+    pod: Mapping[str, Any],
+    namespace: Mapping[str, Any] | None,
+    system_namespace: str = DEFAULT_SYSTEM_NAMESPACE,
 ) -> EnrollmentDecision:
     """Decide for `pod` in `namespace` (None: the namespace does not exist or is unknown)."""
     if objects.is_terminating(pod):
@@ -74,7 +78,7 @@ def build_decision(
         return EnrollmentDecision(False, "pod uses the host network")
     labels = objects.labels(pod)
     app_key, app_value = ZTUNNEL_APP_LABEL
-    if labels.get(app_key) == app_value:
+    if labels.get(app_key) == app_value and objects.namespace(pod) == system_namespace:
         return EnrollmentDecision(False, "pod is a ztunnel")
     if SIDECAR_STATUS_ANNOTATION in objects.annotations_of(pod):
         return EnrollmentDecision(False, f"pod has an Istio sidecar ({SIDECAR_STATUS_ANNOTATION})")
@@ -102,8 +106,12 @@ def build_decision(
     )
 
 
-def should_enroll(pod: Mapping[str, Any], namespace: Mapping[str, Any] | None) -> bool:
-    return build_decision(pod, namespace).is_enrolled
+def should_enroll(
+    pod: Mapping[str, Any],
+    namespace: Mapping[str, Any] | None,
+    system_namespace: str = DEFAULT_SYSTEM_NAMESPACE,
+) -> bool:
+    return build_decision(pod, namespace, system_namespace).is_enrolled
 
 
 def build_workload_info(pod: Mapping[str, Any]) -> zds.WorkloadInfo:

@@ -202,6 +202,7 @@ class Reconciler:
         max_retry: float = MAX_RETRY,
         drain_timeout: float = DRAIN_TIMEOUT,
         check_netns: Callable[[str], None] = netns.check_netns,
+        system_namespace: str = enrollment.DEFAULT_SYSTEM_NAMESPACE,
     ) -> None:
         self._node_name = node_name
         self._api = api
@@ -214,6 +215,7 @@ class Reconciler:
         self._max_retry = max_retry
         self._drain_timeout = drain_timeout
         self._check_netns = check_netns  # raises NetnsError unless a network namespace
+        self._system_namespace = system_namespace  # where ztunnel's own pods run
         self._namespaces = informer.Informer(
             api, resources.NAMESPACES, handler=self._on_namespace_event
         )
@@ -426,7 +428,7 @@ class Reconciler:
         ref = f"{event.pod_namespace}/{event.pod_name}"
         pod = await self._fetch_pod_for_cni(event.pod_namespace, event.pod_name, event.pod_uid, ref)
         namespace = await self._fetch_namespace(objects.namespace(pod), ref)
-        decision = enrollment.build_decision(pod, namespace)
+        decision = enrollment.build_decision(pod, namespace, self._system_namespace)
         if not decision.is_enrolled:
             return
         uid = objects.uid(pod)
@@ -582,7 +584,7 @@ class Reconciler:
             decision = enrollment.EnrollmentDecision(False, "pod unknown to the node agent")
         else:
             namespace = await self._fetch_namespace(objects.namespace(pod), ref)
-            decision = enrollment.build_decision(pod, namespace)
+            decision = enrollment.build_decision(pod, namespace, self._system_namespace)
 
         target: captures.Capture | None = None
         if decision.is_enrolled and pod is not None:

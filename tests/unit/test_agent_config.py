@@ -22,6 +22,7 @@ def test_defaults() -> None:
         dns_capture=False,
         redirect_mode="iptables",
         bpf_pin_dir="/sys/fs/bpf/ambient-mesh",
+        system_namespace="istio-system",
     )
 
 
@@ -33,8 +34,10 @@ def test_every_variable() -> None:
         "AGENT_STATE_DIR": "/tmp/mt-x/agent",
         "LOG_LEVEL": "DEBUG",
         "DNS_CAPTURE": "true",
+        "POD_NAMESPACE": "mesh-system",
     }
     cfg = config.Config.from_env(env)
+    assert cfg.system_namespace == "mesh-system"
     assert (cfg.ztunnel_socket, cfg.cni_event_socket, cfg.state_dir) == (
         "/tmp/mt-x/zds.sock",
         "/tmp/mt-x/cni.sock",
@@ -79,6 +82,12 @@ def test_ebpf_redirect_mode() -> None:
         pytest.param(
             {"AGENT_STATE_DIR": "state"}, "AGENT_STATE_DIR='state' must be an absolute path",
             id="relative-state",
+        ),
+        pytest.param(
+            {"POD_NAMESPACE": "Mesh_System"},
+            "POD_NAMESPACE='Mesh_System' is not a valid namespace name (a DNS label: lowercase "
+            "letters, digits and '-', at most 63 characters)",
+            id="system-namespace",
         ),
         pytest.param(
             {"BPF_PIN_DIR": "bpf"}, "BPF_PIN_DIR='bpf' must be an absolute path", id="pin-dir"

@@ -34,8 +34,14 @@ def pod(
     terminating: bool = False,
     phase: str = "Running",
     service_account: str | None = None,
+    namespace: str = "shop",
 ) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": "web-1", "namespace": "shop", "uid": "u-1", **_labels(labels)}
+    meta: dict[str, Any] = {
+        "name": "web-1",
+        "namespace": namespace,
+        "uid": "u-1",
+        **_labels(labels),
+    }
     if annotations is not None:
         meta["annotations"] = annotations
     if terminating:
@@ -98,8 +104,14 @@ def pod(
             id="finished-pod",
         ),
         pytest.param(
-            pod({"app": "ztunnel"}), namespace(AMBIENT), False, "pod is a ztunnel",
+            pod({"app": "ztunnel"}, namespace="istio-system"), namespace(AMBIENT), False,
+            "pod is a ztunnel",
             id="ztunnel-pod",
+        ),
+        pytest.param(
+            pod({"app": "ztunnel"}), namespace(AMBIENT), True,
+            "namespace shop has istio.io/dataplane-mode=ambient",
+            id="app-ztunnel-label-outside-the-system-namespace",
         ),
         pytest.param(
             pod(), namespace({"istio.io/dataplane-mode": "sidecar"}), False,
