@@ -301,7 +301,7 @@ def _post(agent: AgentCall, inv: Invocation, event: dict[str, Any]) -> None:
         raise CniError(
             ERR_TRY_AGAIN,
             f"node agent unreachable for {inv.command} of pod {pod}",
-            f"{inv.conf.agent_socket}: {exc or type(exc).__name__}",
+            f"{inv.conf.agent_socket}: {str(exc) or type(exc).__name__}",
         ) from None
     if reply.status != 200:
         raise CniError(

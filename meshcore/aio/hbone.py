@@ -610,7 +610,7 @@ async def accept(
     except (ssl.SSLError, OSError, TimeoutError) as exc:
         sock.close()
         raise HboneConnectError(
-            f"TLS handshake failed: {exc or type(exc).__name__}", FLAG_TLS_FAILURE
+            f"TLS handshake failed: {str(exc) or type(exc).__name__}", FLAG_TLS_FAILURE
         ) from exc
     except BaseException:
         sock.close()

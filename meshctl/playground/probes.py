@@ -32,7 +32,7 @@ async def http_get_unix(path: str, target: str, timeout: float = 2.0) -> tuple[i
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
     except (OSError, TimeoutError, h11.ProtocolError) as exc:
-        raise ProbeError(f"GET {target} on {path}: {exc or type(exc).__name__}") from exc
+        raise ProbeError(f"GET {target} on {path}: {str(exc) or type(exc).__name__}") from exc
 
 
 async def http_get_in_netns(
@@ -64,4 +64,5 @@ async def http_get_in_netns(
                     await writer.wait_closed()
     except (OSError, TimeoutError, h11.ProtocolError) as exc:
         sock.close()
-        raise ProbeError(f"GET http://{host}:{port}{target}: {exc or type(exc).__name__}") from exc
+        why = str(exc) or type(exc).__name__
+        raise ProbeError(f"GET http://{host}:{port}{target}: {why}") from exc

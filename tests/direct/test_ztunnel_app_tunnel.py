@@ -34,7 +34,7 @@ from ztunnel import telemetry
 from ztunnel.identity import manager
 from ztunnel.inpod import pod_network
 from ztunnel.proxy import inbound
-from ztunnel.proxy.inputs import PodContext, ProxyInputs
+from ztunnel.proxy.inputs import HandshakeBudget, PodContext, ProxyInputs
 from ztunnel.state import proxy_state
 
 NOW = datetime.datetime.now(datetime.UTC)
@@ -51,7 +51,9 @@ def mesh_ca() -> ca_mod.CertificateAuthority:
 
 @contextlib.asynccontextmanager
 async def inbound_proxy(
-    mesh_ca: ca_mod.CertificateAuthority, tunnel: workload.ApplicationTunnel | None
+    mesh_ca: ca_mod.CertificateAuthority,
+    tunnel: workload.ApplicationTunnel | None,
+    handshakes: HandshakeBudget | None = None,
 ) -> AsyncIterator[int]:
     """The server pod's 15008, on an ephemeral loopback port; yields that port."""
     state = proxy_state.ProxyState()
@@ -82,6 +84,7 @@ async def inbound_proxy(
             workload_certs.StaticServerCerts(workload_certs.issue(mesh_ca, SERVER_ID)),
         ),
         telemetry=telemetry.Telemetry(telemetry.Metrics(prometheus_client.CollectorRegistry())),
+        handshakes=handshakes or HandshakeBudget(),
     )
     fd = os.open("/proc/self/ns/net", os.O_RDONLY)
     try:
@@ -253,6 +256,37 @@ def test_connect_is_refused_when_the_tunnel_port_is_closed(
         assert status == 503
 
     _run(main)
+
+
+def test_past_the_handshake_budget_new_connections_are_closed_until_it_recovers(
+    mesh_ca: ca_mod.CertificateAuthority,
+) -> None:
+    """Found by an audit: floods of unfinished TLS handshakes grew ztunnel's memory for good."""
+    budget = HandshakeBudget(limit=2)
+
+    async def main() -> None:
+        async with inbound_proxy(mesh_ca, None, budget) as port:
+            stalled = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+            await _until(lambda: budget.pending == 2)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed at once
+            writer.close()
+            assert budget.is_exhausted
+            for _, stalled_writer in stalled:
+                stalled_writer.close()
+            await _until(lambda: budget.pending == 0)
+            conn = await _hbone_client(mesh_ca, port)
+            assert conn.is_usable
+            conn.close()
+        assert not budget.is_exhausted
+
+    _run(main)
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    async with asyncio.timeout(5):
+        while not check():
+            await asyncio.sleep(0.01)
 
 
 def test_without_a_tunnel_the_requested_port_is_used_and_nothing_is_prepended(

@@ -68,6 +68,17 @@ class InboundProxy:
                 )
                 await asyncio.sleep(_ACCEPT_BACKOFF)
                 continue
+            budget = self._inputs.handshakes
+            if not budget.try_acquire():
+                sock.close()  # the peer retries; its pool makes that rare
+                if not budget.is_exhausted:
+                    budget.is_exhausted = True
+                    logger.warning(
+                        "too many inbound TLS handshakes in progress; refusing new connections",
+                        extra=log.fields(pod=self._pod.info.name, limit=budget.limit),
+                    )
+                continue
+            budget.is_exhausted = False
             self._tasks.spawn(self._handshake(sock))
 
     def close(self) -> None:
@@ -76,6 +87,12 @@ class InboundProxy:
             conn.abort()
 
     async def _handshake(self, sock: socket.socket) -> None:
+        try:
+            await self._accept_tls(sock)
+        finally:
+            self._inputs.handshakes.release()
+
+    async def _accept_tls(self, sock: socket.socket) -> None:
         inputs = self._inputs
         try:
             peer = sock.getpeername()

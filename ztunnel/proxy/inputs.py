@@ -15,6 +15,29 @@ from ztunnel.inpod import pod_network
 from ztunnel.proxy import connection_manager
 from ztunnel.state import proxy_state
 
+# TLS handshakes in progress on all of the node's 15008 listeners. Each holds ~50 KiB of TLS
+# buffers until it completes or times out, and floods of unfinished ones leave the process's
+# heap fragmented; the mesh's own peers pool their connections, so this is far above need.
+MAX_PENDING_HANDSHAKES = 1024
+
+
+@dataclasses.dataclass
+class HandshakeBudget:
+    """How many inbound TLS handshakes may be in progress at once, node-wide."""
+
+    limit: int = MAX_PENDING_HANDSHAKES
+    pending: int = 0
+    is_exhausted: bool = False  # refusing (said once in the log until it recovers)
+
+    def try_acquire(self) -> bool:
+        if self.pending >= self.limit:
+            return False
+        self.pending += 1
+        return True
+
+    def release(self) -> None:
+        self.pending -= 1
+
 
 @dataclasses.dataclass(frozen=True)
 class ProxyInputs:
@@ -26,6 +49,7 @@ class ProxyInputs:
     connections: connection_manager.ConnectionManager = dataclasses.field(
         default_factory=connection_manager.ConnectionManager
     )
+    handshakes: HandshakeBudget = dataclasses.field(default_factory=HandshakeBudget)
 
 
 @dataclasses.dataclass

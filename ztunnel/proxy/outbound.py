@@ -84,7 +84,7 @@ class OutboundProxy:
             down.abort()
         except (OSError, TimeoutError) as exc:
             record.flag = routing.Flag.CONNECT.value
-            record.error = f"upstream connect failed: {exc or type(exc).__name__}"
+            record.error = f"upstream connect failed: {str(exc) or type(exc).__name__}"
             down.abort()
         except asyncio.CancelledError:
             record.error = "proxy stopped"
