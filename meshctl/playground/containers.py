@@ -90,6 +90,8 @@ async def start(
         ) from exc
     except (OSError, subprocess.SubprocessError) as exc:
         raise ContainerStartError(f"cannot start {argv[0]!r}: {exc}") from exc
+    except ValueError as exc:  # a NUL byte in the command, an argument or the environment
+        raise ContainerStartError(f"cannot start {argv[0]!r}: {exc}") from exc
     finally:
         log.close()
         os.close(fd)

@@ -74,6 +74,14 @@ def test_template_hash_is_stable_and_looks_like_kubernetes() -> None:
     assert deployments.build_template_hash(TEMPLATE) == CURRENT  # no hidden state
 
 
+def test_template_hash_of_a_template_stored_with_a_lone_surrogate_does_not_crash() -> None:
+    # The API refuses such text now; a store written before must not crash-loop the controller.
+    odd = {"spec": {"containers": [{"name": "app", "image": "\ud800"}]}}
+    assert re.fullmatch(
+        r"[bcdfghjklmnpqrstvwxz2456789]{1,10}", deployments.build_template_hash(odd)
+    )
+
+
 @pytest.mark.parametrize(
     "edit",
     [

@@ -124,6 +124,18 @@ def test_an_added_group_is_discovered_without_server_changes() -> None:
         (b"a: [", "application/yaml", errors.BadRequestError, "not valid YAML"),
         (b"a: &x 1\nb: *x", "application/yaml", errors.BadRequestError, "aliases"),
         (
+            b'{"spec": {"image": "\\ud800"}}',
+            "application/json",
+            errors.BadRequestError,
+            "not valid Unicode (surrogates not allowed at position 0)",
+        ),
+        (
+            b'{"metadata": {"annotations": {"\\udfff": "x"}}}',
+            "application/json",
+            errors.BadRequestError,
+            "not valid Unicode",
+        ),
+        (
             b"{}",
             "text/plain",
             errors.UnsupportedMediaTypeError,
@@ -141,6 +153,8 @@ def test_an_added_group_is_discovered_without_server_changes() -> None:
         "deep",
         "bad-yaml",
         "yaml-alias",
+        "lone-surrogate",
+        "lone-surrogate-key",
         "media-type",
     ],
 )

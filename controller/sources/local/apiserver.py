@@ -246,7 +246,8 @@ def _reject_constant(name: str) -> Any:
 
 
 def check_json_value(value: Any) -> None:
-    """Only JSON types, string keys, finite numbers, bounded nesting (BadRequestError)."""
+    """Only JSON types, string keys, finite numbers, text that is Unicode, bounded nesting
+    (BadRequestError)."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         current, depth = stack.pop()
@@ -256,7 +257,10 @@ def check_json_value(value: Any) -> None:
             for k, v in current.items():
                 if not isinstance(k, str):
                     raise errors.BadRequestError(f"object keys must be strings, not {k!r}")
+                _check_text(k)
                 stack.append((v, depth + 1))
+        elif isinstance(current, str):
+            _check_text(current)
         elif isinstance(current, list):
             stack.extend((v, depth + 1) for v in current)
         elif isinstance(current, float):
@@ -264,6 +268,18 @@ def check_json_value(value: Any) -> None:
                 raise errors.BadRequestError("numbers must be finite")
         elif current is not None and not isinstance(current, str | int | bool):
             raise errors.BadRequestError(f"unsupported value of type {type(current).__name__}")
+
+
+def _check_text(text: str) -> None:
+    """JSON's \\u escapes can write half of a surrogate pair, which is no character at all:
+    nothing downstream (hashes, files, ztunnel's config) could encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise errors.BadRequestError(
+            f"the body has a string that is not valid Unicode ({exc.reason} at position "
+            f"{exc.start}): {text[:64].encode('utf-8', 'backslashreplace').decode()!r}"
+        ) from None
 
 
 def _key_text(key: Any) -> Any:

@@ -89,7 +89,8 @@ def build_template_hash(template: Mapping[str, Any]) -> str:
     written with Kubernetes' safe alphabet (e.g. ``7c5ddbdf54``). Equal templates, equal hashes;
     key order does not matter."""
     canonical = json.dumps(template, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    digits = str(_fnv32a(canonical.encode()))
+    # surrogatepass: a template stored before lone surrogates were refused must not crash us.
+    digits = str(_fnv32a(canonical.encode("utf-8", "surrogatepass")))
     return "".join(_HASH_ALPHABET[ord(c) % len(_HASH_ALPHABET)] for c in digits)
 
 
