@@ -116,8 +116,12 @@ def build_endpoints(
         (p.get("name"), m) for p, m in zip(spec.get("ports") or (), services[0].ports, strict=True)
     ]
     listed: list[Mapping[str, Any]] = list(spec.get("endpoints") or ())
+    # Listed endpoints serve every host; without them a DNS entry's hosts resolve themselves,
+    # each its own endpoint of its own host only (binding each to all N hosts made N^2).
+    bound: dict[str, tuple[workload.Service, ...]] = {}
     if not listed and resolution in _DNS:
-        listed = [{"address": s.hostname} for s in services]  # each host resolves itself
+        listed = [{"address": s.hostname} for s in services]
+        bound = {s.hostname: (s,) for s in services}
     out = []
     seen: set[str] = set()
     for endpoint in listed:
@@ -146,7 +150,9 @@ def build_endpoints(
                 ),
                 canonical_name=name,
                 workload_name=name,
-                services=tuple(workload.ServiceBinding(s.key, mappings) for s in services),
+                services=tuple(
+                    workload.ServiceBinding(s.key, mappings) for s in bound.get(address, services)
+                ),
                 cluster_id=cluster_id,
                 network=str(endpoint.get("network") or ""),
                 labels=tuple(sorted((endpoint.get("labels") or {}).items())),
