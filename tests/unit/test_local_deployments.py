@@ -437,6 +437,11 @@ def _edit(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
             id="selector-mismatch",
         ),
         pytest.param(
+            _edit("spec.replicas", 2**31),
+            "spec.replicas: Invalid value: 2147483648: must be less than or equal to 2147483647",
+            id="replicas-beyond-int32",
+        ),
+        pytest.param(
             _edit("spec.replicas", -1),
             "spec.replicas: Invalid value: -1: must be greater than or equal to 0",
             id="negative-replicas",

@@ -72,6 +72,9 @@ _FNV32_PRIME = 0x01000193
 _TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 _PHASE_RANK = {"Pending": 0, "Unknown": 1, "Running": 2}
 _MAX_NAME_TRIES = 5
+# Pods one reconcile creates at most (Kubernetes' ReplicaSet controller has 500); the rest come
+# in later passes, so that a Deployment of thousands of replicas does not hold the API.
+BURST_REPLICAS = 100
 
 
 # -- pure parts -------------------------------------------------------------------------------
@@ -358,8 +361,10 @@ class DeploymentController(reconciler.StoreReconciler):
         plan = build_plan(deployment, mine)
         for doomed in plan.delete:
             self._delete_pod(namespace, doomed, reason="scaled down or replaced")
-        for _ in range(plan.create):
+        for _ in range(min(plan.create, BURST_REPLICAS)):
             self._create_pod(deployment, plan.template_hash)
+        if plan.create > BURST_REPLICAS:
+            self.requeue(namespace, name)  # the rest after the API has had its turn
         self._record_status(deployment, plan.status)
 
     def _create_pod(self, deployment: dict[str, Any], template_hash: str) -> None:

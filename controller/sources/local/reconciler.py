@@ -3,7 +3,10 @@ reconcile everything on start and after a watch overflow, and retry a failed rec
 object with exponential backoff without holding up the others.
 
 Reconciles are synchronous store calls on the event loop, so each sees the store's current
-state, including its own earlier writes.
+state, including its own earlier writes. The keys of a run of events are collected and each is
+reconciled once when the run ends (a Deployment creating 500 pods hears 500 pod events: one
+reconcile, not 500), and a reconcile with more to do than one pass should take calls `requeue`,
+so that the API keeps answering in between.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class StoreReconciler(abc.ABC):
         self._max_retry = max_retry
         self._failures: dict[Key, int] = {}
         self._retries: dict[Key, asyncio.TimerHandle] = {}
+        self._dirty: dict[Key, None] = {}  # keys waiting for the next flush, in order
+        self._flush: asyncio.Handle | None = None
         self.synced = asyncio.Event()
 
     @abc.abstractmethod
@@ -71,13 +76,29 @@ class StoreReconciler(abc.ABC):
                             _LOG.warning("store subscription overflowed; resyncing")
                             break
                         for key in self.find_event_keys(event):
-                            self.reconcile(*key)
+                            self.requeue(*key)
                 finally:
                     subscription.close()
         finally:
             for handle in self._retries.values():
                 handle.cancel()
             self._retries.clear()
+            if self._flush is not None:
+                self._flush.cancel()
+                self._flush = None
+            self._dirty.clear()
+
+    def requeue(self, namespace: str, name: str) -> None:
+        """Reconcile this key once the events queued now have been read (coalesced)."""
+        self._dirty[(namespace, name)] = None
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_soon(self._run_dirty)
+
+    def _run_dirty(self) -> None:
+        self._flush = None
+        dirty, self._dirty = self._dirty, {}
+        for key in dirty:
+            self.reconcile(*key)
 
     def resync(self) -> None:
         for key in sorted(set(self.find_all_keys())):

@@ -42,6 +42,7 @@ from controller.sources.local.validation import (
 MAX_ANNOTATION_BYTES = 256 * 1024
 # A grace period becomes a timestamp; a year keeps it far from datetime's limits.
 MAX_GRACE_PERIOD_SECONDS = 365 * 24 * 3600
+MAX_INT32 = 2**31 - 1
 
 
 def _check_owner_references(refs: list[dict[str, Any]], path: str) -> list[FieldError]:
@@ -451,7 +452,7 @@ POD_TEMPLATE = Obj(
 )
 DEPLOYMENT_SPEC = Obj(
     {
-        "replicas": Int(0),
+        "replicas": Int(0, MAX_INT32, one_bound=True),  # an int32 in Kubernetes
         "selector": LABEL_SELECTOR,
         "template": POD_TEMPLATE,
     },

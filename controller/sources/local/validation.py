@@ -297,18 +297,25 @@ class Str:
 class Int:
     minimum: int | None = None
     maximum: int | None = None
+    # Name only the bound that was crossed (Kubernetes' wording for a non-negative field that
+    # is also an int32), instead of the range.
+    one_bound: bool = False
 
     def check(self, value: Any, path: str) -> list[FieldError]:
         # bool is an int in Python but not in JSON.
         if not isinstance(value, int) or isinstance(value, bool):
             return [_type_error(path, value, "integer")]
         if self.minimum is not None and value < self.minimum:
-            return [invalid(path, value, self._range())]
+            return [invalid(path, value, self._range(low=True))]
         if self.maximum is not None and value > self.maximum:
-            return [invalid(path, value, self._range())]
+            return [invalid(path, value, self._range(low=False))]
         return []
 
-    def _range(self) -> str:
+    def _range(self, *, low: bool) -> str:
+        if self.one_bound:
+            if low:
+                return f"must be greater than or equal to {self.minimum}"
+            return f"must be less than or equal to {self.maximum}"
         if self.maximum is None:
             return f"must be greater than or equal to {self.minimum}"
         if self.minimum is None:
