@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+from meshcore import digits
+
 # Values shared by a component and whoever starts it (the playground, the manifests):
 # the node agent's REDIRECT_MODE, how it captures pods (the first is the default).
 REDIRECT_MODES = ("iptables", "ebpf")
@@ -49,7 +51,11 @@ class Env:
         raw = self.optional(name)
         if not raw:
             return default
-        if not raw.isdigit() or int(raw) < 1 or (maximum is not None and int(raw) > maximum):
+        if (
+            not digits.is_digits(raw)
+            or int(raw) < 1
+            or (maximum is not None and int(raw) > maximum)
+        ):
             bound = f" (1..{maximum})" if maximum is not None else ""
             raise self.fail(f"{name}={raw!r} must be a positive whole number{bound}")
         return int(raw)
@@ -59,7 +65,7 @@ class Env:
         if not raw:
             return default
         host, sep, port = raw.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not digits.is_digits(port) or not 0 < int(port) < 65536:
             raise self.fail(f"{name}={raw!r} must be host:port")
         return (host.strip("[]") or "0.0.0.0", int(port))
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import grpclib.client
 import grpclib.config
 
-from meshcore import errors
+from meshcore import digits, errors
 
 AUTHORIZATION = "authorization"
 CLUSTER_ID = "clusterid"
@@ -52,7 +52,7 @@ def open_channel(address: str) -> grpclib.client.Channel:
             raise RpcConfigError(f"{address}: a Unix socket address needs an absolute path")
         return grpclib.client.Channel(path=path, config=config)
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not digits.is_digits(port) or not 0 < int(port) < 65536:
         raise RpcConfigError(f"{address}: expected unix:///path or host:port")
     return grpclib.client.Channel(host.strip("[]"), int(port), config=config)
 

@@ -15,7 +15,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from meshcore import rbac
+from meshcore import digits, rbac
 from meshcore.identity import spiffe
 from meshcore.kube import objects
 from meshcore.model import authorization, ids, store
@@ -186,7 +186,7 @@ def resolve_service_port(
         target = entry.get("targetPort", port)
         if isinstance(target, int) and not isinstance(target, bool):
             return target
-        if isinstance(target, str) and target.isdigit():
+        if isinstance(target, str) and digits.is_digits(target):
             return int(target)
         if isinstance(target, str):
             protocol = str(entry.get("protocol") or "TCP")

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
+from meshcore import digits
 from meshcore.traffic import routes
 from waypoint import cluster, http1, routing, tracing, upstream
 
@@ -98,7 +99,7 @@ def _retriable_status(status: int, retry_on: tuple[str, ...]) -> bool:
             return True
         if condition == "retriable-status-codes" and status in _RETRIABLE_STATUS_CODES:
             return True
-        if condition.isdigit() and int(condition) == status:
+        if digits.is_digits(condition) and int(condition) == status:
             return True
     return False
 

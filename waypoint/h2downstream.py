@@ -22,7 +22,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from meshcore import log
+from meshcore import digits, log
 from waypoint import downstream, exchange, http1
 from waypoint import engine as engine_mod
 
@@ -115,7 +115,9 @@ class H2DownstreamProtocol(asyncio.Protocol):
         pseudo = {n: v for n, v in fields if n in _PSEUDO}
         headers = [(n.lower(), v) for n, v in fields if not n.startswith(":") and n != "host"]
         length_text = next((v for n, v in headers if n == "content-length"), None)
-        length = int(length_text) if length_text is not None and length_text.isdigit() else None
+        length = (
+            int(length_text) if length_text is not None and digits.is_digits(length_text) else None
+        )
         ended = event.stream_ended is not None
         head = http1.RequestHead(
             method=pseudo.get(":method", "GET"),

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import httptools
 
+from meshcore import digits
 from waypoint import http1, origin
 
 # Idle connections kept per endpoint; beyond this they are closed rather than pooled.
@@ -131,7 +132,7 @@ class UpstreamConnection(asyncio.Protocol):
         length = None
         is_chunked = False
         for name, value in self._headers:
-            if name == "content-length" and value.strip().isdigit():
+            if name == "content-length" and digits.is_digits(value.strip()):
                 length = int(value)
             elif name == "transfer-encoding" and "chunked" in value.lower():
                 is_chunked = True

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from controller.translate import waypoints
+from meshcore import digits
 from meshcore.model import ids, workload
 
 KubeObject = Mapping[str, Any]
@@ -65,7 +66,7 @@ def build_service(
         if number is None:
             raise fail(f"spec.ports[{i}].port", f"not a port number: {port.get('port')!r}")
         target = port.get("targetPort", number)
-        if isinstance(target, str) and not target.isdigit():
+        if isinstance(target, str) and not digits.is_digits(target):
             # Named: each endpoint resolves it against its own containers (see `binding_ports`).
             ports.append(workload.PortMapping(number, 0))
             continue
@@ -117,7 +118,7 @@ def binding_ports(svc: KubeObject, pod: KubeObject) -> tuple[workload.PortMappin
         if number is None:
             continue  # build_service reports it
         target = port.get("targetPort", number)
-        if isinstance(target, str) and not target.isdigit():
+        if isinstance(target, str) and not digits.is_digits(target):
             resolved = named.get((target, port.get("protocol", "TCP")))
             if resolved is not None:
                 mappings.append(workload.PortMapping(number, resolved))
@@ -135,7 +136,7 @@ def object_key(obj: KubeObject) -> tuple[str, str]:
 
 
 def _port_number(value: object) -> int | None:
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and digits.is_digits(value):
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _MAX_PORT:
         return value

@@ -27,6 +27,7 @@ from typing import Any
 
 import h11
 
+from meshcore import digits
 from meshcore.kube import errors, objects, resources
 from meshcore.kube.objects import ObjectList, WatchEvent
 
@@ -114,7 +115,7 @@ def parse_warning_header(value: str) -> list[str]:
         while i < len(value) and value[i] in " ,":
             i += 1
         code = value[i : i + _WARN_CODE_LEN]
-        if i >= len(value) or len(code) != _WARN_CODE_LEN or not code.isdigit():
+        if i >= len(value) or len(code) != _WARN_CODE_LEN or not digits.is_digits(code):
             break
         agent_end = value.find(" ", i + _WARN_CODE_LEN + 1)
         if value[i + _WARN_CODE_LEN : i + _WARN_CODE_LEN + 1] != " " or agent_end < 0:

@@ -30,7 +30,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from meshcore import log
+from meshcore import digits, log
 from meshcore.kube import objects
 from meshctl import podfields
 from meshctl.playground import netcmd
@@ -84,7 +84,7 @@ def _target_port(pod: Mapping[str, Any], port: Mapping[str, Any], protocol: str)
         return None
     if isinstance(target, int):
         return target
-    if isinstance(target, str) and target.isdigit():
+    if isinstance(target, str) and digits.is_digits(target):
         return int(target)
     if isinstance(target, str):
         return podfields.find_named_port(pod, target, protocol)

@@ -582,6 +582,14 @@ class RawConnection:
             400,
             "invalid resourceVersion",
         ),
+        (
+            "GET",
+            "/api/v1/pods?watch=true&resourceVersion=%C2%B2",  # "²": isdigit(), not int()
+            b"",
+            "",
+            400,
+            "invalid resourceVersion",
+        ),
         ("DELETE", "/api/v1/namespaces/default?gracePeriodSeconds=soon", b"", "", 400, "integer"),
         ("POST", "/api/v1/namespaces?dryRun=All", b"{}", "application/json", 400, "dryRun"),
     ],
@@ -596,6 +604,7 @@ class RawConnection:
         "post-all-namespaces",
         "unknown-resource",
         "bad-version",
+        "superscript-version",
         "bad-grace",
         "dry-run",
     ],

@@ -41,7 +41,7 @@ import yaml
 
 from controller.sources.local import errors as local_errors
 from controller.sources.local import kinds, store, validation, watch
-from meshcore import log
+from meshcore import digits, log
 from meshcore.kube import errors, objects, resources, selectors
 
 _LOG = logging.getLogger("controller.apiserver")
@@ -550,7 +550,7 @@ class LocalApiServer:
     def _watch(self, route: ResourceRoute, query: dict[str, str]) -> WatchReply:
         labels, fields = self._selectors(route, query)
         version = query.get("resourceVersion", "")
-        if version and not version.isdigit():
+        if version and not digits.is_digits(version):
             raise errors.BadRequestError(f"invalid resourceVersion {version!r}")
         timeout = _int_param(query, "timeoutSeconds")
         if timeout is not None and timeout < 0:

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from controller.sources.local import errors
-from meshcore import files, log
+from meshcore import digits, files, log
 from meshcore.kube import objects, resources
 
 _LOG = logging.getLogger("controller.store")
@@ -250,7 +250,7 @@ def _load_meta(path: str) -> int:
 
 def _version_of(obj: dict[str, Any], path: str) -> int:
     text = objects.resource_version(obj)
-    if not text.isdigit():
+    if not digits.is_digits(text):
         raise errors.CorruptStoreError(path, f"resourceVersion {text!r} is not a number")
     return int(text)
 

@@ -22,6 +22,7 @@ import re
 from typing import Any
 
 from controller.sources.local import schemas, validation
+from meshcore import digits
 from meshcore.policy import analysis
 from meshcore.policy import errors as policy_errors
 
@@ -64,8 +65,8 @@ def ip_or_cidr(value: str) -> str | None:
 
 def port_number(value: str) -> str | None:
     """A port as Istio writes it in a policy: a string of digits, 0-65535."""
-    digits = value.lstrip("0") or "0"
-    if not value.isascii() or not value.isdigit() or len(digits) > 5 or int(digits) > _MAX_PORT:
+    significant = value.lstrip("0") or "0"
+    if not digits.is_digits(value) or len(significant) > 5 or int(significant) > _MAX_PORT:
         return "must be a port number between 0 and 65535, written as a string of digits"
     return None
 

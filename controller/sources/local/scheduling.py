@@ -28,6 +28,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+from meshcore import digits
 from meshcore.kube import objects
 
 POD_SCHEDULED = "PodScheduled"
@@ -110,7 +111,7 @@ def find_allocatable_pods(node: Mapping[str, Any]) -> int | None:
         return None
     if isinstance(value, int):
         return max(value, 0)
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and digits.is_digits(value.strip()):
         return int(value.strip())
     return None
 
