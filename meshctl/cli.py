@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TextIO
 
-from meshcore import ambient_labels, envconfig
+from meshcore import ambient_labels, digits, envconfig
 from meshcore.kube import client as kube_client
 from meshcore.kube import errors as kube_errors
 from meshcore.kube import resources as kube_resources
@@ -367,6 +367,8 @@ def cmd_apply(args: argparse.Namespace, io: commands.Streams, stdin: TextIO) -> 
 
     async def body(api: kube_client.ApiClient) -> int:
         items = await commands.load_manifests(api, sources, args.namespace)
+        if not items:  # kubectl's words, for all the -f files together
+            raise errors.ManifestError("no objects passed to apply")
         return await commands.apply(api, items, io)
 
     return run_with_api(args.state_dir, body)
@@ -461,7 +463,7 @@ def cmd_scale(args: argparse.Namespace, io: commands.Streams) -> int:
 def parse_destination(text: str) -> tuple[str | None, str, int]:
     """``[pod/|svc/]NAME:PORT`` -> (kind or None, name, port)."""
     ref, sep, port_text = text.rpartition(":")
-    if not sep or not ref or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not sep or not ref or not digits.is_digits(port_text) or not 0 < int(port_text) < 65536:
         raise errors.UsageError(
             f"destination {text!r} must be NAME:PORT (a pod or service, e.g. server:8080)"
         )

@@ -8,8 +8,10 @@ client's `resolve`) which resource serves each (apiVersion, kind).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any, Protocol
+import json
+import math
+from collections.abc import Hashable, Mapping
+from typing import Any, NoReturn, Protocol
 
 import yaml
 
@@ -74,44 +76,180 @@ def kind_ref(rtype: resources.ResourceType) -> str:
     return f"{kind}.{rtype.group}" if rtype.group else kind
 
 
+_YAML_TAG = "tag:yaml.org,2002:"
+_MERGE_TAG = _YAML_TAG + "merge"
+_INT64 = 2**63
+# An integer written in more characters than this cannot fit in 64 bits in any YAML notation;
+# it is refused before Python converts it (a long sexagesimal one converts in quadratic time).
+_MAX_INT_TEXT = 256
+
+
+class _RefusedError(yaml.MarkedYAMLError):
+    """Well-formed YAML that a manifest may not use: an anchor or alias, a value JSON cannot
+    hold, a duplicate key."""
+
+    def __init__(self, mark: yaml.Mark | None, problem: str) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+
+
+def _excerpt(text: str) -> str:
+    return text if len(text) <= 24 else f"{text[:16]}... ({len(text)} characters)"
+
+
+def _written(node: yaml.Node) -> str:
+    """A scalar key as the file spells it, quotes included (``true`` and ``'true'`` differ)."""
+    if isinstance(node, yaml.ScalarNode):
+        quote = node.style if node.style in ("'", '"') else ""
+        return f"{quote}{node.value}{quote}"
+    return ""
+
+
 class _Loader(yaml.SafeLoader):
-    """Safe YAML whose dates stay strings, as in kubectl's YAML-to-JSON conversion (a date would
-    not even be JSON)."""
+    """Safe YAML reduced to what kubectl's YAML-to-JSON conversion accepts.
+
+    Invariant: a document it loads is JSON data (string keys; string, 64-bit integer, finite
+    number, boolean, null, list and mapping values), each mapping key written once, so nothing
+    after it (the last-applied annotation, the three-way merge) meets a value it cannot encode.
+    Anything else is a `_RefusedError` at the node's line, raised while the document is read:
+
+    - anchors and aliases (kubectl-style manifests never need them, and an alias bomb expands
+      a few hundred bytes into gigabytes), and merge keys, which exist to merge aliases;
+    - tags other than JSON's (``!!binary``, ``!!set``, ``!!timestamp``, ``!!omap``, ...),
+      integers beyond 64 bits, infinities and NaN;
+    - a mapping key written twice, compared as the JSON string it becomes (``true`` and
+      ``"true"`` are the same key; ``8080:`` is ``"8080"``).
+
+    Dates stay strings (there is no timestamp resolver), as in kubectl's conversion.
+    """
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        # Before the composer records the anchor or resolves the alias: nothing is expanded.
+        event = self.current_event if self.check_event(yaml.NodeEvent) else None
+        if event is not None and event.anchor is not None:
+            found = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
+            raise _RefusedError(
+                event.start_mark,
+                f"YAML anchors and aliases are not supported (found {found}{event.anchor}):"
+                " write the value out",
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        if not isinstance(node, yaml.MappingNode):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"expected a mapping, but found {node.id}", node.start_mark
+            )
+        mapping: dict[Hashable, Any] = {}
+        first: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                raise _RefusedError(
+                    key_node.start_mark, "merge keys (<<) are not supported: write the keys out"
+                )
+            key = self.construct_object(key_node, deep=deep)
+            if not (key is None or isinstance(key, str | int | float)):
+                raise _RefusedError(
+                    key_node.start_mark,
+                    "a mapping key must be a string, a number, a boolean or null",
+                )
+            text = _key_text(key)
+            earlier = first.get(text)
+            if earlier is not None:
+                spelling = ""
+                if _written(earlier) != _written(key_node):
+                    spelling = (
+                        f" (written {_written(earlier)} there; keys are compared as JSON strings)"
+                    )
+                raise _RefusedError(
+                    key_node.start_mark,
+                    f"mapping key {json.dumps(text)} already defined at line"
+                    f" {earlier.start_mark.line + 1}{spelling}",
+                )
+            first[text] = key_node
+            mapping[text] = self.construct_object(value_node, deep=deep)
+        return mapping
+
+    def construct_json_int(self, node: yaml.ScalarNode) -> int:
+        value = None
+        if len(node.value) <= _MAX_INT_TEXT:
+            try:
+                value = self.construct_yaml_int(node)
+            except ValueError:  # Python's own limit on the digits it converts
+                value = None
+        if value is None or not -_INT64 <= value < _INT64:
+            raise _RefusedError(
+                node.start_mark, f"integer {_excerpt(node.value)} does not fit in 64 bits"
+            )
+        return value
+
+    def construct_json_float(self, node: yaml.ScalarNode) -> float:
+        value = self.construct_yaml_float(node)
+        if not math.isfinite(value):
+            raise _RefusedError(
+                node.start_mark,
+                f"{_excerpt(node.value)} is not a finite number (JSON has no infinity or NaN)",
+            )
+        return value
+
+    def construct_non_json(self, node: yaml.Node) -> NoReturn:
+        tag = node.tag
+        shown = "!!" + tag.removeprefix(_YAML_TAG) if tag.startswith(_YAML_TAG) else tag
+        raise _RefusedError(
+            node.start_mark,
+            f"{shown} values are not supported: a manifest holds only JSON values (strings,"
+            " numbers, booleans, null, lists and mappings)",
+        )
 
 
+# JSON's types only; every other tag, explicit or local, reaches `construct_non_json`. `=` is a
+# plain string (no "value" resolver), as it is for kubectl.
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    first: [
+        (tag, regexp)
+        for tag, regexp in resolvers
+        if tag not in (_YAML_TAG + "timestamp", _YAML_TAG + "value")
+    ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+_Loader.yaml_constructors = {
+    _YAML_TAG + "null": yaml.SafeLoader.construct_yaml_null,
+    _YAML_TAG + "bool": yaml.SafeLoader.construct_yaml_bool,
+    _YAML_TAG + "int": _Loader.construct_json_int,
+    _YAML_TAG + "float": _Loader.construct_json_float,
+    _YAML_TAG + "str": yaml.SafeLoader.construct_yaml_str,
+    _YAML_TAG + "seq": yaml.SafeLoader.construct_yaml_seq,
+    _YAML_TAG + "map": yaml.SafeLoader.construct_yaml_map,
+    None: _Loader.construct_non_json,
+}
+_Loader.yaml_multi_constructors = {}
 
 
-def _key_text(key: Any) -> Any:
+def _key_text(key: str | int | float | None) -> str:
+    """JSON's string key for a YAML key (``8080:`` is ``"8080"``, as kubectl converts it): a
+    PeerAuthentication's `portLevelMtls` is keyed by port numbers, and a three-way apply
+    compares the manifest with what the server stored."""
     if isinstance(key, bool):
         return "true" if key else "false"
     if key is None:
         return "null"
-    return str(key) if isinstance(key, int | float) else key
+    return key if isinstance(key, str) else str(key)
 
 
-def stringify_keys(value: Any) -> Any:
-    """JSON's string keys for YAML's number, boolean and null keys (``8080:`` is ``"8080"``, as
-    kubectl converts them): a PeerAuthentication's `portLevelMtls` is keyed by port numbers, and
-    a three-way apply compares the manifest with what the server stored."""
-    if isinstance(value, dict):
-        return {_key_text(k): stringify_keys(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [stringify_keys(v) for v in value]
-    return value
-
-
-def parse_documents(text: str, source: str) -> list[Document]:
-    """Every non-empty document of a multi-document YAML stream (``kind: List`` flattened).
-
-    Raises ManifestParseError naming the line and column of a YAML syntax error, or the document
-    that lacks apiVersion, kind or metadata.name.
-    """
+def _load(text: str, source: str) -> list[Any]:
+    """Every document of the stream (None for an empty one), as JSON data."""
+    loader = _Loader(text)
+    raw: list[Any] = []
     try:
-        raw = [stringify_keys(doc) for doc in yaml.load_all(text, Loader=_Loader)]
+        while loader.check_node():  # = check_data(), which the stubs leave untyped
+            raw.append(loader.get_data())
+    except (_RefusedError, yaml.constructor.ConstructorError) as exc:
+        # Valid YAML that is not a manifest's: said with the document it is in.
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = exc.problem or exc.context or "not a manifest's YAML"
+        raise ManifestParseError(
+            f"error parsing {source}: document {len(raw) + 1}: {where}{problem}"
+        ) from exc
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -121,6 +259,55 @@ def parse_documents(text: str, source: str) -> list[Document]:
         raise ManifestParseError(f"error parsing {source}: yaml: {exc}") from exc
     except RecursionError as exc:
         raise ManifestParseError(f"error parsing {source}: yaml: nested too deeply") from exc
+    finally:
+        loader.dispose()
+    return raw
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return f"{json.dumps(_excerpt(value))} (a string)"
+    if isinstance(value, bool):
+        return f"{json.dumps(value)} (a boolean)"
+    if isinstance(value, int):
+        return f"{value} (an integer)"
+    return f"{json.dumps(value)} (a number)"
+
+
+def _string_problems(field: str, value: Any) -> list[str]:
+    if value is None or value == "":
+        return [f"{field} not set"]
+    if not isinstance(value, str):
+        return [f"{field} must be a string, not {_describe(value)}"]
+    return []
+
+
+def _document_problems(obj: dict[str, Any]) -> list[str]:
+    problems = _string_problems("apiVersion", obj.get("apiVersion"))
+    problems += _string_problems("kind", obj.get("kind"))
+    meta = obj.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        return [*problems, f"metadata must be a mapping, not {_describe(meta)}"]
+    meta = meta or {}
+    problems += _string_problems("metadata.name", meta.get("name"))
+    if meta.get("namespace") is not None:
+        problems += _string_problems("metadata.namespace", meta["namespace"])
+    return problems
+
+
+def parse_documents(text: str, source: str) -> list[Document]:
+    """Every non-empty document of a multi-document YAML stream (``kind: List`` flattened); an
+    empty list for a file with none (the command says "no objects passed to apply").
+
+    Raises ManifestParseError naming the line and column of a YAML syntax error, the document,
+    line and column of YAML a manifest may not use (see `_Loader`), or the document whose
+    apiVersion, kind or metadata.name is missing or not a string.
+    """
+    raw = _load(text, source)
     docs: list[Document] = []
     for position, item in enumerate(raw, start=1):
         if item is None:
@@ -140,13 +327,10 @@ def parse_documents(text: str, source: str) -> list[Document]:
         else:
             docs.append(Document(position, item))
     for doc in docs:
-        missing = [f for f in ("apiVersion", "kind") if not isinstance(doc.obj.get(f), str)]
-        if not doc.name:
-            missing.append("metadata.name")
-        if missing:
+        problems = _document_problems(doc.obj)
+        if problems:
             raise ManifestParseError(
-                f'error validating "{source}": document {doc.index}: '
-                + ", ".join(f"{m} not set" for m in missing)
+                f'error validating "{source}": document {doc.index}: ' + "; ".join(problems)
             )
     return docs
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -53,12 +54,202 @@ metadata:
             'error validating "f.yaml": document 1: metadata.name not set',
             id="missing-name",
         ),
+        pytest.param(
+            "apiVersion: 1\nkind: Pod\nmetadata: {name: x}\n",
+            'error validating "f.yaml": document 1: apiVersion must be a string, not 1 (an'
+            " integer)",
+            id="apiversion-not-a-string",
+        ),
+        pytest.param(
+            NAMESPACE + "---\napiVersion: v1\nkind: Pod\nmetadata: {name: 12345}\n",
+            'error validating "f.yaml": document 2: metadata.name must be a string, not 12345'
+            " (an integer)",
+            id="name-not-a-string",
+        ),
+        pytest.param(
+            "apiVersion: v1\nkind: [Pod]\nmetadata: {name: x, namespace: true}\n",
+            'error validating "f.yaml": document 1: kind must be a string, not a list;'
+            " metadata.namespace must be a string, not true (a boolean)",
+            id="kind-and-namespace-not-strings",
+        ),
+        pytest.param(
+            "apiVersion: v1\nkind: Pod\nmetadata: web\n",
+            'error validating "f.yaml": document 1: metadata must be a mapping, not "web" (a'
+            " string)",
+            id="metadata-not-a-mapping",
+        ),
     ],
 )
 def test_parse_errors_name_the_place(text: str, expected: str) -> None:
     with pytest.raises(manifest.ManifestParseError) as info:
         manifest.parse_documents(text, "f.yaml")
     assert str(info.value).startswith(expected)
+
+
+def billion_laughs(levels: int) -> str:
+    """The classic alias bomb: each level is nine aliases of the one before (9**levels
+    strings once expanded), in a few hundred bytes."""
+    lines = ['a0: &a0 "lol"']
+    for n in range(1, levels + 1):
+        lines.append(f"a{n}: &a{n} [" + ", ".join([f"*a{n - 1}"] * 9) + "]")
+    return "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata:\n  " + "\n  ".join(lines)
+
+
+@pytest.mark.timeout(5)
+def test_alias_bomb_is_refused_before_expansion() -> None:
+    text = billion_laughs(10)
+    assert len(text) < 700
+    with pytest.raises(manifest.ManifestParseError) as info:
+        manifest.parse_documents(NAMESPACE + "---\n" + text, "bomb.yaml")
+    assert str(info.value) == (
+        "error parsing bomb.yaml: document 2: line 10, column 7: YAML anchors and aliases are"
+        " not supported (found anchor &a0): write the value out"
+    )
+
+
+OBJ = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n"  # the value is on line 4
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            OBJ + "data:\n  a: &x hello\n",
+            "document 1: line 5, column 6: YAML anchors and aliases are not supported"
+            " (found anchor &x)",
+            id="anchor",
+        ),
+        pytest.param(
+            "x: &x hello\n---\n" + OBJ + "data:\n  a: *x\n",
+            "document 1: line 1, column 4: YAML anchors and aliases are not supported",
+            id="anchor-in-an-earlier-document",
+        ),
+        pytest.param(
+            OBJ + "data:\n  a: *x\n",
+            "document 1: line 5, column 6: YAML anchors and aliases are not supported"
+            " (found alias *x)",
+            id="alias",
+        ),
+        pytest.param(
+            OBJ + "data:\n  <<: {a: b}\n",
+            "document 1: line 5, column 3: merge keys (<<) are not supported: write the keys out",
+            id="merge-key",
+        ),
+        pytest.param(
+            OBJ + "data: {a: !!binary aGVsbG8=}\n",
+            "document 1: line 4, column 11: !!binary values are not supported: a manifest holds"
+            " only JSON values (strings, numbers, booleans, null, lists and mappings)",
+            id="binary",
+        ),
+        pytest.param(
+            OBJ + "data: !!set {a, b}\n",
+            "document 1: line 4, column 7: !!set values are not supported",
+            id="set",
+        ),
+        pytest.param(
+            OBJ + "data: {a: !!timestamp 2001-12-14}\n",
+            "document 1: line 4, column 11: !!timestamp values are not supported",
+            id="timestamp",
+        ),
+        pytest.param(
+            OBJ + "data: !!omap [a: 1]\n",
+            "document 1: line 4, column 7: !!omap values are not supported",
+            id="omap",
+        ),
+        pytest.param(
+            OBJ + "data: !!python/object:os.system x\n",
+            "document 1: line 4, column 7: !!python/object:os.system values are not supported",
+            id="python-object",
+        ),
+        pytest.param(
+            OBJ + "data: !custom x\n",
+            "document 1: line 4, column 7: !custom values are not supported",
+            id="local-tag",
+        ),
+        pytest.param(
+            OBJ + "spec: {replicas: " + "9" * 5000 + "}\n",
+            "document 1: line 4, column 18: integer 9999999999999999... (5000 characters) does not"
+            " fit in 64 bits",
+            id="integer-5000-digits",
+        ),
+        pytest.param(
+            OBJ + "spec: {replicas: 9223372036854775808}\n",
+            "document 1: line 4, column 18: integer 9223372036854775808 does not fit in 64 bits",
+            id="integer-2**63",
+        ),
+        pytest.param(
+            OBJ + "spec: {x: .inf}\n",
+            "document 1: line 4, column 11: .inf is not a finite number (JSON has no infinity"
+            " or NaN)",
+            id="infinity",
+        ),
+        pytest.param(
+            OBJ + "spec: {x: .NaN}\n",
+            "document 1: line 4, column 11: .NaN is not a finite number",
+            id="nan",
+        ),
+        pytest.param(
+            OBJ + "spec: {x: 1.0e+999}\n",
+            "document 1: line 4, column 11: 1.0e+999 is not a finite number",
+            id="float-overflow",
+        ),
+        pytest.param(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n  name: b\n",
+            'document 1: line 5, column 3: mapping key "name" already defined at line 4',
+            id="duplicate-key",
+        ),
+        pytest.param(
+            NAMESPACE
+            + "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n"
+            + "  labels: {true: a, 'true': b}\n",
+            'document 2: line 10, column 21: mapping key "true" already defined at line 10'
+            " (written true there; keys are compared as JSON strings)",
+            id="duplicate-key-once-a-string",
+        ),
+        pytest.param(
+            OBJ + "spec:\n  ports: {8080: a, 0x1F90: b}\n",
+            'document 1: line 5, column 20: mapping key "8080" already defined at line 5'
+            " (written 8080 there; keys are compared as JSON strings)",
+            id="duplicate-port-number",
+        ),
+    ],
+)
+def test_yaml_a_manifest_may_not_use_is_refused_by_place(text: str, expected: str) -> None:
+    with pytest.raises(manifest.ManifestParseError) as info:
+        manifest.parse_documents(text, "f.yaml")
+    assert str(info.value).startswith("error parsing f.yaml: " + expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("date: 2001-12-14", {"date": "2001-12-14"}, id="date-stays-a-string"),
+        pytest.param("at: 2001-12-14T21:59:43Z", {"at": "2001-12-14T21:59:43Z"}, id="timestamp"),
+        pytest.param("ports: {8080: a, 443: b}", {"ports": {"8080": "a", "443": "b"}}, id="ports"),
+        pytest.param("k: {true: a, null: b}", {"k": {"true": "a", "null": "b"}}, id="bool-null"),
+        pytest.param("k: {=: a}", {"k": {"=": "a"}}, id="equals-sign-key"),
+        pytest.param("n: -9223372036854775808", {"n": -(2**63)}, id="int64-min"),
+        pytest.param("n: 0x7fffffffffffffff", {"n": 2**63 - 1}, id="int64-max"),
+        pytest.param("n: !!str 5", {"n": "5"}, id="str-tag"),
+        pytest.param("n: 1.5e+3", {"n": 1500.0}, id="float"),
+    ],
+)
+def test_json_values_are_read_as_kubectl_reads_them(text: str, expected: dict[str, Any]) -> None:
+    (doc,) = manifest.parse_documents(OBJ + "spec:\n  " + text + "\n", "f.yaml")
+    assert doc.obj["spec"] == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("# only a comment\n", id="comment"),
+        pytest.param("---\n# a\n---\n...\n", id="empty-documents"),
+    ],
+)
+def test_a_file_without_objects_parses_to_nothing(text: str) -> None:
+    # "no objects passed to apply" is said once for all the -f files, by the command.
+    assert manifest.parse_documents(text, "f.yaml") == []
 
 
 def test_parse_multi_document_skips_empty_and_flattens_lists() -> None:
