@@ -90,7 +90,9 @@ class StoreReconciler(abc.ABC):
 
     def requeue(self, namespace: str, name: str) -> None:
         """Reconcile this key once the events queued now have been read (coalesced)."""
-        self._dirty[(namespace, name)] = None
+        key = (namespace, name)
+        self._dirty.pop(key, None)  # reconciled where it was last mentioned, after the others
+        self._dirty[key] = None
         if self._flush is None:
             self._flush = asyncio.get_running_loop().call_soon(self._run_dirty)
 

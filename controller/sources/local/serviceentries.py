@@ -337,6 +337,12 @@ class ServiceEntryAllocator(reconciler.StoreReconciler):
 
     def find_event_keys(self, event: objects.WatchEvent) -> Iterable[Key]:
         key = objects.key(event.object)
+        # The index follows the store at once: reconciles run after a run of events is read,
+        # and each must see what every other entry claims by then.
+        if event.type == objects.DELETED:
+            self._forget(key)
+        elif event.type in (objects.ADDED, objects.MODIFIED):
+            self._record(key, event.object)
         keys = [key]
         # Whoever else holds an address this one claims may have to give it up.
         for address in build_claims(event.object, self._pool):
