@@ -92,6 +92,42 @@ class _RefusedError(yaml.MarkedYAMLError):
         super().__init__(problem=problem, problem_mark=mark)
 
 
+MAX_EXPANDED_NODES = 1_000_000  # nodes of one document with every alias written out
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a document that aliases would blow up, or that contains itself."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        if id(node) in open_nodes:
+            raise _RefusedError(node.start_mark, "a YAML alias refers to a node that contains it")
+        open_nodes.add(id(node))
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            children: list[yaml.Node] = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        for child in children:
+            total += size(child)
+            if total > MAX_EXPANDED_NODES:
+                raise _RefusedError(
+                    node.start_mark,
+                    f"YAML aliases expand this document past {MAX_EXPANDED_NODES:,} nodes",
+                )
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    size(root)
+
+
 def _excerpt(text: str) -> str:
     return text if len(text) <= 24 else f"{text[:16]}... ({len(text)} characters)"
 
@@ -112,8 +148,11 @@ class _Loader(yaml.SafeLoader):
     after it (the last-applied annotation, the three-way merge) meets a value it cannot encode.
     Anything else is a `_RefusedError` at the node's line, raised while the document is read:
 
-    - anchors and aliases (kubectl-style manifests never need them, and an alias bomb expands
-      a few hundred bytes into gigabytes), and merge keys, which exist to merge aliases;
+    - a document whose aliases would expand it past `MAX_EXPANDED_NODES` nodes (an alias bomb
+      turns a few hundred bytes into gigabytes once written out as JSON), or that refers to
+      itself; anchors and aliases are fine otherwise (PyYAML's own `dump` writes them for
+      shared values), and so are the objects they share;
+    - merge keys (``<<``), which kubectl's conversion has but manifests hardly use;
     - tags other than JSON's (``!!binary``, ``!!set``, ``!!timestamp``, ``!!omap``, ...),
       integers beyond 64 bits, infinities and NaN;
     - a mapping key written twice, compared as the JSON string it becomes (``true`` and
@@ -122,17 +161,13 @@ class _Loader(yaml.SafeLoader):
     Dates stay strings (there is no timestamp resolver), as in kubectl's conversion.
     """
 
-    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        # Before the composer records the anchor or resolves the alias: nothing is expanded.
-        event = self.current_event if self.check_event(yaml.NodeEvent) else None
-        if event is not None and event.anchor is not None:
-            found = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
-            raise _RefusedError(
-                event.start_mark,
-                f"YAML anchors and aliases are not supported (found {found}{event.anchor}):"
-                " write the value out",
-            )
-        return super().compose_node(parent, index)
+    def compose_document(self) -> yaml.Node | None:
+        # Counted on the composed graph, where an alias is the anchored node itself: nothing is
+        # expanded to count it.
+        node = super().compose_document()
+        if node is not None:
+            _check_expansion(node)
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
         if not isinstance(node, yaml.MappingNode):
@@ -241,7 +276,9 @@ def _load(text: str, source: str) -> list[Any]:
     raw: list[Any] = []
     try:
         while loader.check_node():  # = check_data(), which the stubs leave untyped
-            raw.append(loader.get_data())
+            # Written out once: values an alias shared become separate, so that editing one
+            # object (a default namespace, say) cannot change another part of the document.
+            raw.append(json.loads(json.dumps(loader.get_data())))
     except (_RefusedError, yaml.constructor.ConstructorError) as exc:
         # Valid YAML that is not a manifest's: said with the document it is in.
         mark = exc.problem_mark or exc.context_mark
