@@ -28,12 +28,11 @@ What differs from a VirtualService, and how the translation keeps Gateway API's 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from meshcore import durations
-from meshcore.traffic import routes
+from meshcore.traffic import regexes, routes
 
 DEFAULT_WEIGHT = 1
 NO_BACKEND_STATUS = 500
@@ -47,7 +46,7 @@ _PATH_KINDS = {
 _VALUE_KINDS = {"Exact": routes.MatchKind.EXACT, "RegularExpression": routes.MatchKind.REGEX}
 # Istio's ranking of path matches (sortHTTPRoutes): exact, then prefix, then regex.
 _PATH_RANK = {"Exact": 3, "PathPrefix": 2, "RegularExpression": 1}
-_WHOLE_PATH = re.compile(r"\A.*\Z", re.DOTALL)
+_WHOLE_PATH = regexes.compile(r"(?s)\A.*\z")
 
 # (path rank, path length, no method, header count, query count), each smaller-first.
 _SortKey = tuple[int, int, bool, int, int]
@@ -129,7 +128,7 @@ def _hosts(spec: Mapping[str, Any], namespace: str, domain: str) -> tuple[str, .
 def _string_match(kind: routes.MatchKind, value: str, path: str) -> routes.StringMatch:
     try:
         return routes.StringMatch.build(kind, value)
-    except re.error as exc:
+    except regexes.RegexError as exc:
         raise _FieldError(path, f"invalid regular expression: {exc}") from exc
 
 
@@ -199,7 +198,7 @@ def _header_ops(spec: Mapping[str, Any] | None) -> routes.HeaderOps:
 
 
 def _escaped(replacement: str) -> str:
-    """`replacement` as `re.sub` takes it literally."""
+    """`replacement` as a literal in RE2's rewrite syntax (`regexes.Regex.replace_all`)."""
     return replacement.replace("\\", "\\\\")
 
 
@@ -214,9 +213,9 @@ def _rewrite(spec: Mapping[str, Any], prefix: str, path: str) -> routes.Rewrite:
             raise _FieldError(f"{path}.path", "ReplacePrefixMatch needs a PathPrefix match")
         # Gateway API's table: the trailing "/" of either side does not count, and what is
         # left after the prefix ("" or "/...") is kept; replacing with "/" leaves "/bar".
-        matched = re.escape(prefix.rstrip("/"))
+        matched = regexes.escape(prefix.rstrip("/"))
         new = str(modifier.get("replacePrefixMatch", "")).rstrip("/")
-        pattern = re.compile(rf"\A{matched}" if new else rf"\A{matched}/?")
+        pattern = regexes.compile(rf"\A{matched}" if new else rf"\A{matched}/?")
         replacement = _escaped(new or "/")
     elif kind is not None:
         raise _FieldError(f"{path}.path.type", f"unsupported path modifier {kind!r}")

@@ -118,7 +118,7 @@ def rewrite_path(selected: Selected, path: str) -> str:
         return path
     if rewrite.uri_regex is not None:
         bare, mark, query = path.partition("?")
-        return rewrite.uri_regex.sub(rewrite.uri_regex_replacement, bare) + mark + query
+        return rewrite.uri_regex.replace_all(rewrite.uri_regex_replacement, bare) + mark + query
     if rewrite.uri is None:
         return path
     uri = selected.match.uri if selected.match is not None else None

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from meshcore import durations, errors
+from meshcore.traffic import regexes
 
 DEFAULT_DOMAIN = "cluster.local"
 FULL_WEIGHT = 100
@@ -38,19 +38,21 @@ class StringMatch:
     kind: MatchKind
     value: str
     ignore_case: bool = False
-    pattern: re.Pattern[str] | None = dataclasses.field(default=None, compare=False)
+    pattern: regexes.Regex | None = dataclasses.field(default=None, compare=False)
 
     @classmethod
     def build(cls, kind: MatchKind, value: str, *, ignore_case: bool = False) -> StringMatch:
+        """Raises `regexes.RegexError` for a regex RE2 refuses."""
         pattern = None
         if kind is MatchKind.REGEX:
-            pattern = re.compile(value, re.IGNORECASE if ignore_case else 0)
+            pattern = regexes.compile(value, ignore_case=ignore_case)
         return cls(kind, value, ignore_case, pattern)
 
     def matches(self, text: str) -> bool:
-        """Envoy's semantics: exact and prefix compare, a regex must match the whole text."""
+        """Envoy's semantics: exact and prefix compare, a regex must match the whole text
+        (with RE2: linear in the text, whatever the pattern)."""
         if self.pattern is not None:
-            return self.pattern.fullmatch(text) is not None
+            return self.pattern.matches(text)
         value = self.value
         if self.ignore_case:
             text, value = text.lower(), value.lower()
@@ -119,7 +121,8 @@ class Fault:
 class Rewrite:
     uri: str | None = None
     authority: str | None = None
-    uri_regex: re.Pattern[str] | None = None
+    uri_regex: regexes.Regex | None = None
+    # RE2's rewrite syntax (\1 inserts a group, \\ a backslash), checked against uri_regex.
     uri_regex_replacement: str = ""
 
 
@@ -209,7 +212,7 @@ def _string_match(spec: Mapping[str, Any], path: str, *, ignore_case: bool = Fal
     kind = MatchKind(given[0])
     try:
         return StringMatch.build(kind, str(spec[kind.value]), ignore_case=ignore_case)
-    except re.error as exc:
+    except regexes.RegexError as exc:
         raise _FieldError(f"{path}.regex", f"invalid regular expression: {exc}") from exc
 
 
@@ -310,15 +313,21 @@ def _rewrite(spec: Mapping[str, Any] | None, path: str) -> Rewrite | None:
     if not spec:
         return None
     regex = spec.get("uriRegexRewrite") or {}
-    try:
-        pattern = re.compile(regex["match"]) if regex else None
-    except re.error as exc:
-        raise _FieldError(f"{path}.uriRegexRewrite.match", f"invalid regex: {exc}") from exc
+    pattern, replacement = None, str(regex.get("rewrite", ""))
+    if regex:
+        try:
+            pattern = regexes.compile(regex["match"])
+        except regexes.RegexError as exc:
+            raise _FieldError(f"{path}.uriRegexRewrite.match", f"invalid regex: {exc}") from exc
+        try:
+            pattern.check_rewrite(replacement)
+        except regexes.RegexError as exc:
+            raise _FieldError(f"{path}.uriRegexRewrite.rewrite", str(exc)) from exc
     return Rewrite(
         uri=spec.get("uri"),
         authority=spec.get("authority"),
         uri_regex=pattern,
-        uri_regex_replacement=str(regex.get("rewrite", "")),
+        uri_regex_replacement=replacement,
     )
 
 

@@ -208,6 +208,34 @@ def test_headers_cookies_and_prefixes_pick_the_subset_and_rewrites_apply() -> No
     _run(main())
 
 
+def test_a_regex_that_backtracks_exponentially_does_not_stall_the_waypoint() -> None:
+    # The audit's finding: Python's `re` would spend hours on this path (~2**40 steps), holding
+    # the event loop and with it every other request; RE2 answers at once.
+    many_a = "a" * 40
+    table = _table(
+        [
+            {"match": [{"uri": {"regex": "/(a+)+$"}}], "route": [_dest("v2")]},
+            {"match": [{"headers": {"x-id": {"regex": "(a+)+$"}}}], "route": [_dest("v2")]},
+            {"route": [_dest("v1")]},
+        ]
+    )
+
+    async def main() -> None:
+        ups = http_upstreams.Upstream("v1"), http_upstreams.Upstream("v2")
+        async with (
+            http_upstreams.serving(*ups) as (v1, v2),
+            running(table, {"v1": [v1.endpoint], "v2": [v2.endpoint]}) as waypoint,
+        ):
+            client = await waypoint.client()
+            slow = await client.request(path=f"/{many_a}!", headers=[("x-id", f"{many_a}!")])
+            assert slow.json()["server"] == "v1"
+            assert (await client.request(path=f"/{many_a}")).json()["server"] == "v2"
+            matched = await client.request(headers=[("x-id", many_a)])
+            assert matched.json()["server"] == "v2"
+
+    _run(main())
+
+
 def test_a_ninety_ten_split_over_a_thousand_requests_lands_within_five_points() -> None:
     table = _table([{"route": [_dest("v1", 90), _dest("v2", 10)]}])
 

@@ -195,6 +195,12 @@ _MODIFIER = [*_RULE0, "filters", 1, "requestHeaderModifier"]
             "expression: lookahead is not supported",
         ),
         (
+            [*_MATCH0, "headers", 0],
+            {"type": "RegularExpression", "name": "x-canary", "value": "(a)\\1"},
+            f'{M0}.headers[0].value: Invalid value: "(a)\\\\1": must be a valid RE2 regular '
+            "expression: backreference is not supported (invalid escape sequence: \\1)",
+        ),
+        (
             [*_MATCH0, "path", "value"],
             "v2",
             f'{M0}.path.value: Invalid value: "v2": must be an absolute path, starting with '

@@ -126,6 +126,44 @@ def test_istio_examples_pass_as_written() -> None:
             {"regex": "(a)\\1"},
             "backreference is not supported",
         ),
+        # Refused by RE2 itself, the engine the waypoint matches with: exactly what passes here
+        # can be matched there, in time linear in the request.
+        (
+            ["spec", "http", 2, "match", 0, "uri"],
+            {"regex": "/(a)\\1"},
+            'spec.http[2].match[0].uri.regex: Invalid value: "/(a)\\\\1": must be a valid RE2 '
+            "regular expression: backreference is not supported (invalid escape sequence: \\1)",
+        ),
+        (
+            ["spec", "http", 2, "match", 0, "queryParams"],
+            {"q": {"regex": "(?<=a)b"}},
+            'spec.http[2].match[0].queryParams[q].regex: Invalid value: "(?<=a)b": must be a '
+            "valid RE2 regular expression: lookbehind is not supported",
+        ),
+        (
+            ["spec", "http", 2, "match", 0, "uri"],
+            {"regex": "/v2\\Z"},  # Python's end of text; RE2 writes it \z
+            'spec.http[2].match[0].uri.regex: Invalid value: "/v2\\\\Z": must be a valid RE2 '
+            "regular expression: invalid escape sequence: \\Z",
+        ),
+        (
+            ["spec", "http", 2, "rewrite"],
+            {"uriRegexRewrite": {"match": "^/v2/(?=x)", "rewrite": "/"}},
+            'spec.http[2].rewrite.uriRegexRewrite.match: Invalid value: "^/v2/(?=x)": must be '
+            "a valid RE2 regular expression: lookahead is not supported",
+        ),
+        (
+            ["spec", "http", 2, "rewrite"],
+            {"uriRegexRewrite": {"match": "^/v2/(.*)$", "rewrite": "/\\2"}},
+            'spec.http[2].rewrite.uriRegexRewrite.rewrite: Invalid value: "/\\\\2": must be a '
+            "valid RE2 rewrite: \\2 refers to a group the pattern does not have (it has 1)",
+        ),
+        (
+            ["spec", "http", 2, "rewrite"],
+            {"uriRegexRewrite": {"match": "^/v2/(.*)$", "rewrite": "/\\g<1>"}},
+            'spec.http[2].rewrite.uriRegexRewrite.rewrite: Invalid value: "/\\\\g<1>": must '
+            "be a valid RE2 rewrite: '\\' must be followed by a digit or '\\'",
+        ),
         (
             ["spec", "http", 3, "route", 1, "weight"],
             20,

@@ -375,6 +375,42 @@ def test_a_regex_match_takes_what_no_prefix_takes(path: str, rule: str | None) -
     assert (selected.route.name if selected else None) == rule
 
 
+# The audit's finding: with 40 'a's Python's backtracking `re` would take hours on these, so a
+# regression hangs (pytest-timeout fails it) rather than stalling the waypoint.
+_MANY_A = "a" * 40
+
+
+@pytest.mark.parametrize(
+    ("match", "refused", "taken"),
+    [
+        pytest.param(
+            _path("RegularExpression", "/(a+)+$"),
+            _request(f"/{_MANY_A}!"),
+            _request(f"/{_MANY_A}"),
+            id="path",
+        ),
+        pytest.param(
+            {"headers": [{"type": "RegularExpression", "name": "X-Id", "value": "(a+)+$"}]},
+            _request(x_id=f"{_MANY_A}!"),
+            _request(x_id=_MANY_A),
+            id="header",
+        ),
+        pytest.param(
+            {"queryParams": [{"type": "RegularExpression", "name": "q", "value": "(a+)+$"}]},
+            _request(f"/?q={_MANY_A}!"),
+            _request(f"/?q={_MANY_A}"),
+            id="query-parameter",
+        ),
+    ],
+)
+def test_a_regex_that_backtracks_exponentially_is_matched_in_linear_time(
+    match: dict[str, Any], refused: matching.Request, taken: matching.Request
+) -> None:
+    table = httproutes.build_route_table(_rule(matches=[match]))
+    assert matching.select(table, refused) is None
+    assert matching.select(table, taken) is not None
+
+
 def test_a_ninety_ten_split_sends_each_roll_to_its_backend() -> None:
     route = _selected(TABLE, _request("/v2", x_canary="true")).route
     counts = collections.Counter(matching.choose(route, roll).host for roll in range(100))
@@ -467,6 +503,10 @@ def _r(**rule: Any) -> dict[str, Any]:
         (
             _r(matches=[_path("RegularExpression", "(a")]),
             f"{_R0}.matches[0].path.value: invalid regular expression",
+        ),
+        (
+            _r(matches=[_path("RegularExpression", "/(a)\\1")]),
+            f"{_R0}.matches[0].path.value: invalid regular expression: backreference is not",
         ),
         (_r(matches=[_path("Prefix", "/")]), f"{_R0}.matches[0].path.type: unsupported"),
         (_r(backendRefs=[{"port": 80}]), f"{_R0}.backendRefs[0].name: required"),

@@ -167,6 +167,89 @@ def test_regex_rewrite_substitutes_in_the_path_only() -> None:
     assert matching.rewrite_path(selected, "/v2/items?x=1") == "/api/items?x=1"
 
 
+# The audit's finding: a regex that makes a backtracking engine take ~2**n steps. With 40 'a's
+# Python's `re` would run for hours, so a regression hangs (pytest-timeout fails it) instead of
+# pinning the waypoint's CPU for every service behind it.
+_MANY_A = "a" * 40
+
+
+def _regex_table(match: dict[str, Any], rewrite: dict[str, Any] | None = None) -> routes.RouteTable:
+    route: dict[str, Any] = {"match": [match], "route": [{"destination": {"host": "r"}}]}
+    if rewrite is not None:
+        route["rewrite"] = rewrite
+    return routes.build_route_table(
+        {"metadata": {"name": "r", "namespace": "shop"}, "spec": {"hosts": ["r"], "http": [route]}}
+    )
+
+
+@pytest.mark.parametrize(
+    ("match", "refused", "taken"),
+    [
+        pytest.param(
+            {"uri": {"regex": "/(a+)+$"}},
+            _request(f"/{_MANY_A}!"),
+            _request(f"/{_MANY_A}"),
+            id="uri",
+        ),
+        pytest.param(
+            {"uri": {"regex": "/(A+)+$"}, "ignoreUriCase": True},
+            _request(f"/{_MANY_A}!"),
+            _request(f"/{_MANY_A}"),
+            id="uri-ignoring-case",
+        ),
+        pytest.param(
+            {"headers": {"x-id": {"regex": "(a+)+$"}}},
+            _request(x_id=f"{_MANY_A}!"),
+            _request(x_id=_MANY_A),
+            id="header",
+        ),
+        pytest.param(
+            {"queryParams": {"q": {"regex": "(a+)+$"}}},
+            _request(f"/?q={_MANY_A}!"),
+            _request(f"/?q={_MANY_A}"),
+            id="query-parameter",
+        ),
+    ],
+)
+def test_a_regex_that_backtracks_exponentially_is_matched_in_linear_time(
+    match: dict[str, Any], refused: matching.Request, taken: matching.Request
+) -> None:
+    table = _regex_table(match)
+    assert matching.select(table, refused) is None
+    assert matching.select(table, taken) is not None
+
+
+def test_a_regex_rewrite_that_backtracks_exponentially_runs_in_linear_time() -> None:
+    table = _regex_table(
+        {"uri": {"prefix": "/"}}, {"uriRegexRewrite": {"match": "/(a+)+b", "rewrite": "/x"}}
+    )
+    path = f"/{_MANY_A}!?q=1"
+    selected = matching.select(table, _request(path))
+    assert selected is not None
+    assert matching.rewrite_path(selected, path) == path
+    assert matching.rewrite_path(selected, f"/{_MANY_A}b/c") == "/x/c"
+
+
+@pytest.mark.parametrize(
+    ("rewrite", "path", "rewritten"),
+    [
+        pytest.param(r"/\2/\1", "/v2/a/b?x=1", "/b/a?x=1", id="groups"),
+        pytest.param(r"/api\\\1", "/v2/a/b", "/api\\a", id="backslash"),
+        pytest.param("/ü/\\1", "/v2/a/b", "/ü/a", id="utf8"),
+    ],
+)
+def test_a_regex_rewrite_uses_re2s_syntax_as_envoy_does(
+    rewrite: str, path: str, rewritten: str
+) -> None:
+    table = _regex_table(
+        {"uri": {"prefix": "/v2/"}},
+        {"uriRegexRewrite": {"match": "^/v2/([^/]*)/?(.*)$", "rewrite": rewrite}},
+    )
+    selected = matching.select(table, _request(path))
+    assert selected is not None
+    assert matching.rewrite_path(selected, path) == rewritten
+
+
 def test_header_operations_remove_then_set_then_add() -> None:
     ops = routes.HeaderOps(set=(("x-a", "1"),), add=(("x-b", "2"),), remove=("x-c",))
     assert ops.apply([("x-a", "0"), ("x-b", "1"), ("x-c", "9"), ("host", "h")]) == [
@@ -215,6 +298,17 @@ def test_rolls_outside_the_range_are_refused() -> None:
         (
             lambda h: h[1]["match"][0]["headers"]["cookie"].update({"regex": "("}),
             "spec.http[1].match[0].headers[cookie].regex: invalid regular expression",
+        ),
+        (
+            lambda h: h[1]["match"][0]["headers"]["cookie"].update({"regex": "(a)\\1"}),
+            "spec.http[1].match[0].headers[cookie].regex: invalid regular expression: "
+            "backreference is not supported",
+        ),
+        (
+            lambda h: h[2].update(
+                {"rewrite": {"uriRegexRewrite": {"match": "^/v2/(.*)$", "rewrite": "/\\2"}}}
+            ),
+            "spec.http[2].rewrite.uriRegexRewrite.rewrite: \\2 refers to a group",
         ),
         (
             lambda h: h[4].update({"timeout": "soon"}),

@@ -20,10 +20,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from controller.sources.local import policyschemas, schemas, validation
-from meshcore import durations
+from meshcore import digits, durations
 from meshcore.kube import resources
 from meshcore.policy import spec as policy_spec
-from meshcore.traffic import routes
+from meshcore.traffic import regexes, routes
 
 V = validation
 
@@ -56,26 +56,17 @@ _HEADER_NAME_RE = re.compile(r"^[a-z0-9!#$%&'*+\-.^_`|~]+$")
 _HOST_RE = re.compile(
     r"^(\*|(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)$"
 )
-# What Python's `re` accepts but RE2 (Envoy's engine) does not: the waypoint must mean what
-# Envoy would, so these are refused rather than matched differently.
-_NOT_RE2 = (
-    (re.compile(r"\(\?[=!]"), "lookahead"),
-    (re.compile(r"\(\?<[=!]"), "lookbehind"),
-    (re.compile(r"\\[1-9]|\(\?P="), "backreference"),
-)
 
 
 # -- rules on strings (None: fine, else the detail) -----------------------------------------
 
 
 def regex(value: str) -> str | None:
-    """An RE2 regular expression, matched against the whole value (as Envoy does)."""
-    for pattern, what in _NOT_RE2:
-        if pattern.search(value):
-            return f"must be a valid RE2 regular expression: {what} is not supported"
+    """An RE2 regular expression, matched against the whole value (as Envoy does). Checked by
+    the engine the waypoint matches with, so what passes here is exactly what it can run."""
     try:
-        re.compile(value)
-    except re.error as exc:
+        regexes.compile(value)
+    except regexes.RegexError as exc:
         return f"must be a valid RE2 regular expression: {exc}"
     return None
 
@@ -119,7 +110,7 @@ def host(value: str) -> str | None:
 def retry_on(value: str) -> str | None:
     """Envoy's comma-separated retry conditions, or HTTP status codes to retry on."""
     for condition in (c.strip() for c in value.split(",")):
-        if condition in RETRY_ON or (condition.isdigit() and 100 <= int(condition) <= 599):
+        if condition in RETRY_ON or (digits.is_digits(condition) and 100 <= int(condition) <= 599):
             continue
         return f"{condition!r} is not a retry condition (e.g. 5xx, gateway-error, connect-failure)"
     return None
@@ -236,6 +227,19 @@ FAULT = V.Obj(
         ),
     }
 )
+
+
+def _check_regex_rewrite(value: dict[str, Any], path: str) -> list[V.FieldError]:
+    """The rewrite in RE2's syntax (``\\1`` a group of the match, ``\\\\`` a backslash), as
+    Envoy applies it; runs once the match is known to be valid."""
+    try:
+        regexes.compile(value["match"]).check_rewrite(value["rewrite"])
+    except regexes.RegexError as exc:
+        detail = f"must be a valid RE2 rewrite: {exc}"
+        return [V.invalid(V.child(path, "rewrite"), value["rewrite"], detail)]
+    return []
+
+
 REWRITE = V.Obj(
     {
         "uri": V.Str(),
@@ -243,6 +247,7 @@ REWRITE = V.Obj(
         "uriRegexRewrite": V.Obj(
             {"match": V.Str(regex, non_empty=True), "rewrite": V.Str()},
             required=frozenset({"match", "rewrite"}),
+            check_obj=_check_regex_rewrite,
         ),
     }
 )
