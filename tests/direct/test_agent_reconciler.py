@@ -614,6 +614,17 @@ def test_deleting_a_pod_releases_it_and_forgets_its_netns(short_dir: str) -> Non
     run(main)
 
 
+async def _enrolled(env: Env) -> tuple[Agent, dict[str, Any], str, str]:
+    """An ambient namespace, ztunnel, the agent, and pod web captured through its CNI ADD."""
+    await env.label_namespace("shop", dict(AMBIENT))
+    await env.start_ztunnel()
+    agent = await env.start_agent()
+    web = await env.pod("web")
+    web_ns = env.netns("web")
+    await agent.reconciler.on_add(env.add_event(web, web_ns))
+    return agent, web, web_ns, objects.uid(web)
+
+
 def test_a_link_appearing_in_a_captured_pod_gets_the_redirection(short_dir: str) -> None:
     """eBPF mode attaches per link: the pod's links are watched from before its install to its
     release, and a new link means a reinstall (which covers every link)."""
@@ -621,12 +632,7 @@ def test_a_link_appearing_in_a_captured_pod_gets_the_redirection(short_dir: str)
     async def main() -> None:
         async with environment(short_dir) as env:
             env.redirector.link_watches = {}
-            await env.label_namespace("shop", dict(AMBIENT))
-            await env.start_ztunnel()
-            agent = await env.start_agent()
-            web = await env.pod("web")
-            ns, uid = env.netns("web"), objects.uid(web)
-            await agent.reconciler.on_add(env.add_event(web, ns))
+            _, web, ns, uid = await _enrolled(env)
             assert env.journal.of(uid, ns) == ["add", "watch", "install"]
 
             env.redirector.link_watches[ns].announce()
@@ -655,12 +661,7 @@ def test_an_add_naming_no_network_namespace_leaves_the_captured_pod_alone(
 
     async def main() -> None:
         async with environment(short_dir) as env:
-            await env.label_namespace("shop", dict(AMBIENT))
-            await env.start_ztunnel()
-            agent = await env.start_agent()
-            web = await env.pod("web")
-            web_ns, uid = env.netns("web"), objects.uid(web)
-            await agent.reconciler.on_add(env.add_event(web, web_ns))
+            agent, web, web_ns, uid = await _enrolled(env)
             before = agent.cache.find(uid)
 
             bogus = os.path.join(short_dir, "no-such-netns")
@@ -680,12 +681,7 @@ def test_a_check_that_finds_the_redirection_gone_fails_and_reinstalls_it(
 ) -> None:
     async def main() -> None:
         async with environment(short_dir) as env:
-            await env.label_namespace("shop", dict(AMBIENT))
-            await env.start_ztunnel()
-            agent = await env.start_agent()
-            web = await env.pod("web")
-            web_ns, uid = env.netns("web"), objects.uid(web)
-            await agent.reconciler.on_add(env.add_event(web, web_ns))
+            agent, web, web_ns, uid = await _enrolled(env)
             await agent.reconciler.on_check(_check_event(env.add_event(web, web_ns)))
 
             del env.redirector.installed[web_ns]  # someone flushed the pod's rules
