@@ -17,6 +17,7 @@ a relay attaches is held (and not acknowledged) until it does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -31,6 +32,10 @@ from meshcore.wire import hbone
 logger = logging.getLogger("hbone")
 
 CANCEL = 0x8
+# Flood limits (Envoy has similar ones): PING/SETTINGS ACKs a peer may make us queue while it
+# does not read what we send, and streams it may reset once it reset half of those it opened.
+MAX_UNREAD_ACKS = 1000
+MAX_PEER_RESETS = 100
 # Response flags (ztunnel's words, also the access log's) for tunnels that failed here.
 FLAG_CONNECT = "CONNECT"
 FLAG_TLS_FAILURE = "TLS_FAILURE"
@@ -217,6 +222,9 @@ class HboneProtocol(asyncio.Protocol):
         self.peer_identity: spiffe.SpiffeId | None = None
         self.peer_address: tuple[str, int] | None = None
         self._write_paused = False
+        self._acks_at_pause = 0
+        # Why a flood limit closed the connection (the rest of the input is then ignored).
+        self.flood_refusal: str | None = None
 
     # Codec wrappers: a misuse of a stream that is already gone must not escape a callback.
 
@@ -280,8 +288,30 @@ class HboneProtocol(asyncio.Protocol):
                 self.transport.close()
             return
         for event in events:
+            if self.flood_refusal is not None:
+                return
             self.handle_event(event)
+        if self.flood_refusal is not None:
+            return
+        if self._write_paused and self.codec.acks_queued - self._acks_at_pause > MAX_UNREAD_ACKS:
+            self._calm_down("PING/SETTINGS flood from a peer that does not read what we send")
+            return
         self.flush()
+
+    def _calm_down(self, why: str) -> None:
+        """GOAWAY(ENHANCE_YOUR_CALM) and close: the peer abuses the connection (as Envoy's
+        flood protections do). Its streams fail; its ztunnel reconnects if it is a real one."""
+        self.flood_refusal = why
+        logger.warning("HBONE peer refused", extra=log.fields(peer=str(self.peer_address), why=why))
+        with contextlib.suppress(hbone.HboneError):
+            self.codec.close(hbone.ENHANCE_YOUR_CALM)
+        self.flush()
+        self._fail_all(f"HBONE connection closed: {why}")
+        if self.transport is not None:
+            if self._write_paused:
+                self.transport.abort()  # a peer that does not read would never let it drain
+            else:
+                self.transport.close()
 
     def handle_event(self, event: hbone.Event) -> None:
         if isinstance(event, hbone.DataReceived):
@@ -336,6 +366,7 @@ class HboneProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._acks_at_pause = self.codec.acks_queued
         for stream in list(self.streams.values()):
             if stream.relay is not None:
                 stream.relay.on_pause_writing(stream.side)
@@ -490,6 +521,8 @@ class HboneServerProtocol(HboneProtocol):
         self._trust_domain = trust_domain
         self._on_request = on_request
         self.refusal: HboneConnectError | None = None
+        self.requests = 0  # CONNECTs the peer opened on this connection
+        self.peer_resets = 0  # streams the peer reset
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing asyncio.Transport.
@@ -518,8 +551,20 @@ class HboneServerProtocol(HboneProtocol):
 
     def handle_role_event(self, event: hbone.Event) -> None:
         if isinstance(event, hbone.TunnelRequested):
+            self.requests += 1
             self.streams[event.stream_id] = HboneStreamEnd(self, event.stream_id)
             self._on_request(self, event)
+
+    def handle_event(self, event: hbone.Event) -> None:
+        if isinstance(event, hbone.StreamReset) and event.remote:
+            self.peer_resets += 1
+            # Rapid reset (CVE-2023-44487): each CONNECT starts work here; cancelling it at once
+            # and opening the next keeps that work going without the stream limit ever biting.
+            if self.peer_resets > MAX_PEER_RESETS and self.peer_resets * 2 > self.requests:
+                super().handle_event(event)
+                self._calm_down(f"{self.peer_resets} of {self.requests} streams reset by the peer")
+                return
+        super().handle_event(event)
 
     def accept(self, stream_id: int) -> HboneStreamEnd | None:
         stream = self.streams.get(stream_id)

@@ -84,6 +84,7 @@ FRAME_SIZE_ERROR: Final = hbone_state.FRAME_SIZE_ERROR
 REFUSED_STREAM: Final = hbone_state.REFUSED_STREAM
 CANCEL: Final = hbone_state.CANCEL
 COMPRESSION_ERROR: Final = hbone_state.COMPRESSION_ERROR
+ENHANCE_YOUR_CALM: Final = hbone_state.ENHANCE_YOUR_CALM
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_RESET_MEMORY: Final = 1024
@@ -144,6 +145,7 @@ class HboneConnection(hbone_control.ControlFrames):
         self._stream_recv_initial = max(settings.stream_window, _DEFAULT_STREAM_WINDOW)
         self._stream_update_at = max(1, settings.stream_window // 2)
         self._out: list[bytes] = []  # frames queued for data_to_send()
+        self.acks_queued = 0  # PING and SETTINGS ACKs the peer's frames made us queue, ever
         # Frame reader state.
         self._rbuf = bytearray()  # the start of a frame that is not whole yet
         self._need = 0  # bytes `_rbuf` must reach before parsing can go on

@@ -26,6 +26,7 @@ class _Codec(Protocol):
     _streams: dict[int, _s.StreamState]
     _open: int
     _out: list[bytes]
+    acks_queued: int
     _goaway_sent: int | None
     _goaway_received: int | None
     _last_processed: int
@@ -115,6 +116,7 @@ class ControlFrames:
             # HEADER_TABLE_SIZE needs nothing: our encoder never uses the dynamic table.
             # MAX_HEADER_LIST_SIZE is advisory, and our blocks are small.
         self._out.append(frames.build_settings_ack())
+        self.acks_queued += 1
         events.append(ev.RemoteSettingsChanged(max_streams))
         if window_delta:
             # Every stream's send window moves by the difference (RFC 9113 section 6.9.2).
@@ -136,6 +138,7 @@ class ControlFrames:
             events.append(ev.PingAcknowledged(payload))
         else:
             self._out.append(frames.build_ping(payload, ack=True))
+            self.acks_queued += 1
 
     def _on_goaway(self: _Codec, stream_id: int, payload: bytes, events: Events) -> None:
         if stream_id:

@@ -453,3 +453,60 @@ def test_keepalive_closes_a_connection_whose_peer_went_silent(
             assert conn.keepalive_failure == "HBONE keepalive: no PING ACK within 0.2s"
 
     _run(main)
+
+
+def test_rapid_reset_closes_the_connection_with_enhance_your_calm(
+    mesh_ca: ca_mod.CertificateAuthority,
+) -> None:
+    """CVE-2023-44487: CONNECT then RST_STREAM, over and over, starts work on the server each
+    time without the stream limit ever biting. Past the limit the server sends GOAWAY
+    (ENHANCE_YOUR_CALM) and closes; a client that resets a few streams is left alone."""
+
+    async def main() -> None:
+        h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
+        h.on_request = lambda conn, ev: None  # never answers: every reset is premature
+        async with h:
+            polite = await h.connect(workload_certs.issue(mesh_ca, CLIENT_ID), [SERVER_ID])
+            for _ in range(10):
+                polite.reset_stream(polite.open_stream("10.0.0.1:80", ()).stream_id, hbone.CANCEL)
+            rude = await h.connect(workload_certs.issue(mesh_ca, CLIENT_ID), [SERVER_ID])
+            for _ in range(hbone.MAX_PEER_RESETS * 3):
+                if not rude.is_usable:
+                    break
+                rude.reset_stream(rude.open_stream("10.0.0.1:80", ()).stream_id, hbone.CANCEL)
+                await asyncio.sleep(0)  # one loop turn: the server reads what was sent
+            await asyncio.wait_for(rude.closed, 5)
+            assert rude.goaway_received
+            assert polite.is_usable
+            polite.close()
+
+    _run(main)
+
+
+def test_a_ping_flood_from_a_peer_that_does_not_read_closes_the_connection(
+    mesh_ca: ca_mod.CertificateAuthority,
+) -> None:
+    """Each PING makes the server queue an ACK; a peer that never reads would grow the
+    server's write buffer without end."""
+
+    async def main() -> None:
+        h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
+        async with h:
+            conn = await h.connect(workload_certs.issue(mesh_ca, CLIENT_ID), [SERVER_ID])
+            await asyncio.wait_for(h.accepted_event.wait(), 5)
+            server = h.accepted[0]
+            assert conn.transport is not None
+            conn.transport.pause_reading()  # the flooding peer reads nothing
+            sent = 0
+            while not server.closed.done() and sent < 2_000_000:
+                for _ in range(1000):
+                    conn.codec.ping(sent.to_bytes(8, "big"))
+                    sent += 1
+                conn.flush()
+                await asyncio.sleep(0)  # one loop turn for the server to read
+            assert server.closed.done(), "the server kept acknowledging a peer that never reads"
+            assert server.flood_refusal == (
+                "PING/SETTINGS flood from a peer that does not read what we send"
+            )
+
+    _run(main)
