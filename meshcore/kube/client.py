@@ -36,6 +36,10 @@ __all__ = ["ApiClient", "ObjectList", "WatchEvent"]
 USER_AGENT = "meshcore-kube/0.1"
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
+# The largest request body an API server takes (kube-apiserver's limit, and the local one's):
+# refused here, before sending, because a server that stops reading a body it will not take
+# makes the client see a reset connection instead of its 413.
+MAX_REQUEST_BODY_BYTES = 3 << 20
 
 _READ_SIZE = 256 * 1024
 _MAX_IDLE_CONNECTIONS = 4
@@ -378,6 +382,12 @@ class ApiClient:
     ) -> Any:
         target = path + ("?" + urllib.parse.urlencode(query) if query else "")
         payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        if payload is not None and len(payload) > MAX_REQUEST_BODY_BYTES:
+            limit = MAX_REQUEST_BODY_BYTES
+            raise errors.RequestEntityTooLargeError(
+                f"the request body is {len(payload)} bytes, larger than the {limit} bytes an API"
+                " server accepts"
+            )
         try:
             async with asyncio.timeout(self._timeout):
                 status, data, warnings = await self._request_once(

@@ -654,6 +654,27 @@ def test_huge_body_gets_413_and_the_server_keeps_running(short_dir: str) -> None
     run(main)
 
 
+def test_the_client_refuses_a_body_no_api_server_takes_before_sending_it(short_dir: str) -> None:
+    """Found by an audit: a 50 MB annotation (100 MB once meshctl adds last-applied) ended in
+    "connection reset by peer", the server having stopped reading a body it would not take."""
+
+    async def main() -> None:
+        async with running(short_dir) as env:
+            big = {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": "big", "annotations": {"a": "x" * (4 << 20)}},
+            }
+            with pytest.raises(errors.RequestEntityTooLargeError) as err:
+                await env.client.create(big)
+            assert str(err.value).startswith("the request body is 41943")
+            assert str(err.value).endswith("larger than the 3145728 bytes an API server accepts")
+            with pytest.raises(errors.NotFoundError):
+                await env.client.get(resources.NAMESPACES, "big")
+
+    run(main)
+
+
 @pytest.mark.parametrize(
     "garbage",
     [

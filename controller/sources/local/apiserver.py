@@ -42,11 +42,12 @@ import yaml
 from controller.sources.local import errors as local_errors
 from controller.sources.local import kinds, store, validation, watch
 from meshcore import digits, log
+from meshcore.kube import client as kube_client
 from meshcore.kube import errors, objects, resources, selectors
 
 _LOG = logging.getLogger("controller.apiserver")
 
-MAX_BODY_BYTES = 3 << 20
+MAX_BODY_BYTES = kube_client.MAX_REQUEST_BODY_BYTES
 MAX_BODY_DEPTH = 64
 JSON = "application/json"
 YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml"})
