@@ -32,10 +32,11 @@ from meshcore.wire import hbone
 logger = logging.getLogger("hbone")
 
 CANCEL = 0x8
-# Flood limits (Envoy has similar ones): PING/SETTINGS ACKs a peer may make us queue while it
-# does not read what we send, and streams it may reset once it reset half of those it opened.
+# Flood limits, as Envoy has them: PING/SETTINGS ACKs a peer may make us queue while it does
+# not read what we send; and once a connection has carried this many streams, the peer may not
+# have reset half of them before we answered (Envoy's premature_reset_total_stream_count).
 MAX_UNREAD_ACKS = 1000
-MAX_PEER_RESETS = 100
+PREMATURE_RESET_MIN_STREAMS = 500
 # Response flags (ztunnel's words, also the access log's) for tunnels that failed here.
 FLAG_CONNECT = "CONNECT"
 FLAG_TLS_FAILURE = "TLS_FAILURE"
@@ -522,7 +523,8 @@ class HboneServerProtocol(HboneProtocol):
         self._on_request = on_request
         self.refusal: HboneConnectError | None = None
         self.requests = 0  # CONNECTs the peer opened on this connection
-        self.peer_resets = 0  # streams the peer reset
+        self.premature_resets = 0  # ... of which it reset before we answered
+        self._unanswered: set[int] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing asyncio.Transport.
@@ -552,21 +554,31 @@ class HboneServerProtocol(HboneProtocol):
     def handle_role_event(self, event: hbone.Event) -> None:
         if isinstance(event, hbone.TunnelRequested):
             self.requests += 1
+            self._unanswered.add(event.stream_id)
             self.streams[event.stream_id] = HboneStreamEnd(self, event.stream_id)
             self._on_request(self, event)
 
     def handle_event(self, event: hbone.Event) -> None:
-        if isinstance(event, hbone.StreamReset) and event.remote:
-            self.peer_resets += 1
-            # Rapid reset (CVE-2023-44487): each CONNECT starts work here; cancelling it at once
-            # and opening the next keeps that work going without the stream limit ever biting.
-            if self.peer_resets > MAX_PEER_RESETS and self.peer_resets * 2 > self.requests:
-                super().handle_event(event)
-                self._calm_down(f"{self.peer_resets} of {self.requests} streams reset by the peer")
-                return
         super().handle_event(event)
+        if not isinstance(event, hbone.StreamReset) or event.stream_id not in self._unanswered:
+            return
+        self._unanswered.discard(event.stream_id)
+        if not event.remote:
+            return
+        self.premature_resets += 1
+        # Rapid reset (CVE-2023-44487): each CONNECT starts work here (a connect to the app);
+        # cancelling it at once and opening the next keeps that going past the stream limit.
+        if (
+            self.requests >= PREMATURE_RESET_MIN_STREAMS
+            and self.premature_resets * 2 >= self.requests
+        ):
+            self._calm_down(
+                f"{self.premature_resets} of {self.requests} streams reset by the peer before"
+                " they were answered"
+            )
 
     def accept(self, stream_id: int) -> HboneStreamEnd | None:
+        self._unanswered.discard(stream_id)
         stream = self.streams.get(stream_id)
         if stream is None:
             return None
@@ -578,6 +590,7 @@ class HboneServerProtocol(HboneProtocol):
         return stream
 
     def reject(self, stream_id: int, status: int) -> None:
+        self._unanswered.discard(stream_id)
         stream = self.streams.pop(stream_id, None)
         try:
             self.codec.reject_tunnel(stream_id, status)

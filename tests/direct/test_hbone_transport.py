@@ -459,8 +459,9 @@ def test_rapid_reset_closes_the_connection_with_enhance_your_calm(
     mesh_ca: ca_mod.CertificateAuthority,
 ) -> None:
     """CVE-2023-44487: CONNECT then RST_STREAM, over and over, starts work on the server each
-    time without the stream limit ever biting. Past the limit the server sends GOAWAY
-    (ENHANCE_YOUR_CALM) and closes; a client that resets a few streams is left alone."""
+    time without the stream limit ever biting. Once half of 500 or more streams were reset
+    before an answer, the server sends GOAWAY (ENHANCE_YOUR_CALM) and closes; a client that
+    resets a few streams is left alone."""
 
     async def main() -> None:
         h = Harness(workload_certs.issue(mesh_ca, SERVER_ID))
@@ -470,7 +471,7 @@ def test_rapid_reset_closes_the_connection_with_enhance_your_calm(
             for _ in range(10):
                 polite.reset_stream(polite.open_stream("10.0.0.1:80", ()).stream_id, hbone.CANCEL)
             rude = await h.connect(workload_certs.issue(mesh_ca, CLIENT_ID), [SERVER_ID])
-            for _ in range(hbone.MAX_PEER_RESETS * 3):
+            for _ in range(hbone.PREMATURE_RESET_MIN_STREAMS * 3):
                 if not rude.is_usable:
                     break
                 rude.reset_stream(rude.open_stream("10.0.0.1:80", ()).stream_id, hbone.CANCEL)
