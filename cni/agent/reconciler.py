@@ -480,9 +480,7 @@ class Reconciler:
     def _submit(
         self, uid: str, pod: dict[str, Any] | None, *, gone: bool = False, wait: bool = False
     ) -> asyncio.Future[Outcome] | None:
-        slot = self._slots.get(uid)
-        if slot is None:
-            slot = self._slots[uid] = _PodSlot(uid)
+        slot = self._slot(uid)
         if pod is not None:
             slot.pod = pod
         if gone:
@@ -496,6 +494,12 @@ class Reconciler:
             slot.waiters.append(waiter)
         self._kick(slot)
         return waiter
+
+    def _slot(self, uid: str) -> _PodSlot:
+        slot = self._slots.get(uid)
+        if slot is None:
+            slot = self._slots[uid] = _PodSlot(uid)
+        return slot
 
     def _kick(self, slot: _PodSlot) -> None:
         if slot.retry is not None:
@@ -739,9 +743,7 @@ class Reconciler:
     def _request_reinstall(self, uid: str, reason: str) -> None:
         if self._is_closing:
             return
-        slot = self._slots.get(uid)
-        if slot is None:
-            slot = self._slots[uid] = _PodSlot(uid)
+        slot = self._slot(uid)
         slot.reinstall_reason = reason
         self._kick(slot)
 

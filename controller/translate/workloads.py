@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 
 from controller.translate import services as svc_translate
 from controller.translate import waypoints
+from meshcore import digits
 from meshcore.identity import spiffe
 from meshcore.model import ids, workload
 
@@ -40,7 +41,6 @@ _DEFAULT_REVISION = "latest"
 _REPLICASET_NAME = re.compile(r"^(.+)-[bcdfghjklmnpqrstvwxz2456789]{5,10}$")
 _CRONJOB_JOB_NAME = re.compile(r"^(.+)-\d{8,10}$")
 _TUNNEL_PROTOCOLS = {"PROXY": workload.AppTunnelProtocol.PROXY}
-_PORT = re.compile(r"[0-9]{1,5}")
 # ztunnel's own in-pod listeners: a tunnel there would feed ztunnel its own output.
 _ZTUNNEL_PORTS = frozenset({15001, 15006, 15008})
 
@@ -168,8 +168,8 @@ def _application_tunnel(
         raise fail(f"unknown protocol {protocol_text!r} in {value!r}: want PROXY or PROXY/<port>")
     if not sep:
         return workload.ApplicationTunnel(protocol)
-    # fullmatch, not isdigit(): that would take "¹" or a 40-digit number.
-    port = int(port_text) if _PORT.fullmatch(port_text) else 0
+    # At most 5 ASCII digits: neither "¹" nor a 40-digit number.
+    port = int(port_text) if digits.is_digits(port_text) and len(port_text) <= 5 else 0
     if not 1 <= port <= 65535:
         raise fail(f"port {port_text!r} in {value!r} is not a number in 1..65535")
     if port in _ZTUNNEL_PORTS:
