@@ -122,7 +122,20 @@ def test_an_added_group_is_discovered_without_server_changes() -> None:
         (b"\xff\xfe{", "application/json", errors.BadRequestError, "not valid JSON"),
         (b"[" * 100 + b"]" * 100, "application/json", errors.BadRequestError, "nests deeper"),
         (b"a: [", "application/yaml", errors.BadRequestError, "not valid YAML"),
-        (b"a: &x 1\nb: *x", "application/yaml", errors.BadRequestError, "aliases"),
+        (b"a: 1\na: 2\n", "application/yaml", errors.BadRequestError, 'key "a" already defined'),
+        (b"a: 1\n---\nb: 2\n", "application/yaml", errors.BadRequestError, "one YAML document"),
+        (b"a: !!set {x}", "application/yaml", errors.BadRequestError, "!!set values are not"),
+        (b"a: \x00", "application/yaml", errors.BadRequestError, "unacceptable character"),
+        (b"[" * 2000, "application/yaml", errors.BadRequestError, "nested too deeply"),
+        (
+            b"a: &a [x, x]\n"
+            + b"".join(
+                b"%c: &%c [*%c, *%c]\n" % (n, n, n - 1, n - 1) for n in range(ord("b"), ord("z"))
+            ),
+            "application/yaml",
+            errors.BadRequestError,
+            "aliases expand this document past",
+        ),
         (
             b'{"spec": {"image": "\\ud800"}}',
             "application/json",
@@ -152,7 +165,12 @@ def test_an_added_group_is_discovered_without_server_changes() -> None:
         "not-utf8",
         "deep",
         "bad-yaml",
-        "yaml-alias",
+        "yaml-duplicate-key",
+        "yaml-two-documents",
+        "yaml-set",
+        "yaml-nul",
+        "yaml-deep",
+        "yaml-alias-bomb",
         "lone-surrogate",
         "lone-surrogate-key",
         "media-type",
@@ -181,3 +199,10 @@ def test_decode_patch_media_types() -> None:
         assert apiserver.decode_body(b'{"a": null}', media, patch=True) == {"a": None}
     with pytest.raises(errors.UnsupportedMediaTypeError, match="application/json-patch"):
         apiserver.decode_body(b"[]", "application/json-patch+json", patch=True)
+
+
+def test_yaml_aliases_are_written_out() -> None:
+    """As for the API server's YAML: an alias is its anchored value, within the expansion bound."""
+    decoded = apiserver.decode_body(b"a: &x {k: [1]}\nb: *x\n", "application/yaml")
+    assert decoded == {"a": {"k": [1]}, "b": {"k": [1]}}
+    assert decoded["a"] is not decoded["b"]

@@ -234,6 +234,16 @@ def test_yaml_a_manifest_may_not_use_is_refused_by_place(text: str, expected: st
     assert str(info.value).startswith("error parsing f.yaml: " + expected)
 
 
+def test_characters_yaml_does_not_allow_are_a_parse_error() -> None:
+    """The reader refuses them as it is made; that was a traceback, not an error message."""
+    with pytest.raises(manifest.ManifestParseError) as info:
+        manifest.parse_documents(OBJ + "spec: {x: \x00}\n", "f.yaml")
+    assert str(info.value).startswith(
+        "error parsing f.yaml: yaml: unacceptable character #x0000: special characters are not"
+        " allowed"
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

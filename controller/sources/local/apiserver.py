@@ -37,13 +37,12 @@ import urllib.parse
 from typing import Any
 
 import h11
-import yaml
 
 from controller.sources.local import errors as local_errors
 from controller.sources.local import kinds, store, validation, watch
 from meshcore import digits, log
 from meshcore.kube import client as kube_client
-from meshcore.kube import errors, objects, resources, selectors
+from meshcore.kube import errors, objects, resources, selectors, yamljson
 
 _LOG = logging.getLogger("controller.apiserver")
 
@@ -226,22 +225,6 @@ def build_warning_header(text: str) -> bytes:
 # -- bodies --------------------------------------------------------------------------------
 
 
-class _YamlLoader(yaml.SafeLoader):
-    """Safe YAML without aliases (no billion laughs) and without timestamps (dates stay
-    strings, as in Kubernetes' YAML-to-JSON conversion)."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            raise yaml.composer.ComposerError(None, None, "YAML aliases are not supported", None)
-        return super().compose_node(parent, index)
-
-
-_YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -283,38 +266,16 @@ def _check_text(text: str) -> None:
         ) from None
 
 
-def _key_text(key: Any) -> Any:
-    if isinstance(key, bool):
-        return "true" if key else "false"
-    if key is None:
-        return "null"
-    if isinstance(key, int):
-        return str(key)
-    return key  # anything else stays, for check_json_value to refuse
-
-
-def stringify_keys(value: Any) -> Any:
-    """YAML mapping keys that are integers, booleans or null as JSON strings (``8080:`` is
-    ``"8080"``), as Kubernetes' YAML-to-JSON conversion does: a PeerAuthentication's
-    `portLevelMtls` is keyed by port numbers. Iterative; the depth is checked afterwards."""
-    root: list[Any] = [value]
-    stack: list[tuple[Any, Any, int]] = [(root, 0, 1)]
-    while stack:
-        parent, slot, depth = stack.pop()
-        current = parent[slot]
-        if depth > MAX_BODY_DEPTH:
-            continue  # check_json_value refuses it
-        if isinstance(current, dict):
-            converted = {_key_text(k): v for k, v in current.items()}
-            if len(converted) != len(current):
-                raise errors.BadRequestError(
-                    "the request body has a mapping whose keys are the same once written as strings"
-                )
-            parent[slot] = converted
-            stack.extend((converted, k, depth + 1) for k in converted)
-        elif isinstance(current, list):
-            stack.extend((current, i, depth + 1) for i in range(len(current)))
-    return root[0]
+def _decode_yaml(body: bytes) -> Any:
+    """One YAML document as JSON data, converted as kubectl converts a manifest (integer and
+    boolean keys become strings: a PeerAuthentication's `portLevelMtls` is keyed by ports)."""
+    try:
+        docs = yamljson.load_documents(body)
+    except yamljson.YamlDocumentError as exc:
+        raise errors.BadRequestError(f"the request body is not valid YAML: {exc.detail}") from exc
+    if len(docs) != 1:
+        raise errors.BadRequestError(f"the request body must be one YAML document, not {len(docs)}")
+    return docs[0]
 
 
 def decode_body(body: bytes, content_type: str, *, patch: bool = False) -> Any:
@@ -333,17 +294,13 @@ def decode_body(body: bytes, content_type: str, *, patch: bool = False) -> Any:
         )
     if not body.strip():
         raise errors.BadRequestError("the request body is empty")
-    try:
-        if media in YAML_TYPES:
-            value = yaml.load(body, Loader=_YamlLoader)
-        else:
-            value = json.loads(body, parse_constant=_reject_constant)
-    except yaml.YAMLError as exc:
-        raise errors.BadRequestError(f"the request body is not valid YAML: {exc}") from exc
-    except (ValueError, RecursionError) as exc:
-        raise errors.BadRequestError(f"the request body is not valid JSON: {exc}") from exc
     if media in YAML_TYPES:
-        value = stringify_keys(value)
+        value = _decode_yaml(body)
+    else:
+        try:
+            value = json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            raise errors.BadRequestError(f"the request body is not valid JSON: {exc}") from exc
     check_json_value(value)
     if not isinstance(value, dict):
         kind = "array" if isinstance(value, list) else type(value).__name__
