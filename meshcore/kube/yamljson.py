@@ -43,37 +43,53 @@ class RefusedError(yaml.MarkedYAMLError):
 
 
 MAX_EXPANDED_NODES = 1_000_000  # nodes of one document with every alias written out
+# Characters of scalar text that aliases may add to a document once written out: a few
+# anchored long strings, aliased within the node limit, would otherwise still make gigabytes.
+MAX_ALIASED_TEXT = 16 << 20
 
 
 def _check_expansion(root: yaml.Node) -> None:
     """Refuse a document that aliases would blow up, or that contains itself."""
-    sizes: dict[int, int] = {}
+    sizes: dict[int, tuple[int, int]] = {}  # node -> (nodes, text) with aliases written out
     open_nodes: set[int] = set()
+    written = 0  # text of the distinct scalars seen so far: what the document holds itself
 
-    def size(node: yaml.Node) -> int:
+    def size(node: yaml.Node) -> tuple[int, int]:
+        nonlocal written
         known = sizes.get(id(node))
         if known is not None:
             return known
         if id(node) in open_nodes:
             raise RefusedError(node.start_mark, "a YAML alias refers to a node that contains it")
         open_nodes.add(id(node))
-        total = 1
+        nodes, text = 1, 0
         if isinstance(node, yaml.SequenceNode):
             children: list[yaml.Node] = list(node.value)
         elif isinstance(node, yaml.MappingNode):
             children = [n for pair in node.value for n in pair]
         else:
             children = []
+            text = len(node.value)
+            written += text
         for child in children:
-            total += size(child)
-            if total > MAX_EXPANDED_NODES:
+            child_nodes, child_text = size(child)
+            nodes += child_nodes
+            text += child_text
+            if nodes > MAX_EXPANDED_NODES:
                 raise RefusedError(
                     node.start_mark,
                     f"YAML aliases expand this document past {MAX_EXPANDED_NODES:,} nodes",
                 )
+            # What this node expands to beyond all the text written so far can only be less
+            # than what aliases add to the whole document: no document within the bound fails.
+            if text - written > MAX_ALIASED_TEXT:
+                raise RefusedError(
+                    node.start_mark,
+                    f"YAML aliases add over {MAX_ALIASED_TEXT:,} characters to this document",
+                )
         open_nodes.discard(id(node))
-        sizes[id(node)] = total
-        return total
+        sizes[id(node)] = (nodes, text)
+        return nodes, text
 
     size(root)
 

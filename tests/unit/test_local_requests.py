@@ -137,6 +137,12 @@ def test_an_added_group_is_discovered_without_server_changes() -> None:
             "aliases expand this document past",
         ),
         (
+            b"a: &s " + b"x" * 100_000 + b"\nb: [" + b", ".join([b"*s"] * 200) + b"]\n",
+            "application/yaml",
+            errors.BadRequestError,
+            "aliases add over 16,777,216 characters",
+        ),
+        (
             b'{"spec": {"image": "\\ud800"}}',
             "application/json",
             errors.BadRequestError,
@@ -171,6 +177,7 @@ def test_an_added_group_is_discovered_without_server_changes() -> None:
         "yaml-nul",
         "yaml-deep",
         "yaml-alias-bomb",
+        "yaml-alias-text",
         "lone-surrogate",
         "lone-surrogate-key",
         "media-type",

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from meshcore.kube import errors as kube_errors
-from meshcore.kube import resources
+from meshcore.kube import resources, yamljson
 from meshctl import errors, manifest
 
 POD = """apiVersion: v1
@@ -108,6 +108,36 @@ def test_alias_bomb_is_refused_before_expansion() -> None:
         r" document past 1,000,000 nodes",
         str(info.value),
     )
+
+
+@pytest.mark.timeout(5)
+def test_aliases_of_long_strings_are_refused_before_expansion() -> None:
+    """Few nodes, much text: 20,000 aliases of a 1,000-character string would write out 20 MB
+    (and nested, gigabytes) from a 100 KB file; the node bound alone let that through."""
+    text = (
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata:\n"
+        f"  a: &s {'x' * 1000}\n  b: [{', '.join(['*s'] * 20_000)}]\n"
+    )
+    with pytest.raises(manifest.ManifestParseError) as info:
+        manifest.parse_documents(text, "text.yaml")
+    assert re.fullmatch(
+        r"error parsing text\.yaml: document 1: line 6, column 6: YAML aliases add over"
+        r" 16,777,216 characters to this document",
+        str(info.value),
+    )
+
+
+def test_the_text_bound_counts_only_what_aliases_add(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manifest's own text, however long, is not refused for its size (bound lowered here
+    so that the manifests stay small)."""
+    monkeypatch.setattr(yamljson, "MAX_ALIASED_TEXT", 10_000)
+    head = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata:\n"
+    written = head + "".join(f"  k{i}: {'v' * 1000}\n" for i in range(20))
+    [doc] = manifest.parse_documents(written, "big.yaml")
+    assert len(doc.obj["data"]) == 20
+    aliased = head + f"  a: &s {'v' * 1000}\n  b: [{', '.join(['*s'] * 11)}]\n"
+    with pytest.raises(manifest.ManifestParseError, match="aliases add over 10,000 characters"):
+        manifest.parse_documents(aliased, "aliased.yaml")
 
 
 def test_anchors_and_aliases_within_bounds_are_values_of_their_own() -> None:
