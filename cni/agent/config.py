@@ -16,7 +16,6 @@ from meshcore import bpffs, envconfig, errors
 DEFAULT_ZTUNNEL_UDS = "/var/run/ztunnel/ztunnel.sock"  # istio-cni's default (spec 4)
 DEFAULT_CNI_EVENT_UDS = "/var/run/ambient-mesh/cni.sock"
 DEFAULT_STATE_DIR = "/var/lib/ambient-mesh/agent"
-DEFAULT_SYSTEM_NAMESPACE = envconfig.DEFAULT_SYSTEM_NAMESPACE
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # How the in-pod redirection is installed: iptables rules (spec 3.2) or tc eBPF programs.
 REDIRECT_MODES = envconfig.REDIRECT_MODES
@@ -50,7 +49,7 @@ class Config:
     # eBPF mode pins its map of captured connections here, so that it outlives a restart.
     bpf_pin_dir: str = bpffs.DEFAULT_PIN_DIR
     # The agent's own namespace, as istio-cni reads it: ztunnel's pods there are never captured.
-    system_namespace: str = DEFAULT_SYSTEM_NAMESPACE
+    system_namespace: str = envconfig.DEFAULT_SYSTEM_NAMESPACE
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -70,7 +69,7 @@ class Config:
         log_level = optional("LOG_LEVEL", "info").lower()
         if log_level not in LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")
-        system_namespace = optional("POD_NAMESPACE", DEFAULT_SYSTEM_NAMESPACE)
+        system_namespace = optional("POD_NAMESPACE", envconfig.DEFAULT_SYSTEM_NAMESPACE)
         if len(system_namespace) > 63 or not _NAMESPACE.fullmatch(system_namespace):
             raise ConfigError(
                 f"POD_NAMESPACE={system_namespace!r} is not a valid namespace name (a DNS label: "

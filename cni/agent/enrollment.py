@@ -39,7 +39,6 @@ REROUTE_INTERFACES_ANNOTATION = "istio.io/reroute-virtual-interfaces"
 # How istio-cni recognises ztunnel's own pods: this label, in the mesh's system namespace (a pod
 # elsewhere that carries it is an app like any other, not a way out of capture).
 ZTUNNEL_APP_LABEL = ("app", "ztunnel")
-DEFAULT_SYSTEM_NAMESPACE = envconfig.DEFAULT_SYSTEM_NAMESPACE
 
 _TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 
@@ -66,7 +65,7 @@ def _phase(pod: Mapping[str, Any]) -> str:
 def build_decision(
     pod: Mapping[str, Any],
     namespace: Mapping[str, Any] | None,
-    system_namespace: str = DEFAULT_SYSTEM_NAMESPACE,
+    system_namespace: str = envconfig.DEFAULT_SYSTEM_NAMESPACE,
 ) -> EnrollmentDecision:
     """Decide for `pod` in `namespace` (None: the namespace does not exist or is unknown)."""
     if objects.is_terminating(pod):
@@ -109,7 +108,7 @@ def build_decision(
 def should_enroll(
     pod: Mapping[str, Any],
     namespace: Mapping[str, Any] | None,
-    system_namespace: str = DEFAULT_SYSTEM_NAMESPACE,
+    system_namespace: str = envconfig.DEFAULT_SYSTEM_NAMESPACE,
 ) -> bool:
     return build_decision(pod, namespace, system_namespace).is_enrolled
 

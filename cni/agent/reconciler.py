@@ -47,7 +47,7 @@ from typing import Any, Protocol
 
 from cni.agent import captures, enrollment, netns_cache, plugin_server, zds_server
 from cni.redirect import iptables
-from meshcore import errors, log, netns
+from meshcore import envconfig, errors, log, netns
 from meshcore.aio import tasks
 from meshcore.kube import client as kube_client
 from meshcore.kube import errors as kube_errors
@@ -202,7 +202,7 @@ class Reconciler:
         max_retry: float = MAX_RETRY,
         drain_timeout: float = DRAIN_TIMEOUT,
         check_netns: Callable[[str], None] = netns.check_netns,
-        system_namespace: str = enrollment.DEFAULT_SYSTEM_NAMESPACE,
+        system_namespace: str = envconfig.DEFAULT_SYSTEM_NAMESPACE,
     ) -> None:
         self._node_name = node_name
         self._api = api
