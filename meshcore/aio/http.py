@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import h11
 
-from meshcore import log
+from meshcore import budget, log
 
 logger = logging.getLogger("meshcore.http")
 
@@ -71,22 +71,18 @@ async def start_server(
     reuse_port: bool = False,
     limits: Limits = Limits(),
 ) -> asyncio.Server:
-    open_connections = 0
-    refusing = False  # said so in the log once; again after the count has come down
+    connections = budget.Budget(limits.max_connections)
+
+    def say_exhausted() -> None:
+        logger.warning(
+            "too many connections; closing new ones until some finish",
+            extra=log.fields(port=port, limit=limits.max_connections),
+        )
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal open_connections, refusing
-        if open_connections >= limits.max_connections:
-            if not refusing:
-                refusing = True
-                logger.warning(
-                    "too many connections; closing new ones until some finish",
-                    extra=log.fields(port=port, limit=limits.max_connections),
-                )
+        if not connections.try_acquire(say_exhausted):
             writer.close()
             return
-        refusing = False
-        open_connections += 1
         try:
             await _serve_connection(handler, reader, writer, limits)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -96,7 +92,7 @@ async def start_server(
         except Exception:
             logger.exception("http connection failed")
         finally:
-            open_connections -= 1
+            connections.release()
             writer.close()
 
     return await asyncio.start_server(on_client, host, port, reuse_port=reuse_port)

@@ -68,18 +68,16 @@ class InboundProxy:
                 )
                 await asyncio.sleep(_ACCEPT_BACKOFF)
                 continue
-            budget = self._inputs.handshakes
-            if not budget.try_acquire():
+            if not self._inputs.handshakes.try_acquire(self._say_handshakes_exhausted):
                 sock.close()  # the peer retries; its pool makes that rare
-                if not budget.is_exhausted:
-                    budget.is_exhausted = True
-                    logger.warning(
-                        "too many inbound TLS handshakes in progress; refusing new connections",
-                        extra=log.fields(pod=self._pod.info.name, limit=budget.limit),
-                    )
                 continue
-            budget.is_exhausted = False
             self._tasks.spawn(self._handshake(sock))
+
+    def _say_handshakes_exhausted(self) -> None:
+        logger.warning(
+            "too many inbound TLS handshakes in progress; refusing new connections",
+            extra=log.fields(pod=self._pod.info.name, limit=self._inputs.handshakes.limit),
+        )
 
     def close(self) -> None:
         self._tasks.cancel_all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from meshcore import budget
 from meshcore.aio import relay
 from meshcore.identity import spiffe
 from meshcore.model import ids, workload
@@ -22,21 +23,10 @@ MAX_PENDING_HANDSHAKES = 1024
 
 
 @dataclasses.dataclass
-class HandshakeBudget:
+class HandshakeBudget(budget.Budget):
     """How many inbound TLS handshakes may be in progress at once, node-wide."""
 
     limit: int = MAX_PENDING_HANDSHAKES
-    pending: int = 0
-    is_exhausted: bool = False  # refusing (said once in the log until it recovers)
-
-    def try_acquire(self) -> bool:
-        if self.pending >= self.limit:
-            return False
-        self.pending += 1
-        return True
-
-    def release(self) -> None:
-        self.pending -= 1
 
 
 @dataclasses.dataclass(frozen=True)
